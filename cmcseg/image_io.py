@@ -1,0 +1,127 @@
+"""Reading images and writing every output atomically (temporary name, then rename).
+
+All image I/O goes through SimpleITK, so any format it reads is accepted, and geometry
+(spacing, origin, direction) travels with the pixels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from cmcseg.errors import ImageReadError
+
+#: Extensions that belong together (".nii.gz" is one extension).
+_DOUBLE_SUFFIXES = (".nii.gz", ".seg.nrrd")
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """Split ``case_0000.nii.gz`` into (``case_0000``, ``.nii.gz``)."""
+    for ext in _DOUBLE_SUFFIXES:
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    stem, ext = os.path.splitext(name)
+    return stem, ext
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same extension; rename it over ``path`` on success.
+
+    A crash leaves at most a hidden ``.tmp-*`` file, never a truncated ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _, ext = split_extension(path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=ext, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(obj: Any, path: Path | str, indent: int = 2) -> None:
+    """Write JSON atomically (numpy scalars and arrays are converted)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, default=_json_default)
+            f.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: Path | str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_image(path: Path | str, case: str = "") -> sitk.Image:
+    """Read an image with SimpleITK; any failure becomes an ImageReadError naming the file and case."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file does not exist", case)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:  # SimpleITK raises RuntimeError for unreadable/corrupt files
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise ImageReadError(path, reason, case) from None
+
+
+def read_image_header(path: Path | str, case: str = "") -> sitk.ImageFileReader:
+    """Read only the header (size, spacing, origin, direction) without loading pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file does not exist", case)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable header"
+        raise ImageReadError(path, reason, case) from None
+    return reader
+
+
+def write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:
+    """Write an image atomically; the format follows the extension of ``path``."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+
+
+def array_to_image(array: np.ndarray, spacing, origin=None, direction=None) -> sitk.Image:
+    """Make an image from a numpy array in SimpleITK's (z, y, x) order with the given geometry (x, y, z order)."""
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    if origin is not None:
+        img.SetOrigin(tuple(float(o) for o in origin))
+    if direction is not None:
+        img.SetDirection(tuple(float(d) for d in np.asarray(direction).ravel()))
+    return img
+
+
+def geometry_of(image) -> dict:
+    """Geometry of an image or header reader as a JSON-ready dict (SimpleITK's x, y, z order)."""
+    return {
+        "size": [int(s) for s in image.GetSize()],
+        "spacing": [float(s) for s in image.GetSpacing()],
+        "origin": [float(o) for o in image.GetOrigin()],
+        "direction": [float(d) for d in image.GetDirection()],
+    }

@@ -1,0 +1,1 @@
+"""The self-configuring planner: integrity check, fingerprint, plan rules and folds."""

@@ -1,0 +1,1 @@
+"""Turning raw cases into training-ready arrays, and the raw-layout converters."""
