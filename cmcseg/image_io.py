@@ -85,6 +85,44 @@ def read_image(path: Path | str, case: str = "") -> sitk.Image:
         raise ImageReadError(path, reason, case) from None
 
 
+def check_compressed_stream(path: Path | str, case: str = "", chunk: int = 1 << 24) -> None:
+    """Decompress a ``.gz`` file to its end and raise ImageReadError if the stream is truncated or corrupt.
+
+    SimpleITK/ITK read a truncated ``.nii.gz`` without complaint (the missing voxels come back
+    as zeros), so the integrity check verifies the gzip stream itself.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    if not path.name.endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(chunk):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise ImageReadError(path, f"compressed stream is truncated or corrupt ({e})", case) from None
+
+
+def read_stored_values(path: Path | str, case: str = "") -> np.ndarray:
+    """The voxel values exactly as stored, for validation (axis order is not guaranteed).
+
+    NIfTI goes through nibabel: ITK's NIfTI reader turns NaN/inf into 0 and reads a truncated
+    ``.nii.gz`` without complaint, which would hide exactly what validation looks for.
+    """
+    path = Path(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            return np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as e:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
+            raise ImageReadError(path, f"{type(e).__name__}: {e}", case) from None
+    check_compressed_stream(path, case)
+    return sitk.GetArrayFromImage(read_image(path, case))
+
+
 def read_image_header(path: Path | str, case: str = "") -> sitk.ImageFileReader:
     """Read only the header (size, spacing, origin, direction) without loading pixels."""
     path = Path(path)

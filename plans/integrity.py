@@ -1,0 +1,212 @@
+"""The integrity check that runs before any work: every file of a dataset is read once.
+
+:meth:`cmcseg.dataset.Dataset.load` already checked the structure (dataset.json, file
+names, missing channels, labels without images, duplicate ids). This pass reads the pixels
+and collects, over the whole dataset, every problem that would break later stages:
+unreadable or corrupt files, NaN/inf, 2D images in a 3D dataset, non-integer labels, label
+values that dataset.json does not declare, and labels on no modality's grid. Misaligned
+modalities are reported as findings: cmcseg handles them.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from cmcseg.dataset import Case, Dataset
+from cmcseg.errors import CmcsegError, DatasetError, Problem, format_problem_table
+from cmcseg.image_io import read_image_header, read_stored_values
+from cmcseg.preprocessing.alignment import GridGeometry, modality_relation
+from cmcseg.preprocessing.case_loading import label_grid_channel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseCheck:
+    """What checking one case found: problems, and the dimensionality of each file (2 or 3)."""
+
+    case_id: str
+    problems: list[Problem] = field(default_factory=list)
+    dims: dict[str, int] = field(default_factory=dict)
+    multi_component: set[str] = field(default_factory=set)
+
+
+@dataclass
+class IntegrityReport:
+    """Every problem and finding of a dataset, and its dimensionality ("2d" or "3d")."""
+
+    dataset: str
+    problems: list[Problem]
+    dimensionality: str
+    num_cases: int
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def table(self) -> str:
+        return format_problem_table(self.problems)
+
+    def raise_if_fatal(self) -> None:
+        if self.errors:
+            raise DatasetError(self.problems, context=f"integrity check of {self.dataset}")
+
+
+def check_case(case: Case, label_values: tuple[int, ...], channel_names: dict[int, str], unpaired: bool,
+               preferred_label_channel: int | None = None) -> CaseCheck:
+    """Read every file of one case and report what is wrong with it (spawn-safe: runs in workers)."""
+    result = CaseCheck(case.case_id)
+    grids: dict[int, GridGeometry] = {}
+    for ch, path in case.images.items():
+        loaded = _read_or_report(path, case.case_id, result)
+        if loaded is None:
+            continue
+        grids[ch], values = loaded
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            n_bad = int(values.size - np.isfinite(values).sum())
+            result.problems.append(Problem(
+                f"{n_bad} NaN/inf voxel(s) in the {channel_names[ch]} image", file=str(path), case=case.case_id,
+                fix="replace NaN/inf (e.g. with 0 or the background value) before planning; cmcseg will not guess",
+            ))
+    if case.label is not None:
+        loaded = _read_or_report(case.label, case.case_id, result)
+        if loaded is not None and str(case.label) in result.multi_component:
+            result.problems.append(Problem("label has several components per pixel (e.g. RGB)", file=str(case.label),
+                                           case=case.case_id, fix="save the label as a single-channel integer image"))
+        elif loaded is not None:
+            result.problems.extend(_check_label_values(loaded[1], case, label_values))
+            try:
+                label_grid_channel(case, preferred_label_channel)
+            except CmcsegError:
+                result.problems.append(Problem(
+                    "the label lies on no modality's grid or physical extent", file=str(case.label),
+                    case=case.case_id, fix="give the label the geometry of the image it was drawn on",
+                ))
+    if not unpaired and len(grids) > 1:
+        ref_ch = preferred_label_channel if preferred_label_channel in grids else min(grids)
+        result.problems.extend(_misalignment_findings(case, grids, channel_names, ref_ch))
+    return result
+
+
+def _read_or_report(path, case_id: str, result: CaseCheck) -> tuple[GridGeometry, np.ndarray] | None:
+    """Header geometry and stored values of a file; an unreadable file becomes a problem."""
+    try:
+        header = read_image_header(path, case=case_id)
+        values = read_stored_values(path, case=case_id)
+    except CmcsegError as e:
+        result.problems.append(Problem(
+            f"unreadable or corrupt file ({getattr(e, 'reason', e)})", file=str(path), case=case_id,
+            fix="re-export or re-copy the file; check that it opens in a viewer",
+        ))
+        return None
+    geometry = GridGeometry.of(header)
+    result.dims[str(path)] = _dimensionality(geometry)
+    if header.GetNumberOfComponents() > 1:
+        result.multi_component.add(str(path))
+    return geometry, values
+
+
+def _dimensionality(geometry: GridGeometry) -> int:
+    return 2 if len(geometry.size) == 2 or geometry.size[2] == 1 else 3
+
+
+def _check_label_values(arr: np.ndarray, case: Case, label_values: tuple[int, ...]) -> list[Problem]:
+    problems = []
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all() or not np.all(np.mod(arr[finite], 1) == 0):
+            return [Problem("label holds non-integer values", file=str(case.label), case=case.case_id,
+                            fix="labels must be integer class values; round or re-export the label map")]
+    values = np.unique(arr).astype(np.int64)
+    unknown = sorted(set(values.tolist()) - set(label_values))
+    if unknown:
+        problems.append(Problem(
+            f"label values {unknown} are not declared in dataset.json (declared: {sorted(label_values)})",
+            file=str(case.label), case=case.case_id,
+            fix="declare them in dataset.json 'labels', or map them (cmcseg convert maps official values)",
+        ))
+    return problems
+
+
+def _misalignment_findings(case: Case, grids: dict[int, GridGeometry], channel_names: dict[int, str],
+                           ref_ch: int) -> list[Problem]:
+    ref = grids[ref_ch].as_3d()
+    out = []
+    for ch, grid in sorted(grids.items()):
+        if ch == ref_ch:
+            continue
+        rel = modality_relation(grid.as_3d(), ref)
+        if rel.kind == "misaligned":
+            out.append(Problem(
+                f"{channel_names[ch]} is on another grid than {channel_names[ref_ch]} and its extent differs "
+                f"(covers {rel.overlap_fraction:.0%}, centres {rel.centre_offset_mm:.1f} mm apart); "
+                "it will be resampled into the reference space",
+                file=str(case.images[ch]), case=case.case_id, severity="finding",
+            ))
+    return out
+
+
+def verify_dataset(dataset: Dataset, num_workers: int = 1, progress: bool = True) -> IntegrityReport:
+    """Read every file of ``dataset`` and collect every problem (nothing is raised here)."""
+    cases = dataset.cases + dataset.test_cases
+    label_values = tuple(sorted(dataset.labels.values()))
+    preferred = dataset.channel_index(dataset.reference_modality) if dataset.reference_modality else None
+    args = [(c, label_values, dataset.channel_names, dataset.unpaired, preferred) for c in cases]
+    results = _map(check_case, args, num_workers, progress, desc="integrity check")
+    problems = list(dataset.warnings)
+    for r in results:
+        problems.extend(r.problems)
+    dim, dim_problems = _dataset_dimensionality(dataset, results)
+    problems.extend(dim_problems)
+    order = {"error": 0, "warning": 1, "finding": 2}
+    problems.sort(key=lambda p: (order.get(p.severity, 3), p.case, p.file))
+    return IntegrityReport(dataset.name, problems, dim, len(cases))
+
+
+def _dataset_dimensionality(dataset: Dataset, results: Iterable[CaseCheck]) -> tuple[str, list[Problem]]:
+    """Declared (tensorImageSize) or inferred: all single-slice images make a 2D dataset."""
+    dims = {f: d for r in results for f, d in r.dims.items()}
+    if not dims:
+        return dataset.dimensionality or "3d", []
+    declared = dataset.dimensionality
+    inferred = "2d" if all(d == 2 for d in dims.values()) else "3d"
+    dim = declared or inferred
+    problems = []
+    if dim == "3d":
+        case_of = {str(p): c.case_id for c in dataset.cases + dataset.test_cases
+                   for p in [*c.images.values(), *([c.label] if c.label else [])]}
+        for f, d in sorted(dims.items()):
+            if d == 2:
+                problems.append(Problem(
+                    "2D image (a single slice) in a 3D dataset", file=f, case=case_of.get(f, ""),
+                    fix='remove or replace it with the 3D volume; for a 2D dataset set "tensorImageSize": "2D"',
+                ))
+    return dim, problems
+
+
+def _map(fn, arg_tuples: list[tuple], num_workers: int, progress: bool, desc: str) -> list:
+    """Run ``fn(*args)`` over the tuples, in processes when num_workers > 1, with a progress bar."""
+    bar = tqdm(total=len(arg_tuples), desc=desc, unit="case", disable=not progress)
+    out = []
+    try:
+        if num_workers <= 1 or len(arg_tuples) <= 1:
+            for a in arg_tuples:
+                out.append(fn(*a))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                for r in pool.map(fn, *zip(*arg_tuples)):
+                    out.append(r)
+                    bar.update()
+    finally:
+        bar.close()
+    return out
