@@ -402,6 +402,9 @@ def write_dataset_json(
     if reference_modality:
         meta["reference_modality"] = reference_modality
     if extra:
+        clash = sorted(set(extra) & set(meta))
+        if clash:
+            raise ValueError(f"extra dataset.json keys {clash} would overwrite keys write_dataset_json owns")
         meta.update(extra)
     path = Path(folder) / "dataset.json"
     write_json_atomic(meta, path)
