@@ -180,13 +180,20 @@ def modality_relation(image: sitk.Image, reference: sitk.Image) -> ModalityRelat
 
 
 def image_to_array(image: sitk.Image) -> np.ndarray:
-    """(C, z, y, x) float32 array: vector pixels (RGB) become channels."""
-    arr = sitk.GetArrayFromImage(image)
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        arr = np.moveaxis(arr, -1, 0)
-    else:
-        arr = arr[None]
-    return arr.astype(np.float32, copy=False)
+    """(C, z, y, x) float32 array: vector pixels (RGB) become channels.
+
+    Exactly one copy of the pixels is made (read through a view of SimpleITK's buffer), so a
+    CT-sized int16 image does not pass through an extra int16 copy on its way to float32.
+    """
+    view = sitk.GetArrayViewFromImage(image)
+    view = np.moveaxis(view, -1, 0) if image.GetNumberOfComponentsPerPixel() > 1 else view[None]
+    return np.array(view, dtype=np.float32, order="C")
+
+
+def _copy_pixels(image: sitk.Image, out: np.ndarray) -> None:
+    """Write an image's pixels into ``out`` (C, z, y, x), converting on the fly (no intermediate copy)."""
+    view = sitk.GetArrayViewFromImage(image)
+    out[...] = np.moveaxis(view, -1, 0) if image.GetNumberOfComponentsPerPixel() > 1 else view[None]
 
 
 @dataclass
@@ -217,21 +224,27 @@ def align_case(
     """
     transforms = dict(transforms or {})
     reference = as_3d(images[reference_channel])
-    data, fov, comps, relations = [], [], {}, {}
-    for ch in sorted(images):
+    channels = sorted(images)
+    comps = {ch: images[ch].GetNumberOfComponentsPerPixel() for ch in channels}
+    spatial = tuple(reference.GetSize()[::-1])
+    # Filled in place, channel by channel: no list of arrays to concatenate (a second copy of the case).
+    data = np.empty((sum(comps.values()), *spatial), dtype=np.float32)
+    fov = np.ones((len(channels), *spatial), dtype=np.uint8)
+    relations, start = {}, 0
+    for k, ch in enumerate(channels):
         img = as_3d(images[ch])
         relations[ch] = modality_relation(img, reference)
         tx = transforms.get(ch)
+        out = data[start:start + comps[ch]]
+        start += comps[ch]
         if ch == reference_channel or (relations[ch].kind == "same_grid" and tx is None):
-            arr = image_to_array(img)
-            mask = np.ones(arr.shape[1:], dtype=np.uint8)
+            _copy_pixels(img, out)
         else:
-            arr = image_to_array(resample_to_reference(img, reference, transform=tx))
-            mask = sitk.GetArrayFromImage(field_of_view_mask(img, reference, tx))
-            arr *= mask[None]
-        comps[ch] = arr.shape[0]
-        data.append(arr)
-        fov.append(mask)
+            _copy_pixels(resample_to_reference(img, reference, transform=tx), out)
+            mask = field_of_view_mask(img, reference, tx)  # keep the image alive while its view is read
+            fov[k] = sitk.GetArrayViewFromImage(mask)
+            del mask
+            out *= fov[k][None]
     seg = None
     if label is not None:
         label = as_3d(label)
@@ -243,4 +256,4 @@ def align_case(
             seg_img = resample_to_reference(label, reference, is_label=True, transform=tx,
                                             label_interpolation=label_interpolation)
         seg = sitk.GetArrayFromImage(seg_img)
-    return AlignedCase(np.concatenate(data, 0), np.stack(fov, 0), seg, reference, comps, relations)
+    return AlignedCase(data, fov, seg, reference, comps, relations)
