@@ -1,0 +1,44 @@
+"""Losses, one concept per module, each with its formula in the docstring.
+
+- :mod:`~cmcseg.losses.supervised`: nnU-Net's Dice+CE with deep supervision, per modality head.
+- :mod:`~cmcseg.losses.channel_semantic_consistency`: CSC, contrastive over bottleneck channels.
+- :mod:`~cmcseg.losses.cross_modality_agreement`: CAC, 1 - soft Dice between heads' probabilities.
+- :mod:`~cmcseg.losses.mean_teacher`: EMA-teacher consistency, for unpaired modalities.
+- :mod:`~cmcseg.losses.rampup`: ramp-up schedules for the unlabeled terms' weights.
+"""
+from cmcseg.losses.channel_semantic_consistency import (
+    ChannelSemanticConsistencyLoss,
+    channel_semantic_consistency_loss,
+)
+from cmcseg.losses.cross_modality_agreement import CrossModalityAgreementLoss, cross_modality_agreement_loss
+from cmcseg.losses.mean_teacher import (
+    MeanTeacherConsistencyLoss,
+    create_ema_teacher,
+    mean_teacher_consistency_loss,
+    update_ema_teacher,
+)
+from cmcseg.losses.rampup import RampUp, linear_rampup, sigmoid_rampup
+from cmcseg.losses.supervised import (
+    DeepSupervisedDiceCELoss,
+    SupervisedDiceCELoss,
+    deep_supervision_weights,
+    downsample_target,
+)
+
+__all__ = [
+    "ChannelSemanticConsistencyLoss",
+    "CrossModalityAgreementLoss",
+    "DeepSupervisedDiceCELoss",
+    "MeanTeacherConsistencyLoss",
+    "RampUp",
+    "SupervisedDiceCELoss",
+    "channel_semantic_consistency_loss",
+    "create_ema_teacher",
+    "cross_modality_agreement_loss",
+    "deep_supervision_weights",
+    "downsample_target",
+    "linear_rampup",
+    "mean_teacher_consistency_loss",
+    "sigmoid_rampup",
+    "update_ema_teacher",
+]

@@ -1,0 +1,74 @@
+"""Ramp-up schedules for the weights of the unlabeled (consistency) loss terms.
+
+Semi-supervised terms are unreliable while the network is still random, so their weight
+starts near zero and grows to its final value over a ramp-up period (Laine & Aila 2017,
+"Temporal ensembling"; Tarvainen & Valpola 2017, "Mean teachers").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+RampKind = Literal["sigmoid", "linear", "constant"]
+RampUnit = Literal["iteration", "epoch"]
+
+
+def _progress(current: float, rampup_length: float) -> float:
+    """Fraction t = clip(current / rampup_length, 0, 1) of the ramp-up done (1 if length is 0)."""
+    if rampup_length < 0:
+        raise ValueError(f"rampup_length must be >= 0, got {rampup_length}")
+    if rampup_length == 0:
+        return 1.0
+    return min(max(float(current) / float(rampup_length), 0.0), 1.0)
+
+
+def sigmoid_rampup(current: float, rampup_length: float) -> float:
+    """Sigmoid-shaped ramp-up of Laine & Aila: ``exp(-5 (1 - t)^2)``, t = clip(current/length, 0, 1).
+
+    Starts at exp(-5) ~= 0.0067 (not exactly 0: this is the published formula) and reaches
+    exactly 1 at ``current >= rampup_length``. A length of 0 means no ramp-up (always 1).
+    """
+    phase = 1.0 - _progress(current, rampup_length)
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def linear_rampup(current: float, rampup_length: float) -> float:
+    """Linear ramp-up ``t = clip(current / rampup_length, 0, 1)``: exactly 0 at the start, 1 at the end."""
+    return _progress(current, rampup_length)
+
+
+@dataclass(frozen=True)
+class RampUp:
+    """A ramped loss weight: ``weight * ramp(step / length)``.
+
+    ``length`` counts ``unit`` (iterations or epochs); the caller passes ``step`` in that same
+    unit. ``unit`` does not change the arithmetic, it records what the trainer must pass.
+    """
+
+    weight: float = 1.0
+    length: float = 40.0
+    kind: RampKind = "sigmoid"
+    unit: RampUnit = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"RampUp.weight must be >= 0, got {self.weight}")
+        if self.length < 0:
+            raise ValueError(f"RampUp.length must be >= 0, got {self.length}")
+        if self.kind not in ("sigmoid", "linear", "constant"):
+            raise ValueError(f"RampUp.kind must be 'sigmoid', 'linear' or 'constant', got {self.kind!r}")
+        if self.unit not in ("iteration", "epoch"):
+            raise ValueError(f"RampUp.unit must be 'iteration' or 'epoch', got {self.unit!r}")
+
+    def factor(self, step: float) -> float:
+        """The ramp value in [0, 1] at ``step`` (without the weight)."""
+        if self.kind == "sigmoid":
+            return sigmoid_rampup(step, self.length)
+        if self.kind == "linear":
+            return linear_rampup(step, self.length)
+        return 1.0
+
+    def __call__(self, step: float) -> float:
+        """The loss weight at ``step``: ``weight * factor(step)``."""
+        return self.weight * self.factor(step)

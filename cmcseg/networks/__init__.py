@@ -1,0 +1,24 @@
+"""Networks: the encoder registry and the Cross Modality Collaboration (CMC) network."""
+from cmcseg.networks.cmc import (
+    CMCNetwork,
+    CMCOutput,
+    build_cmc_network,
+    plan_channels_per_modality,
+    plan_configuration,
+    plan_num_classes,
+    split_modalities,
+)
+from cmcseg.networks.encoders import (
+    ENCODERS,
+    ModalityEncoder,
+    WeightsMismatchError,
+    build_encoder,
+    register_encoder,
+)
+from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
+
+__all__ = [
+    "CMCNetwork", "CMCOutput", "build_cmc_network", "plan_channels_per_modality", "plan_configuration",
+    "plan_num_classes", "split_modalities", "ENCODERS", "ModalityEncoder", "WeightsMismatchError", "build_encoder",
+    "register_encoder", "ChannelAttention", "UnifiedFusion",
+]
