@@ -59,6 +59,9 @@ class DatasetError(CmcsegError):
         head = f"{context}: " if context else ""
         super().__init__(f"{head}{n} problem(s) found\n" + format_problem_table(self.problems))
 
+    def __reduce__(self):  # picklable, so a worker process can hand it back intact
+        return (type(self), (self.problems, self.context))
+
 
 class ImageReadError(CmcsegError):
     """A file could not be read as an image."""
@@ -70,3 +73,6 @@ class ImageReadError(CmcsegError):
             f"cannot read image {path}{where}: {reason}. Fix: check that the file is complete and in a format "
             "SimpleITK reads (NIfTI, NRRD, MHA, ...); re-export or re-download it."
         )
+
+    def __reduce__(self):  # picklable, so a worker process can hand it back intact
+        return (type(self), (self.path, self.reason, self.case))

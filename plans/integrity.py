@@ -10,7 +10,6 @@ modalities are reported as findings: cmcseg handles them.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -18,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
+from cmcseg.parallel import process_pool
 from cmcseg.errors import CmcsegError, DatasetError, Problem, format_problem_table
 from cmcseg.image_io import read_image_header, read_stored_values
 from cmcseg.preprocessing.alignment import GridGeometry, modality_relation
@@ -155,11 +155,19 @@ def _misalignment_findings(case: Case, grids: dict[int, GridGeometry], channel_n
     return out
 
 
-def verify_dataset(dataset: Dataset, num_workers: int = 1, progress: bool = True) -> IntegrityReport:
-    """Read every file of ``dataset`` and collect every problem (nothing is raised here)."""
+def verify_dataset(dataset: Dataset, num_workers: int = 1, progress: bool = True,
+                   reference_channel: int | None = None) -> IntegrityReport:
+    """Read every file of ``dataset`` and collect every problem (nothing is raised here).
+
+    Misalignment findings are relative to ``reference_channel`` (pass the planner's choice so
+    the report and the fingerprint describe the same relations); by default the declared
+    reference modality, else the lowest channel of each case.
+    """
     cases = dataset.cases + dataset.test_cases
     label_values = tuple(sorted(dataset.labels.values()))
-    preferred = dataset.channel_index(dataset.reference_modality) if dataset.reference_modality else None
+    preferred = reference_channel
+    if preferred is None and dataset.reference_modality:
+        preferred = dataset.channel_index(dataset.reference_modality)
     args = [(c, label_values, dataset.channel_names, dataset.unpaired, preferred) for c in cases]
     results = _map(check_case, args, num_workers, progress, desc="integrity check")
     problems = list(dataset.warnings)
@@ -203,7 +211,7 @@ def _map(fn, arg_tuples: list[tuple], num_workers: int, progress: bool, desc: st
                 out.append(fn(*a))
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            with process_pool(num_workers) as pool:
                 for r in pool.map(fn, *zip(*arg_tuples)):
                     out.append(r)
                     bar.update()

@@ -23,9 +23,8 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
+from cmcseg.parallel import process_pool
 from cmcseg.image_io import geometry_of, read_image_header
 from cmcseg.preprocessing.alignment import GridGeometry
 from cmcseg.preprocessing.case_loading import load_case_in_reference_space
@@ -511,7 +511,7 @@ def _run_jobs(jobs: list[tuple], num_workers: int):
         for job in jobs:
             yield _run_case_job(*job)
         return
-    with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+    with process_pool(min(num_workers, len(jobs))) as pool:
         futures = [pool.submit(_run_case_job, *job) for job in jobs]
         for fut in as_completed(futures):
             yield fut.result()

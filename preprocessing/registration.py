@@ -20,9 +20,8 @@ import logging
 import math
 import re
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
+from cmcseg.parallel import process_pool
 from cmcseg.image_io import atomic_path, read_json, write_json_atomic
 from cmcseg.preprocessing.alignment import as_3d, physical_centre
 from cmcseg.preprocessing.case_loading import read_case_images
@@ -449,7 +449,7 @@ def register_dataset(
                 errors[cid] = err
             bar.update(1)
     else:
-        with ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=get_context("spawn")) as pool:
+        with process_pool(min(num_workers, len(todo))) as pool:
             futures = [pool.submit(_register_and_save, dataset, c, reference_channel, str(folder)) for c in todo]
             for fut in as_completed(futures):
                 cid, err = fut.result()

@@ -1,0 +1,303 @@
+"""Plans: nnU-Net's own planning rules, fed from cmcseg's fingerprint, under a memory budget per device.
+
+The rules (target spacing with the anisotropy rule, transpose, patch and batch size from the
+VRAM estimate, network topology, normalisation by channel name, resampling) are nnU-Net's
+methods, run unchanged: the planner classes here subclass nnU-Net's planners and replace only
+their ``__init__``, which would read ``nnUNet_raw``/``nnUNet_preprocessed``. The default
+topology is nnU-Net's ResidualEncoderUNet as planned by ``nnUNetPlannerResEncM``; nnU-Net's
+original PlainConvUNet planner is the other choice.
+
+Where cmcseg departs from nnU-Net (each is marked ``departs from nnU-Net`` below):
+
+* the memory budget defaults per device, not always 8 GB;
+* modalities with several components (RGB) expand into several input channels;
+* no ``3d_lowres``/cascade configuration (cmcseg's trainers do not cascade);
+* ``data_identifier`` is the configuration name (one plans file per preprocessed dataset).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncM,
+)
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+from cmcseg.dataset import Dataset
+from cmcseg.errors import CmcsegError
+from cmcseg.image_io import read_json, write_json_atomic
+from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA_VERSION
+from cmcseg.preprocessing.preprocessor import input_channel_modalities
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PLANS_NAME = "cmcsegPlans"
+CONFIGURATIONS = ("2d", "3d_fullres")
+REGISTER_CHOICES = ("none", "rigid")
+
+#: nnU-Net's default VRAM target (GB) for a CUDA device
+NNUNET_DEFAULT_MEMORY_GB = 8.0
+#: departs from nnU-Net: the default budget on a CPU-only machine. nnU-Net always assumes an 8 GB GPU.
+#: On a CPU the budget's activations live in RAM beside the data-loader workers, and the time of a
+#: step, not memory, is what limits: it grows with the voxels per batch, which the budget sets.
+#: Half of nnU-Net's budget halves those voxels (nnU-Net's 8 GB plan trains at 17-19 s per 3D step on
+#: 2 cores, see ENVIRONMENT.md), and it is capped at a quarter of the machine's RAM.
+CPU_DEFAULT_MEMORY_GB = 4.0
+
+#: The attributes nnU-Net's ``ExperimentPlanner.__init__`` sets (nnunetv2 2.8.1) and its planning
+#: methods read. That ``__init__`` also reads files, so it is not called; tests check these values
+#: against a real nnU-Net planner so that a change in nnU-Net shows up.
+_EXPERIMENT_PLANNER_ATTRIBUTES: dict[str, Any] = {
+    "anisotropy_threshold": ANISO_THRESHOLD,
+    "UNet_base_num_features": 32,
+    "UNet_class": PlainConvUNet,
+    "UNet_reference_val_3d": 560000000,
+    "UNet_reference_val_2d": 85000000,
+    "UNet_reference_com_nfeatures": 32,
+    "UNet_reference_val_corresp_GB": 8,
+    "UNet_reference_val_corresp_bs_2d": 12,
+    "UNet_reference_val_corresp_bs_3d": 2,
+    "UNet_featuremap_min_edge_length": 4,
+    "UNet_blocks_per_stage_encoder": (2,) * 14,
+    "UNet_blocks_per_stage_decoder": (2,) * 13,
+    "UNet_min_batch_size": 2,
+    "UNet_max_features_2d": 512,
+    "UNet_max_features_3d": 320,
+    "max_dataset_covered": 0.05,
+    "lowres_creation_threshold": 0.25,
+    "preprocessor_name": "DefaultPreprocessor",
+}
+#: What ``ResEncUNetPlanner`` and ``nnUNetPlannerResEncM`` change (their ``__init__``s).
+_RESENC_M_ATTRIBUTES: dict[str, Any] = {
+    "UNet_class": ResidualEncoderUNet,
+    "UNet_reference_val_3d": 680000000,
+    "UNet_reference_val_2d": 135000000,
+    "UNet_blocks_per_stage_encoder": (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6),
+    "UNet_blocks_per_stage_decoder": (1,) * 12,
+    "UNet_reference_val_corresp_GB": 8,
+    "max_dataset_covered": 1,
+}
+
+
+class _InMemoryPlanner:
+    """Mixin that feeds an nnU-Net planner from dicts instead of nnUNet_raw/nnUNet_preprocessed.
+
+    Put it before an nnU-Net planner class; ``NNUNET_ATTRIBUTES`` are that class's constants.
+    """
+
+    NNUNET_ATTRIBUTES: Mapping[str, Any] = _EXPERIMENT_PLANNER_ATTRIBUTES
+
+    def __init__(self, fingerprint: dict, dataset_json: dict, memory_gb: float = NNUNET_DEFAULT_MEMORY_GB,
+                 plans_name: str = PLANS_NAME, overwrite_target_spacing: Sequence[float] | None = None,
+                 suppress_transpose: bool = False) -> None:
+        for name, value in self.NNUNET_ATTRIBUTES.items():
+            setattr(self, name, value)
+        self.dataset_fingerprint = fingerprint
+        self.dataset_json = dataset_json
+        self.dataset_name = dataset_json.get("name", "")
+        self.UNet_vram_target_GB = float(memory_gb)
+        self.plans_identifier = plans_name
+        self.overwrite_target_spacing = overwrite_target_spacing
+        self.suppress_transpose = suppress_transpose
+        self.plans = None
+
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        """departs from nnU-Net: the configuration name alone, since each plans file has its own folder."""
+        return configuration_name
+
+
+class ResEncMPlanner(_InMemoryPlanner, nnUNetPlannerResEncM):
+    """nnU-Net's ResEnc-M planner (ResidualEncoderUNet) on an in-memory fingerprint: cmcseg's default."""
+
+    NNUNET_ATTRIBUTES = {**_EXPERIMENT_PLANNER_ATTRIBUTES, **_RESENC_M_ATTRIBUTES}
+
+
+class PlainConvUNetPlanner(_InMemoryPlanner, ExperimentPlanner):
+    """nnU-Net's original planner (PlainConvUNet) on an in-memory fingerprint."""
+
+
+#: network topologies the planner can plan for
+PLANNERS: dict[str, type[_InMemoryPlanner]] = {"ResEncM": ResEncMPlanner, "PlainConvUNet": PlainConvUNetPlanner}
+
+
+# ---------------------------------------------------------------------------------------- memory budget
+def _system_ram_gb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_memory_gb() -> float:
+    """The budget nnU-Net's patch/batch rule plans for: 8 GB capped by the GPU's memory; on CPU, see
+    CPU_DEFAULT_MEMORY_GB (capped at a quarter of the RAM)."""
+    if torch.cuda.is_available():
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
+        return float(min(NNUNET_DEFAULT_MEMORY_GB, gpu_gb))
+    ram = _system_ram_gb()
+    return float(CPU_DEFAULT_MEMORY_GB if ram is None else min(CPU_DEFAULT_MEMORY_GB, ram / 4))
+
+
+# ---------------------------------------------------------------------------------------- channels
+def normalization_channel_name(modality: str, components: int) -> str:
+    """The name nnU-Net's ``get_normalization_scheme`` sees for each input channel of a modality.
+
+    nnU-Net maps channel names (CT -> CTNormalization, others -> ZScoreNormalization). Departs
+    from nnU-Net: the components of an RGB modality map to its ``rgb_to_0_1`` scheme.
+    """
+    if components > 1 and "rgb" in modality.casefold():
+        return "rgb_to_0_1"
+    return modality
+
+
+def nnunet_dataset_json(dataset: Dataset, channels_per_modality: Mapping[str, int], num_training: int) -> dict:
+    """The dataset.json nnU-Net's planner reads, with one channel name per *input* channel."""
+    modality_of = input_channel_modalities(channels_per_modality)
+    names = [normalization_channel_name(dataset.channel_names[m], int(channels_per_modality[str(m)]))
+             for m in modality_of]
+    return {"name": dataset.name, "channel_names": {str(i): n for i, n in enumerate(names)},
+            "labels": dict(dataset.labels), "numTraining": int(num_training), "file_ending": dataset.file_ending}
+
+
+# ---------------------------------------------------------------------------------------- planning
+def _plain(obj: Any) -> Any:
+    """JSON types (lists, ints, floats) all the way down, so a plan equals the plan read back from disk."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _check_inputs(fingerprint: dict, configurations: Sequence[str], register: str, topology: str,
+                  reference_channel: int | None) -> None:
+    if fingerprint.get("schema_version") != FINGERPRINT_SCHEMA_VERSION:
+        raise CmcsegError(f"fingerprint schema_version {fingerprint.get('schema_version')!r}, expected "
+                          f"{FINGERPRINT_SCHEMA_VERSION}. Fix: rerun `cmcseg plan` to recompute the fingerprint.")
+    unknown = [c for c in configurations if c not in CONFIGURATIONS]
+    if unknown or not configurations:
+        raise CmcsegError(f"unknown configuration(s) {unknown or list(configurations)}. Fix: choose from {CONFIGURATIONS}.")
+    if register not in REGISTER_CHOICES:
+        raise CmcsegError(f"register={register!r}. Fix: choose one of {REGISTER_CHOICES}.")
+    if topology not in PLANNERS:
+        raise CmcsegError(f"unknown network topology {topology!r}. Fix: choose one of {sorted(PLANNERS)}.")
+    if reference_channel is not None and int(reference_channel) != fingerprint["reference_channel"]:
+        raise CmcsegError(
+            f"reference channel {reference_channel} differs from the fingerprint's ({fingerprint['reference_channel']}, "
+            f"{fingerprint['reference_modality']}), which was measured in that reference space. Fix: recompute the "
+            "fingerprint with the new reference.")
+
+
+def plan_configurations(planner: ExperimentPlanner, configurations: Sequence[str], num_training: int) -> dict:
+    """nnU-Net's ``plan_experiment`` without lowres, file writes and prints: transpose, spacing and configurations.
+
+    A dataset of single-slice images (median shape 1 on the slice axis) gets only ``2d``, as in nnU-Net.
+    """
+    fingerprint = planner.dataset_fingerprint
+    transpose_forward, transpose_backward = planner.determine_transpose()
+    fullres_spacing = planner.determine_fullres_target_spacing()
+    spacing_t = fullres_spacing[transpose_forward]
+    new_shapes = [compute_new_shape(shape, spacing, fullres_spacing)
+                  for spacing, shape in zip(fingerprint["spacings"], fingerprint["shapes_after_crop"])]
+    median_shape_t = np.median(new_shapes, 0)[transpose_forward]
+    n_voxels = float(np.prod(median_shape_t, dtype=np.float64) * num_training)
+    is_2d_data = median_shape_t[0] == 1
+
+    cache: dict = {}
+    out: dict[str, dict] = {}
+    if "3d_fullres" in configurations and not is_2d_data:
+        out["3d_fullres"] = planner.get_plans_for_configuration(
+            spacing_t, median_shape_t, planner.generate_data_identifier("3d_fullres"), n_voxels, cache)
+        out["3d_fullres"]["batch_dice"] = False  # nnU-Net's value when there is no 3d_lowres
+    if "2d" in configurations:
+        out["2d"] = planner.get_plans_for_configuration(
+            spacing_t[1:], median_shape_t[1:], planner.generate_data_identifier("2d"), n_voxels, cache)
+        out["2d"]["batch_dice"] = True
+    if not out:
+        raise CmcsegError(f"the dataset holds single-slice (2D) images: only the 2d configuration applies, but "
+                          f"{list(configurations)} was asked for. Fix: plan with -c 2d.")
+    for c in out.values():
+        c.pop("preprocessor_name", None)  # cmcseg's own preprocessor executes the plan
+    return {
+        "dimensionality": "2d" if is_2d_data else "3d",
+        "transpose_forward": [int(i) for i in transpose_forward],
+        "transpose_backward": [int(i) for i in transpose_backward],
+        "original_median_spacing_after_transp": [float(i) for i in np.median(fingerprint["spacings"], 0)[transpose_forward]],
+        "original_median_shape_after_transp": [int(round(i)) for i in
+                                               np.median(fingerprint["shapes_after_crop"], 0)[transpose_forward]],
+        "configurations": out,
+    }
+
+
+def plan_experiment(
+    fingerprint: dict,
+    dataset: Dataset,
+    configurations: Sequence[str] = CONFIGURATIONS,
+    memory_gb: float | None = None,
+    reference_channel: int | None = None,
+    register: str = "none",
+    topology: str = "ResEncM",
+) -> dict:
+    """Plan ``configurations`` for a dataset from its fingerprint; returns the JSON-ready plans.json content.
+
+    ``memory_gb`` is the budget of nnU-Net's patch/batch rule (default: :func:`default_memory_gb`).
+    ``reference_channel`` defaults to the fingerprint's and must agree with it. ``topology`` picks the
+    network family (see ``PLANNERS``).
+    """
+    _check_inputs(fingerprint, configurations, register, topology, reference_channel)
+    memory = default_memory_gb() if memory_gb is None else float(memory_gb)
+    if memory <= 0:
+        raise CmcsegError(f"memory budget {memory} GB must be positive. Fix: pass e.g. --memory-gb 8.")
+    num_training = len(fingerprint["spacings"])
+    channels_per_modality = fingerprint["channels_per_modality"]
+    planner = PLANNERS[topology](fingerprint, nnunet_dataset_json(dataset, channels_per_modality, num_training), memory)
+    planned = plan_configurations(planner, configurations, num_training)
+    plans = {
+        "schema_version": SCHEMA_VERSION,
+        "plans_name": PLANS_NAME,
+        "dataset_name": dataset.folder.name,
+        "labels": dict(dataset.labels),
+        "pairing": dataset.pairing,
+        "dimensionality": planned["dimensionality"],
+        "reference_channel": int(fingerprint["reference_channel"]),
+        "reference_modality": fingerprint["reference_modality"],
+        "modalities": dataset.modalities,
+        "channels_per_modality": dict(channels_per_modality),
+        "register": register,
+        "label_interpolation": "nearest",
+        "memory_budget_gb": memory,
+        "network_topology": topology,
+        "experiment_planner_used": type(planner).__name__,
+        "image_reader_writer": "SimpleITKIO",
+        "label_manager": "LabelManager",
+        **{k: v for k, v in planned.items() if k != "dimensionality"},
+        "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
+    }
+    for name, cfg in planned["configurations"].items():
+        log.info("%s: spacing %s, patch %s, batch %d (%s GB budget)", name, [round(float(s), 3) for s in cfg["spacing"]],
+                 [int(p) for p in cfg["patch_size"]], cfg["batch_size"], memory)
+    return _plain(plans)
+
+
+def write_plans(plans: dict, path) -> None:
+    """Write plans.json atomically."""
+    write_json_atomic(plans, path)
+
+
+def load_plans(path) -> dict:
+    """Read plans.json, refusing a schema this version does not know."""
+    plans = read_json(path)
+    if plans.get("schema_version") != SCHEMA_VERSION:
+        raise CmcsegError(f"{path}: plans schema_version {plans.get('schema_version')!r}, expected {SCHEMA_VERSION}. "
+                          "Fix: rerun `cmcseg plan`.")
+    return plans
