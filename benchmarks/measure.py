@@ -1,0 +1,83 @@
+"""Measuring a command the way a user experiences it: wall time and peak RSS of its whole process tree.
+
+Linux only (reads /proc). Both cmcseg and nnU-Net start worker processes, so the peak of the
+summed RSS of the tree is the fair memory figure; the peak of the main process alone is
+reported too.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Measurement:
+    command: str
+    wall_s: float
+    peak_tree_rss_gb: float
+    peak_main_rss_gb: float
+    returncode: int
+    output_tail: str
+
+    def ratio_to(self, other: "Measurement") -> dict:
+        return {"wall": self.wall_s / other.wall_s, "peak_tree_rss": self.peak_tree_rss_gb / other.peak_tree_rss_gb}
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(_children(p))
+    return seen
+
+
+def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 interval: float = 0.05) -> Measurement:
+    """Run ``cmd`` to completion, sampling the RSS of its process tree every ``interval`` seconds."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), env=dict(env) if env else None, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"tree": 0, "main": 0}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            pids = _tree(proc.pid)
+            peak["tree"] = max(peak["tree"], sum(_rss_bytes(p) for p in pids))
+            peak["main"] = max(peak["main"], _rss_bytes(proc.pid))
+            time.sleep(interval)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    t.join()
+    return Measurement(" ".join(cmd), wall, peak["tree"] / 1e9, peak["main"] / 1e9, proc.returncode, out[-3000:])
