@@ -28,3 +28,10 @@ if [ ! -f "$stamp" ]; then
     "$PY" -m pip install -q -c "$pin" -e "$target"
     touch "$stamp"
 fi
+# nnunetv2 -> timm pulls a torchvision that may not match the installed torch. Installed but not
+# importable, it breaks transformers (used by the Any2Seg teacher), which imports it whenever it is
+# installed. cmcseg never imports torchvision, so an unimportable one is removed; a working one stays.
+if "$PY" -m pip show -q torchvision >/dev/null 2>&1 && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
+    echo "[install] torchvision is installed but cannot be imported with this torch: uninstalling it"
+    "$PY" -m pip uninstall -y -q torchvision
+fi
