@@ -1,0 +1,230 @@
+"""The Cross Modality Collaboration (CMC) network: one encoder-decoder branch per modality, fused at the bottleneck.
+
+Input ``x``: ``(B, sum(components) + M, *spatial)``, the modality channels in order followed by
+the M field-of-view (FOV) masks. Branch m sees its own channels plus its FOV mask
+(:func:`split_modalities`), so it can tell "outside the field of view" from dark data.
+
+Per branch: encoder -> skips; at the bottleneck channel attention (per modality) and the
+unified fusion layer (:mod:`cmcseg.networks.fusion`); then the branch's own decoder pass with
+its own skips. ``forward`` returns :class:`CMCOutput`.
+
+With one branch (a single-modality dataset, or ``single_branch=True`` where all modalities are
+stacked as input channels as nnU-Net does) attention and fusion are off by default and the
+network is nnU-Net's architecture (encoder + ``UNetDecoder``) with the FOV mask(s) as extra
+input channel(s): the "same network, labeled cases only" baseline.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from torch import Tensor, nn
+
+from cmcseg.errors import CmcsegError
+from cmcseg.networks.encoders import ModalityEncoder, build_encoder
+from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
+
+log = logging.getLogger(__name__)
+
+
+class CMCOutput(NamedTuple):
+    """What :class:`CMCNetwork` returns (a NamedTuple: a pytree that torch.compile and tracing pass through).
+
+    ``logits``: one entry per branch; each a list over deep-supervision scales (full resolution
+    first) when deep supervision is on, else the full-resolution tensor ``(B, K, *spatial)``.
+    ``bottlenecks``: one ``(B, C, *bottleneck)`` tensor per branch, after channel attention and
+    before fusion (the input of the channel-wise semantic consistency loss).
+    """
+
+    logits: list[Tensor] | list[list[Tensor]]
+    bottlenecks: list[Tensor]
+
+
+def split_modalities(x: Tensor, channels_per_modality: Sequence[int], pad_to: int | None = None) -> list[Tensor]:
+    """Cut ``x`` into one input per modality: its channels (zero-padded to ``pad_to``) then its FOV mask.
+
+    Static slicing only (no data-dependent shapes). Raises if ``x`` does not have
+    ``sum(channels_per_modality) + M`` channels.
+    """
+    n_mod = len(channels_per_modality)
+    total = sum(channels_per_modality)
+    if x.shape[1] != total + n_mod:
+        raise CmcsegError(f"the network expects {total} modality channel(s) + {n_mod} FOV mask(s) = "
+                          f"{total + n_mod} input channels, got {x.shape[1]}.")
+    out: list[Tensor] = []
+    start = 0
+    for m, comps in enumerate(channels_per_modality):
+        parts = [x[:, start:start + comps]]
+        if pad_to is not None and pad_to > comps:
+            parts.append(x.new_zeros((x.shape[0], pad_to - comps, *x.shape[2:])))
+        parts.append(x[:, total + m:total + m + 1])
+        out.append(torch.cat(parts, dim=1))
+        start += comps
+    return out
+
+
+class CMCNetwork(nn.Module):
+    """M modality branches with shared or per-modality encoder and decoder, fused at the bottleneck.
+
+    ``make_encoder(in_channels, fov_channels)`` builds one branch encoder (called once when
+    shared, else once per branch). Options:
+
+    * ``shared_encoder``: one encoder for all branches; inputs are zero-padded to the largest
+      component count, and the branches run as one batch (identical to separate calls with
+      instance norm, the plan's default).
+    * ``shared_decoder``: one decoder for all branches (each branch still uses its own skips).
+    * ``fusion`` / ``channel_attention``: default on when there is more than one branch.
+    * ``single_branch``: one branch that takes every modality and FOV mask as input channels.
+    """
+
+    def __init__(self, make_encoder: Callable[[int, int], ModalityEncoder], channels_per_modality: Sequence[int],
+                 num_classes: int, shared_encoder: bool = False, shared_decoder: bool = False,
+                 deep_supervision: bool = True, fusion: bool | None = None, channel_attention: bool | None = None,
+                 single_branch: bool = False):
+        super().__init__()
+        self.channels_per_modality = [int(c) for c in channels_per_modality]
+        if not self.channels_per_modality or min(self.channels_per_modality) < 1:
+            raise CmcsegError(f"channels_per_modality {self.channels_per_modality}: every modality needs >= 1 channel.")
+        self.num_classes = int(num_classes)
+        self.single_branch = bool(single_branch)
+        self.n_branches = 1 if single_branch else len(self.channels_per_modality)
+        self.shared_encoder = bool(shared_encoder) and self.n_branches > 1
+        self.shared_decoder = bool(shared_decoder) and self.n_branches > 1
+        self.pad_to = max(self.channels_per_modality) if self.shared_encoder else None
+
+        if single_branch:
+            n_mod = len(self.channels_per_modality)
+            encoders = [make_encoder(sum(self.channels_per_modality) + n_mod, n_mod)]
+        elif self.shared_encoder:
+            encoders = [make_encoder(self.pad_to + 1, 1)]
+        else:
+            encoders = [make_encoder(c + 1, 1) for c in self.channels_per_modality]
+        self.encoders = nn.ModuleList(encoders)
+        first = encoders[0]
+        n_dec = 1 if self.shared_decoder else self.n_branches
+        self.decoders = nn.ModuleList(first.build_decoder(self.num_classes, deep_supervision) for _ in range(n_dec))
+
+        multi = self.n_branches > 1
+        self.use_attention = multi if channel_attention is None else bool(channel_attention)
+        self.use_fusion = multi if fusion is None else bool(fusion)
+        if self.use_fusion and not multi:
+            raise CmcsegError("fusion needs at least two modality branches; this network has one.")
+        bottleneck = first.output_channels[-1]
+        self.attention = nn.ModuleList(ChannelAttention(first.spatial_dims, bottleneck)
+                                       for _ in range(self.n_branches)) if self.use_attention else None
+        self.fusion = UnifiedFusion(first.spatial_dims, bottleneck, self.n_branches) if self.use_fusion else None
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def deep_supervision(self) -> bool:
+        return bool(self.decoders[0].deep_supervision)
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Switch deep supervision (off for inference, as nnU-Net's ``set_deep_supervision_enabled``)."""
+        for decoder in self.decoders:
+            decoder.deep_supervision = bool(enabled)
+
+    def deep_supervision_scales(self) -> list[list[float]]:
+        """Scale of each deep-supervision output relative to the patch, full resolution first (for the targets)."""
+        return self.encoders[0].deep_supervision_scales()
+
+    # --------------------------------------------------------------------------------- forward
+    def branch_inputs(self, x: Tensor) -> list[Tensor]:
+        """The input of each branch (see :func:`split_modalities`)."""
+        if self.single_branch:
+            expected = sum(self.channels_per_modality) + len(self.channels_per_modality)
+            if x.shape[1] != expected:
+                raise CmcsegError(f"the network expects {expected} input channels, got {x.shape[1]}.")
+            return [x]
+        return split_modalities(x, self.channels_per_modality, self.pad_to)
+
+    def encode(self, inputs: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Skips per branch; a shared encoder runs all branches as one batch."""
+        if self.shared_encoder:
+            skips = self.encoders[0](torch.cat(list(inputs), dim=0))
+            per_level = [s.chunk(self.n_branches, dim=0) for s in skips]
+            return [[level[m] for level in per_level] for m in range(self.n_branches)]
+        return [enc(inp) for enc, inp in zip(self.encoders, inputs)]
+
+    def decode(self, skips: Sequence[Sequence[Tensor]]) -> list[Any]:
+        """Logits per branch; a shared decoder runs all branches as one batch."""
+        if self.shared_decoder:
+            batched = [torch.cat([s[level] for s in skips], dim=0) for level in range(len(skips[0]))]
+            out = self.decoders[0](batched)
+            if isinstance(out, Tensor):
+                return list(out.chunk(self.n_branches, dim=0))
+            per_scale = [o.chunk(self.n_branches, dim=0) for o in out]
+            return [[scale[m] for scale in per_scale] for m in range(self.n_branches)]
+        return [dec(s) for dec, s in zip(self.decoders, skips)]
+
+    def forward(self, x: Tensor) -> CMCOutput:
+        skips = self.encode(self.branch_inputs(x))
+        bottlenecks = [s[-1] for s in skips]
+        if self.attention is not None:
+            bottlenecks = [att(b) for att, b in zip(self.attention, bottlenecks)]
+        fused = self.fusion(bottlenecks) if self.fusion is not None else bottlenecks
+        logits = self.decode([list(s[:-1]) + [f] for s, f in zip(skips, fused)])
+        return CMCOutput(logits, bottlenecks)
+
+
+# ------------------------------------------------------------------------------------- building
+def plan_channels_per_modality(plans: Mapping[str, Any]) -> list[int]:
+    """Components per modality in modality order, from ``plans["channels_per_modality"]``."""
+    try:
+        cpm = plans["channels_per_modality"]
+        return [int(cpm[k]) for k in sorted(cpm, key=int)]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CmcsegError(f"plans.json has no usable channels_per_modality ({e!r}). Fix: rerun `cmcseg plan`.") from e
+
+
+def plan_num_classes(plans: Mapping[str, Any]) -> int:
+    """Output channels, by nnU-Net's ``LabelManager`` (an ``ignore`` label is not predicted; regions count as heads)."""
+    if "labels" not in plans:
+        raise CmcsegError("plans.json has no labels. Fix: rerun `cmcseg plan`.")
+    return LabelManager(dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
+
+
+def plan_configuration(plans: Mapping[str, Any], configuration: str) -> dict:
+    """``plans["configurations"][configuration]``, with ``inherits_from`` resolved as nnU-Net does."""
+    configs = plans.get("configurations", {})
+    if configuration not in configs:
+        raise CmcsegError(f"plans.json has no configuration {configuration!r}. Fix: choose one of {sorted(configs)} "
+                          "or plan it with `cmcseg plan -c`.")
+    config = dict(configs[configuration])
+    seen = {configuration}
+    while "inherits_from" in config:
+        parent = config.pop("inherits_from")
+        if parent in seen or parent not in configs:
+            raise CmcsegError(f"plans.json: configuration {configuration!r} inherits from unknown or circular {parent!r}.")
+        seen.add(parent)
+        config = {**configs[parent], **config}
+    return config
+
+
+def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str = "residual",
+                      shared_encoder: bool = False, encoder_weights: Path | str | None = None,
+                      deep_supervision: bool = True, *, shared_decoder: bool = False, fusion: bool | None = None,
+                      channel_attention: bool | None = None, single_branch: bool = False,
+                      encoder_options: Mapping[str, Any] | None = None) -> CMCNetwork:
+    """The CMC network for one configuration of plans.json.
+
+    ``encoder`` names a registered encoder; ``encoder_weights`` (a local file) is loaded into every
+    branch's encoder; ``encoder_options`` go to the encoder class (e.g. ``{"feature_size": 48}``).
+    """
+    config = plan_configuration(plans, configuration)
+    options = dict(encoder_options or {})
+
+    def make_encoder(in_channels: int, fov_channels: int) -> ModalityEncoder:
+        return build_encoder(encoder, config, in_channels, encoder_weights, fov_channels=fov_channels, **options)
+
+    net = CMCNetwork(make_encoder, plan_channels_per_modality(plans), plan_num_classes(plans),
+                     shared_encoder=shared_encoder, shared_decoder=shared_decoder, deep_supervision=deep_supervision,
+                     fusion=fusion, channel_attention=channel_attention, single_branch=single_branch)
+    log.info("CMC network: %d branch(es), encoder %s (%s), decoder %s, fusion %s, %.2fM parameters",
+             net.n_branches, encoder, "shared" if net.shared_encoder else "per branch",
+             "shared" if net.shared_decoder else "per branch", net.use_fusion,
+             sum(p.numel() for p in net.parameters()) / 1e6)
+    return net
