@@ -1,0 +1,143 @@
+"""Data augmentation: nnU-Net's transform pipelines, extended to carry the field-of-view (FOV) masks.
+
+The transforms themselves are nnU-Net's (``nnUNetTrainer.get_training_transforms`` /
+``get_validation_transforms``, batchgeneratorsv2), configured by nnU-Net's own rule
+(``configure_rotation_dummyDA_mirroring_and_inital_patch_size``). What cmcseg adds is how the FOV
+masks travel through them:
+
+* the sample enters the pipeline as ``image`` = the C modality channels and ``segmentation`` =
+  ``[label, fov_0, ..., fov_{M-1}]``. Segmentation channels undergo every spatial transform of
+  the image (same grid, same mirroring; nearest-label interpolation keeps them binary) and no
+  intensity transform, which is exactly what a FOV mask needs;
+* after nnU-Net's pipeline, :class:`FOVToImageTransform` moves the FOV channels behind the image
+  channels (as float 0/1) and zeroes each modality's channels outside its transformed FOV (the
+  preprocessor's invariant, which intensity transforms such as noise would otherwise break);
+* only then is the label downsampled for deep supervision.
+
+The modalities of a paired case are channels of one array, so one spatial transform moves them
+together, as nnU-Net does with multi-channel data.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Sequence
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+__all__ = [
+    "FOVToImageTransform", "SpatialAugmentation", "configure_spatial_augmentation", "deep_supervision_scales",
+    "training_transforms", "validation_transforms",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpatialAugmentation:
+    """nnU-Net's spatial augmentation settings for a patch size.
+
+    ``initial_patch_size`` is the larger patch cut from the case so that rotation and scaling
+    do not bring padding into the final ``patch_size``; the spatial transform crops it back.
+    """
+
+    patch_size: tuple[int, ...]
+    rotation: tuple[float, float]
+    do_dummy_2d: bool
+    initial_patch_size: tuple[int, ...]
+    mirror_axes: tuple[int, ...]
+
+
+def configure_spatial_augmentation(patch_size: Sequence[int]) -> SpatialAugmentation:
+    """nnU-Net's ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` for ``patch_size`` (2D or 3D).
+
+    The nnU-Net method reads only the patch size from its trainer, so it is called on a stand-in
+    object: the rule stays nnU-Net's, including in later nnU-Net versions.
+    """
+    shim = SimpleNamespace(configuration_manager=SimpleNamespace(patch_size=[int(p) for p in patch_size]),
+                           print_to_log_file=lambda *args, **kwargs: None)
+    rotation, dummy_2d, initial, mirror_axes = \
+        nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size(shim)
+    return SpatialAugmentation(tuple(int(p) for p in patch_size), (float(rotation[0]), float(rotation[1])),
+                               bool(dummy_2d), tuple(int(p) for p in initial), tuple(int(a) for a in mirror_axes))
+
+
+def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Scale of each deep-supervision output relative to the patch, full resolution first.
+
+    nnU-Net's rule (``_get_deep_supervision_scales``): ``1 / cumprod(strides)``, bottleneck dropped.
+    """
+    cumulative = np.cumprod(np.vstack([np.asarray(s, dtype=np.float64) for s in strides]), axis=0)[:-1]
+    return [[float(v) for v in 1.0 / row] for row in cumulative]
+
+
+class FOVToImageTransform(BasicTransform):
+    """Move segmentation channels 1.. (the FOV masks) behind the image channels, as float 0/1.
+
+    ``channel_modalities[c]`` is the FOV index (modality) of image channel ``c``; with
+    ``zero_outside_fov`` each image channel is set to 0 outside its modality's FOV. Padding
+    (-1) in a FOV channel counts as outside.
+    """
+
+    def __init__(self, channel_modalities: Sequence[int], zero_outside_fov: bool = True) -> None:
+        super().__init__()
+        self.channel_modalities = [int(m) for m in channel_modalities]
+        self.zero_outside_fov = zero_outside_fov
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        seg, image = data_dict["segmentation"], data_dict["image"]
+        fov = (seg[1:] > 0).to(image.dtype)
+        if self.zero_outside_fov:
+            image = image * fov[self.channel_modalities]
+        data_dict["image"] = torch.cat((image, fov), dim=0)
+        data_dict["segmentation"] = seg[:1]
+        return data_dict
+
+
+def _fov_and_deep_supervision(channel_modalities: Sequence[int], ds_scales: Sequence[Sequence[float]] | None,
+                              zero_outside_fov: bool) -> list[BasicTransform]:
+    """The tail cmcseg appends to nnU-Net's pipelines: FOV masks to the image, then deep-supervision targets."""
+    tail: list[BasicTransform] = [FOVToImageTransform(channel_modalities, zero_outside_fov)]
+    if ds_scales is not None:
+        tail.append(DownsampleSegForDSTransform(ds_scales=[list(s) for s in ds_scales]))
+    return tail
+
+
+def training_transforms(
+    augmentation: SpatialAugmentation,
+    ds_scales: Sequence[Sequence[float]] | None,
+    channel_modalities: Sequence[int],
+    use_mask_for_norm: Sequence[bool] | None = None,
+    *,
+    spatial_only: bool = False,
+    zero_outside_fov: bool = True,
+) -> ComposeTransforms:
+    """nnU-Net's training pipeline for (image = modality channels, segmentation = [label, FOV masks]).
+
+    Returns a transform whose output ``image`` has C + M channels and whose ``segmentation`` is
+    the label (a list over ``ds_scales`` when given). ``spatial_only`` keeps only nnU-Net's
+    spatial transforms (and the label/mask bookkeeping), e.g. to check that the modalities
+    stay aligned.
+    """
+    nnunet = nnUNetTrainer.get_training_transforms(
+        list(augmentation.patch_size), augmentation.rotation, None, augmentation.mirror_axes,
+        augmentation.do_dummy_2d, use_mask_for_norm=list(use_mask_for_norm) if use_mask_for_norm else None)
+    steps = list(nnunet.transforms)
+    if spatial_only:  # nnU-Net wraps every intensity transform (and only those) in a RandomTransform
+        steps = [t for t in steps if not isinstance(t, RandomTransform)]
+    return ComposeTransforms(steps + _fov_and_deep_supervision(channel_modalities, ds_scales, zero_outside_fov))
+
+
+def validation_transforms(ds_scales: Sequence[Sequence[float]] | None, channel_modalities: Sequence[int],
+                          *, zero_outside_fov: bool = True) -> ComposeTransforms:
+    """nnU-Net's validation pipeline (no augmentation) with the FOV masks moved to the image."""
+    nnunet = nnUNetTrainer.get_validation_transforms(None)
+    return ComposeTransforms(list(nnunet.transforms)
+                             + _fov_and_deep_supervision(channel_modalities, ds_scales, zero_outside_fov))
