@@ -1,0 +1,87 @@
+"""`cmcseg train`: train one fold at one labeled fraction (single process, or DDP under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from cmcseg.cli.common import add_root_arguments, roots_from_args
+from cmcseg.image_io import read_json
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]; e.g. --labeled 0.2 keeps 20% of the labels")
+    return value
+
+
+def _fmt(value: float | None) -> str:
+    """A Dice value for the terminal; None (a class absent from every case) as n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a model on one fold (semi-supervised with --labeled < 1)",
+        description="Train one fold of a planned dataset. --labeled FRACTION keeps the labels of that fraction of "
+                    "the fold's training cases (nested across fractions); the rest, and the unlabeled cases, train "
+                    "without labels. --labeled 1.0 is plain supervised training. Writes checkpoints, log.txt, "
+                    "progress.png and validation/summary.json to <results>/DatasetNNN_NAME/"
+                    "TRAINER__CONFIG__labeledF/fold_N. Multi-GPU: torchrun --nproc_per_node N -m cmcseg train ... "
+                    "Example: cmcseg train -d MSCMR -f 0 --labeled 0.2",
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset name, id or folder (MSCMR, 501, Dataset501_MSCMR)")
+    p.add_argument("-f", "--fold", required=True, type=int, help="fold of splits.json")
+    p.add_argument("--labeled", required=True, type=_fraction, metavar="FRACTION",
+                   help="fraction of the fold's training cases whose labels are used, in (0, 1]")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="plan configuration (default 3d_fullres)")
+    p.add_argument("--trainer", default="cmc",
+                   help="trainer: a registered name (cmc) or module:ClassName for your own subclass (default cmc)")
+    p.add_argument("--encoder", default="residual",
+                   help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
+    p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
+    p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
+    p.add_argument("--val-iters", type=int, default=None,
+                   help="validation batches per epoch for the pseudo-Dice (default 50)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if available")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from the fold's last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="data-augmentation worker processes per training process (default 1; 0: in-process)")
+    add_root_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    # imported here: torch and the networks load only when training is asked for
+    from cmcseg.training.ddp import launched_by_torchrun
+    from cmcseg.training.registry import get_trainer_class
+    from cmcseg.training.trainer import TrainingRequest
+    from cmcseg.training.validation import SUMMARY_FILE, VALIDATION_DIR
+
+    trainer_class = get_trainer_class(args.trainer)
+    request = TrainingRequest(
+        dataset=args.dataset, fold=args.fold, labeled_fraction=args.labeled, configuration=args.configuration,
+        roots=roots_from_args(args), device=args.device, seed=args.seed, num_epochs=args.epochs,
+        iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters, num_workers=args.num_processes,
+        continue_training=args.continue_training, encoder=args.encoder, encoder_weights=args.encoder_weights,
+        shared_encoder=args.shared_encoder, command=shlex.join(["cmcseg", *sys.argv[1:]]),
+    )
+    trainer = trainer_class(request)
+    output_folder = trainer.run()
+    if not trainer.is_main:
+        return 0
+    summary_path = output_folder / VALIDATION_DIR / SUMMARY_FILE
+    if summary_path.is_file():
+        summary = read_json(summary_path)
+        means = ", ".join(f"{k} {_fmt(v)}" for k, v in summary["mean"].items())
+        print(f"validation Dice ({summary['num_cases']} cases): {means}; foreground mean "
+              f"{_fmt(summary['foreground_mean'])}")
+    ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
+    print(f"trained {trainer.name} fold {args.fold} at --labeled {args.labeled}{ddp_note}: {output_folder}")
+    return 0

@@ -1,0 +1,642 @@
+"""The trainer base class: what every cmcseg method shares.
+
+:class:`TrainerBase` owns the plan and the fold (labeled / unlabeled / validation cases), the
+two-stream data loader, the optimisation (nnU-Net's SGD with Nesterov momentum, poly learning
+rate, gradient clipping, AMP on CUDA), seeding, the epoch loop with its hooks, checkpoints and
+``--continue``, the log, the progress bar and plot, validation, and DDP under torchrun.
+
+A method (``CMCTrainer``, ``Any2SegTrainer``) subclasses it and implements three things:
+
+* :meth:`TrainerBase.build_network` - the network;
+* :meth:`TrainerBase.compute_losses` - the losses of one batch (a dict with the total under ``"loss"``);
+* :meth:`TrainerBase.predict_probabilities` - class probabilities for validation and inference.
+
+Hyperparameters are plain class attributes, so a variant is a tiny subclass::
+
+    class CMCTrainerLongRamp(CMCTrainer):
+        cac_rampup_epochs = 200
+
+The work lives in helpers of their own: :mod:`~cmcseg.training.checkpoint` (atomic checkpoints),
+:mod:`~cmcseg.training.progress` (log file, tqdm, history, ``progress.png``),
+:mod:`~cmcseg.training.validation` (pseudo-Dice, sliding-window validation) and
+:mod:`~cmcseg.training.ddp` (process group, model wrapping, rank-0-only writes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from torch import Tensor, nn
+
+from cmcseg.errors import CmcsegError
+from cmcseg.image_io import read_json, write_json_atomic
+from cmcseg.networks.cmc import plan_configuration
+from cmcseg.paths import WorkRoots, require_dataset_folder, resolve_roots
+from cmcseg.plans.splits import labeled_subset, load_splits, unlabeled_subset
+from cmcseg.training import ddp
+from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from cmcseg.training.data import build_training_loader, build_validation_patches
+from cmcseg.training.progress import (
+    DICE_PREFIX, LOSS_PREFIX, PLOT_FILE, WEIGHT_PREFIX, MetricsHistory, attach_log_file, detach_log_file,
+    epoch_means, format_metrics, iteration_bar, loss_metrics, plot_progress,
+)
+from cmcseg.training.validation import (
+    BestTracker, LabelInfo, patch_counts, pseudo_dice_metrics, summarize, validate_cases, write_summary,
+)
+
+log = logging.getLogger(__name__)
+
+TRAINING_CONFIG_FILE = "training_config.json"
+PLANS_FILE = "plans.json"
+SPLITS_FILE = "splits.json"
+
+
+@dataclass
+class TrainingRequest:
+    """What to train, as the CLI (or a script) asks for it. ``None`` means "the trainer's default"."""
+
+    dataset: str
+    fold: int
+    labeled_fraction: float
+    configuration: str = "3d_fullres"
+    roots: WorkRoots | None = None
+    device: str = "auto"
+    seed: int = 0
+    num_epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations: int | None = None
+    num_workers: int | None = None
+    continue_training: bool = False
+    encoder: str = "residual"
+    encoder_weights: Path | None = None
+    shared_encoder: bool = False
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class FoldCases:
+    """The cases of one fold at one labeled fraction."""
+
+    labeled: list[str]
+    unlabeled: list[str]
+    validation: list[str]
+
+
+def select_fold_cases(splits: dict, fold: int, fraction: float, unlabeled_when_fully_labeled: bool) -> FoldCases:
+    """Labeled subset (nested across fractions), the cases trained on without labels, and validation cases.
+
+    At ``fraction == 1`` training is supervised: the fold's truly unlabeled cases are left out
+    unless ``unlabeled_when_fully_labeled``.
+    """
+    labeled = labeled_subset(splits, fold, fraction)
+    unlabeled = unlabeled_subset(splits, fold, fraction)
+    if fraction >= 1.0 and not unlabeled_when_fully_labeled:
+        unlabeled = []
+    return FoldCases(labeled, unlabeled, list(splits["folds"][fold]["val"]))
+
+
+def resolve_device(spec: str, ctx: ddp.DistributedContext) -> torch.device:
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under DDP on CUDA, the GPU of the local rank."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CmcsegError("--device cuda was asked for but torch sees no CUDA GPU. Fix: pass --device cpu, or "
+                              "install a CUDA build of torch.")
+        return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
+    if spec != "cpu":
+        raise CmcsegError(f"unknown device {spec!r}. Fix: pass --device auto, cpu or cuda.")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def plans_hash(plans: Mapping) -> str:
+    """SHA-256 of the plans as canonical JSON (what the network and the data were built from)."""
+    return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
+
+
+def batch_composition(batch_size: int, has_unlabeled: bool, unlabeled_fraction: float,
+                      min_labeled: int) -> tuple[int, int]:
+    """(labeled, unlabeled) items per batch.
+
+    Without unlabeled cases every item is labeled. Otherwise ``round(batch * fraction)``
+    unlabeled items (at least one) and the rest labeled (at least ``min_labeled``); a batch of
+    one therefore grows to 1 + 1 rather than dropping the unlabeled stream.
+    """
+    if not has_unlabeled or unlabeled_fraction <= 0:
+        return max(batch_size, min_labeled), 0
+    unlabeled = max(1, int(round(batch_size * unlabeled_fraction)))
+    labeled = max(min_labeled, batch_size - unlabeled)
+    return labeled, unlabeled
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors (also inside lists and dicts) moved to ``device``; other values as they are."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+class TrainerBase:
+    """Shared training machinery; subclasses add the network, the losses and the prediction."""
+
+    # ---- optimisation (nnU-Net's defaults)
+    initial_lr: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    nesterov: bool = True
+    poly_exponent: float = 0.9
+    grad_clip_norm: float = 12.0
+    amp: bool = True  # mixed precision on CUDA only; always off on CPU
+    # ---- schedule
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
+    # ---- data
+    num_workers: int = 1
+    oversample_foreground_percent: float = 0.33
+    unlabeled_batch_fraction: float = 0.5
+    min_labeled_batch_size: int = 1
+    unlabeled_when_fully_labeled: bool = False
+    deep_supervision: bool = True
+    augment: bool = True
+    # ---- bookkeeping
+    save_every: int = 1  # epochs between checkpoint_latest saves (nnU-Net: 50; CPU epochs are long)
+    pseudo_dice_ema_momentum: float = 0.9
+    sliding_window_overlap: float = 0.5
+    sliding_window_batch_size: int = 1
+    ddp_find_unused_parameters: bool = True
+    cudnn_benchmark: bool = True
+
+    def __init__(self, request: TrainingRequest) -> None:
+        self.request = request
+        self.roots = request.roots or resolve_roots()
+        self.fold = int(request.fold)
+        self.labeled_fraction = float(request.labeled_fraction)
+        self.configuration = request.configuration
+        self.seed = int(request.seed)
+        for name in ("num_epochs", "iterations_per_epoch", "val_iterations", "num_workers"):
+            value = getattr(request, name)
+            if value is not None:
+                setattr(self, name, int(value))
+        self.dist = ddp.DistributedContext()
+        self.device = torch.device("cpu")
+        self.current_epoch = 0
+        self.iteration = 0
+        self.global_step = 0
+        self.best = BestTracker(self.pseudo_dice_ema_momentum)
+        self.history = MetricsHistory()
+        self._log_handler: logging.Handler | None = None
+        self._initialized = False
+
+    # =================================================================================== properties
+    @property
+    def name(self) -> str:
+        """The trainer's name in output folders (its class name)."""
+        return type(self).__name__
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0, or the only process)."""
+        return self.dist.is_main
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done so far, fractional within the current epoch (for ramp-ups)."""
+        return self.current_epoch + self.iteration / max(1, self.iterations_per_epoch)
+
+    @property
+    def use_amp(self) -> bool:
+        """Mixed precision: on CUDA when ``amp`` is set."""
+        return self.amp and self.device.type == "cuda"
+
+    # =================================================================================== setup
+    def initialize(self) -> None:
+        """Load plan and fold, build network, optimizer, data and helpers; resume when asked (idempotent)."""
+        if self._initialized:
+            return
+        self.dist = ddp.init_distributed("cuda" if self._wants_cuda() else "cpu")
+        ddp.quiet_other_ranks(self.dist)
+        self.device = resolve_device(self.request.device, self.dist)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        self.preprocessed_folder = require_dataset_folder(self.roots.preprocessed, self.request.dataset,
+                                                          "preprocessed")
+        self.output_folder = self.compute_output_folder()
+        self.checkpoints = CheckpointManager(self.output_folder)
+        if self.is_main:
+            self.output_folder.mkdir(parents=True, exist_ok=True)
+            self._log_handler = attach_log_file(self.output_folder)
+            self.checkpoints.remove_stale_temporaries()
+        log.info("%s: dataset %s, configuration %s, fold %d, labeled fraction %g, device %s%s", self.name,
+                 self.preprocessed_folder.name, self.configuration, self.fold, self.labeled_fraction, self.device,
+                 f", DDP rank {self.dist.rank} of {self.dist.world_size}" if self.dist.enabled else "")
+        if self.request.command:
+            log.info("command: %s", self.request.command)
+        self.load_plans_and_fold()
+        seed_everything(self.seed)  # same initial weights on every rank
+        network = self.build_network().to(self.device)
+        self.network = ddp.wrap_model(network, self.dist, self.device, self.ddp_find_unused_parameters)
+        self.optimizer = self.configure_optimizer()
+        self.lr_scheduler = self.configure_lr_scheduler()
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        self.build_losses()
+        resumed = self.maybe_resume()
+        self.write_training_config(resumed)
+        seed_everything(self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch)
+        self.dataloader = self.build_dataloader()
+        self.val_batches = self.build_validation_batches()
+        self._initialized = True
+
+    def _wants_cuda(self) -> bool:
+        spec = self.request.device
+        return spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
+
+    def configure_plans(self, plans: dict) -> dict:
+        """Hook: adjust the plans before anything is built from them (e.g. a smaller network in a variant)."""
+        return plans
+
+    def load_plans_and_fold(self) -> None:
+        """Read plans.json and splits.json and choose this fold's cases and the batch composition."""
+        plans_file = self.preprocessed_folder / PLANS_FILE
+        if not plans_file.is_file():
+            raise CmcsegError(f"{plans_file} does not exist. Fix: run `cmcseg plan -d {self.request.dataset}`.")
+        self.plans = self.configure_plans(read_json(plans_file))
+        self.config = plan_configuration(self.plans, self.configuration)
+        self.plans_sha256 = plans_hash(self.plans)
+        self.splits = load_splits(self.preprocessed_folder / SPLITS_FILE)
+        self.cases = select_fold_cases(self.splits, self.fold, self.labeled_fraction,
+                                       self.unlabeled_when_fully_labeled)
+        self.labels = LabelInfo.from_plans(self.plans)
+        self.patch_size = [int(p) for p in self.config["patch_size"]]
+        rank_batch = ddp.rank_batch_size(int(self.config["batch_size"]), self.dist)
+        self.labeled_batch_size, self.unlabeled_batch_size = batch_composition(
+            rank_batch, bool(self.cases.unlabeled), self.unlabeled_batch_fraction, self.min_labeled_batch_size)
+        log.info("fold %d: %d labeled, %d unlabeled, %d validation cases; batch of %d labeled + %d unlabeled "
+                 "per process, patch %s", self.fold, len(self.cases.labeled), len(self.cases.unlabeled),
+                 len(self.cases.validation), self.labeled_batch_size, self.unlabeled_batch_size, self.patch_size)
+
+    def compute_output_folder(self) -> Path:
+        """``<results>/DatasetNNN_NAME/<Trainer>__<configuration>__labeled<fraction>/fold_<F>``."""
+        run = f"{self.name}__{self.configuration}__labeled{self.labeled_fraction}"
+        return self.roots.results / self.preprocessed_folder.name / run / f"fold_{self.fold}"
+
+    def build_network(self) -> nn.Module:
+        """Hook: the network, built from ``self.plans`` and ``self.configuration``."""
+        raise NotImplementedError
+
+    def build_losses(self) -> None:
+        """Hook: create the loss modules (called once the network exists)."""
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """nnU-Net's SGD with Nesterov momentum over the network's parameters."""
+        return torch.optim.SGD(self.network.parameters(), lr=self.initial_lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay, nesterov=self.nesterov)
+
+    def configure_lr_scheduler(self) -> PolyLRScheduler:
+        """nnU-Net's poly schedule ``lr = initial (1 - epoch / epochs)^0.9``, stepped once per epoch."""
+        return PolyLRScheduler(self.optimizer, self.initial_lr, self.num_epochs, self.poly_exponent)
+
+    def build_dataloader(self) -> Iterator[dict]:
+        """The endless two-stream batch iterator (labeled rows first, unlabeled rows after)."""
+        return build_training_loader(
+            self.preprocessed_folder, self.plans, self.configuration, self.cases.labeled, self.cases.unlabeled,
+            self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=self.deep_supervision,
+            oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
+            seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment)
+
+    def build_validation_batches(self) -> list[dict]:
+        """The fixed validation patches of the per-epoch pseudo-Dice, this rank's share of them."""
+        if self.val_iterations <= 0 or not self.cases.validation:
+            return []
+        batch = self.labeled_batch_size + self.unlabeled_batch_size
+        batches = build_validation_patches(
+            self.preprocessed_folder, self.plans, self.configuration, self.cases.validation,
+            num_patches=self.val_iterations * batch * self.dist.world_size, seed=self.seed, batch_size=batch,
+            deep_supervision=False, oversample_foreground_percent=self.oversample_foreground_percent)
+        return ddp.shard(batches, self.dist)
+
+    # =================================================================================== loop
+    def run(self) -> Path:
+        """Train (or resume) to ``num_epochs``, save the final checkpoint, validate; returns the output folder."""
+        try:
+            self.initialize()
+            self.on_train_start()
+            while self.current_epoch < self.num_epochs:
+                self.run_epoch()
+            self.on_train_end()
+        finally:
+            self.close()
+        return self.output_folder
+
+    def run_epoch(self) -> None:
+        """One epoch: ``iterations_per_epoch`` train steps, then the validation steps, then the epoch's end."""
+        self.on_epoch_start()
+        train_outputs = []
+        bar = iteration_bar(range(self.iterations_per_epoch), self.iterations_per_epoch,
+                            f"epoch {self.current_epoch}", enabled=self.is_main and sys.stderr is not None)
+        for self.iteration in bar:
+            output = self.train_step(next(self.dataloader))
+            train_outputs.append(output)
+            self.global_step += 1
+            bar.set_postfix(loss=f"{output['loss']:.4f}")
+        bar.close()
+        self.iteration = self.iterations_per_epoch
+        val_outputs = [self.validation_step(batch) for batch in self.val_batches]
+        self.on_epoch_end(train_outputs, val_outputs)
+
+    def on_train_start(self) -> None:
+        """Hook: before the first epoch (also when resuming)."""
+        log.info("training epochs %d..%d, %d iterations each", self.current_epoch, self.num_epochs - 1,
+                 self.iterations_per_epoch)
+
+    def on_epoch_start(self) -> None:
+        """Hook: set the learning rate of this epoch and start its clock."""
+        self.network.train()
+        self.lr_scheduler.step(self.current_epoch)
+        self.iteration = 0
+        self._epoch_start = time.time()
+        log.info("epoch %d, learning rate %.5g", self.current_epoch, self.optimizer.param_groups[0]["lr"])
+
+    def autocast(self):
+        """The mixed-precision context of the forward pass (a no-op on CPU)."""
+        if self.use_amp:
+            return torch.autocast(self.device.type, enabled=True)
+        return nullcontext()
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step: forward and losses, scaled backward, clipping at 12, SGD step."""
+        batch = move_to_device(batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            losses = self.compute_losses(batch)
+        self.grad_scaler.scale(losses["loss"]).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        self.on_after_optimizer_step()
+        return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in losses.items()}
+
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        """Hook: the losses of one batch; ``"loss"`` is the total that is back-propagated.
+
+        Keys other than ``"loss"`` are logged and plotted: loss terms as they are, loss weights
+        under ``"weight/<name>"``.
+        """
+        raise NotImplementedError
+
+    def on_after_optimizer_step(self) -> None:
+        """Hook: after every optimizer step (e.g. an EMA teacher update)."""
+
+    def predict_probabilities(self, x: Tensor) -> Tensor:
+        """Hook: class probabilities ``(B, K, *spatial)`` of an input batch, full resolution, no deep supervision."""
+        raise NotImplementedError
+
+    def inference_network(self) -> nn.Module:
+        """The plain network (outside DDP) for forward passes without gradient."""
+        return ddp.unwrap_model(self.network)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict) -> dict[str, Any]:
+        """TP/FP/FN per foreground class on one fixed validation batch."""
+        self.network.eval()
+        data = batch["data"].to(self.device)
+        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+        probabilities = self.predict_probabilities_float(data)
+        return {"counts": patch_counts(probabilities, target, self.labels)}
+
+    def on_epoch_end(self, train_outputs: list[dict[str, float]], val_outputs: list[dict[str, Any]]) -> None:
+        """Hook: aggregate losses and pseudo-Dice (over ranks), update the EMA, log, plot, checkpoint."""
+        means = epoch_means(train_outputs)
+        summed = ddp.sum_over_ranks(np.array(list(means.values())), self.dist, self.device)
+        metrics = loss_metrics(dict(zip(means, (summed / self.dist.world_size).tolist())))
+        counts = sum((o["counts"] for o in val_outputs), np.zeros((3, len(self.labels.values))))
+        metrics.update(pseudo_dice_metrics(ddp.sum_over_ranks(counts, self.dist, self.device), self.labels))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["epoch_time"] = time.time() - self._epoch_start
+        improved = self.best.update(metrics.get("pseudo_dice", math.nan))
+        if self.best.ema is not None:
+            metrics["pseudo_dice_ema"] = self.best.ema
+        self.history.append(self.current_epoch, metrics)
+        self.log_epoch(metrics)
+        if improved:
+            log.info("new best EMA pseudo-Dice %.4f", self.best.best)
+        self.current_epoch += 1
+        if self.is_main:
+            if improved:
+                self.save_checkpoint("best")
+            if self.current_epoch % self.save_every == 0 and self.current_epoch < self.num_epochs:
+                self.save_checkpoint("latest")
+            self.plot()
+        ddp.barrier(self.dist)
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        """One log line per group: losses, loss weights, pseudo-Dice, time."""
+        log.info("epoch %d: %s", self.current_epoch,
+                 format_metrics(metrics, [k for k in metrics if k.startswith(LOSS_PREFIX)]))
+        weights = [k for k in metrics if k.startswith(WEIGHT_PREFIX)]
+        if weights:
+            log.info("epoch %d loss weights: %s", self.current_epoch, format_metrics(metrics, weights))
+        if "pseudo_dice" in metrics:
+            per_class = [k for k in metrics if k.startswith(DICE_PREFIX)]
+            log.info("epoch %d pseudo-Dice %.4f (%s)", self.current_epoch, metrics["pseudo_dice"],
+                     format_metrics(metrics, per_class))
+        log.info("epoch %d took %.1f s", self.current_epoch, metrics["epoch_time"])
+
+    def plot(self) -> None:
+        """Redraw ``progress.png`` (rank 0)."""
+        try:
+            plot_progress(self.history, self.output_folder / PLOT_FILE,
+                          f"{self.name} {self.preprocessed_folder.name} {self.configuration} fold {self.fold} "
+                          f"labeled {self.labeled_fraction}")
+        except Exception as e:  # a plotting problem must never stop training
+            log.warning("could not draw %s: %s", PLOT_FILE, e)
+
+    def on_train_end(self) -> None:
+        """Hook: save the final checkpoint, run the full validation, write ``validation/summary.json``."""
+        if self.is_main:
+            self.save_checkpoint("final")
+        ddp.barrier(self.dist)
+        self.run_final_validation()
+
+    def run_final_validation(self) -> dict | None:
+        """Sliding-window validation of this fold's validation cases (split over ranks); rank 0 writes the summary."""
+        if not self.cases.validation:
+            log.warning("fold %d has no validation cases; no validation summary", self.fold)
+            return None
+        network = self.inference_network()
+        network.eval()
+        folder = self.preprocessed_folder / self.config["data_identifier"]
+        mine = ddp.shard(self.cases.validation, self.dist)
+        per_case = validate_cases(self.predict_probabilities_float, folder, mine, self.patch_size, self.labels,
+                                  self.device, self.sliding_window_overlap, self.sliding_window_batch_size)
+        merged: dict[str, dict[str, float]] = {}
+        for part in ddp.all_gather_objects(per_case, self.dist):
+            merged.update(part)
+        summary = summarize(merged, self.labels, trainer=self.name, configuration=self.configuration,
+                            fold=self.fold, labeled_fraction=self.labeled_fraction, epochs_trained=self.current_epoch,
+                            sliding_window={"overlap": self.sliding_window_overlap, "mode": "gaussian",
+                                            "roi_size": self.patch_size})
+        if self.is_main:
+            path = write_summary(summary, self.output_folder)
+            log.info("validation: mean Dice %s, foreground mean %.4f -> %s",
+                     format_metrics(summary["mean"]), summary["foreground_mean"], path)
+        return summary
+
+    def predict_probabilities_float(self, x: Tensor) -> Tensor:
+        """:meth:`predict_probabilities` under autocast, returned in float32 (the sliding window accumulates
+        in float32)."""
+        with self.autocast():
+            return self.predict_probabilities(x).float()
+
+    def close(self) -> None:
+        """Stop the data workers, close the log file and leave the process group."""
+        closer = getattr(getattr(self, "dataloader", None), "close", None)
+        if closer is not None:
+            closer()
+        detach_log_file(self._log_handler)
+        self._log_handler = None
+        ddp.destroy(self.dist)
+
+    # =================================================================================== checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything ``--continue`` needs: weights, optimizer, scaler, scheduler, epoch, history, RNG."""
+        return {
+            "trainer": self.name,
+            "network": ddp.unwrap_model(self.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": self.current_epoch,
+            "global_step": self.global_step,
+            "history": self.history.state_dict(),
+            "best": self.best.state_dict(),
+            "rng": rng_state(),
+            "extra": self.extra_state(),
+            "plans_sha256": self.plans_sha256,
+            "labeled_ids": list(self.cases.labeled),
+            "num_epochs": self.num_epochs,
+            "init": {"dataset": self.preprocessed_folder.name, "configuration": self.configuration,
+                     "fold": self.fold, "labeled_fraction": self.labeled_fraction, "seed": self.seed,
+                     "encoder": self.request.encoder, "shared_encoder": self.request.shared_encoder},
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        """Hook: trainer-specific state to checkpoint (e.g. an EMA teacher)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Hook: restore what :meth:`extra_state` returned."""
+
+    def save_checkpoint(self, kind: str) -> Path:
+        """Write ``checkpoint_<kind>.pt`` atomically (rank 0 only)."""
+        path = self.checkpoints.save(self.checkpoint_state(), kind)
+        log.info("saved %s (next epoch %d)", path.name, self.current_epoch)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint into this (initialised) trainer; refuses one from other plans or cases."""
+        state = load_checkpoint(path, map_location="cpu")
+        if state.get("plans_sha256") != self.plans_sha256:
+            raise CmcsegError(f"{path} was trained with other plans than {self.preprocessed_folder / PLANS_FILE} "
+                              "has now. Fix: train without --continue (a new run), or restore the plans it used.")
+        if state.get("labeled_ids") != list(self.cases.labeled):
+            raise CmcsegError(f"{path} was trained on other labeled cases than fold {self.fold} at --labeled "
+                              f"{self.labeled_fraction} gives now (splits.json changed?). Fix: train without "
+                              "--continue, or restore the splits it used.")
+        ddp.unwrap_model(self.network).load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.lr_scheduler.initial_lr, self.lr_scheduler.max_steps = self.initial_lr, self.num_epochs  # this run's
+        self.current_epoch = int(state["epoch"])
+        self.global_step = int(state.get("global_step", 0))
+        self.history.load_state_dict(state.get("history", {}))
+        self.best.load_state_dict(state.get("best", {}))
+        self.load_extra_state(state.get("extra", {}))
+        set_rng_state(state["rng"])
+        if state.get("num_epochs") not in (None, self.num_epochs):
+            log.warning("the checkpoint was trained for %s epochs, this run asks for %d: the LR schedule changes",
+                        state.get("num_epochs"), self.num_epochs)
+        log.info("resumed from %s at epoch %d", path, self.current_epoch)
+
+    def maybe_resume(self) -> bool:
+        """With ``--continue``, load the newest checkpoint (final, latest, best); True if one was loaded."""
+        existing = self.checkpoints.resume_path()
+        if not self.request.continue_training:
+            if existing is not None:
+                log.warning("%s already holds checkpoints; starting from scratch and overwriting them (pass "
+                            "--continue to resume instead)", self.output_folder)
+            return False
+        if existing is None:
+            log.warning("--continue: no checkpoint in %s; starting from scratch", self.output_folder)
+            return False
+        self.load_checkpoint(existing)
+        return True
+
+    def write_training_config(self, resumed: bool) -> None:
+        """``training_config.json``: command, fraction, case lists, seed, plans hash, batch and schedule (rank 0)."""
+        if not self.is_main:
+            return
+        path = self.output_folder / TRAINING_CONFIG_FILE
+        if resumed and path.is_file():
+            config = read_json(path)
+            config.setdefault("resumes", []).append({"command": self.request.command, "from_epoch": self.current_epoch})
+        else:
+            config = {
+                "trainer": self.name,
+                "command": self.request.command,
+                "dataset": self.preprocessed_folder.name,
+                "configuration": self.configuration,
+                "fold": self.fold,
+                "labeled_fraction": self.labeled_fraction,
+                "labeled_ids": self.cases.labeled,
+                "unlabeled_ids": self.cases.unlabeled,
+                "validation_ids": self.cases.validation,
+                "seed": self.seed,
+                "plans_sha256": self.plans_sha256,
+                "device": str(self.device),
+                "world_size": self.dist.world_size,
+                "labeled_batch_size": self.labeled_batch_size,
+                "unlabeled_batch_size": self.unlabeled_batch_size,
+                "patch_size": self.patch_size,
+                "num_epochs": self.num_epochs,
+                "iterations_per_epoch": self.iterations_per_epoch,
+                "val_iterations": self.val_iterations,
+                "hyperparameters": self.hyperparameters(),
+            }
+        write_json_atomic(config, path)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The class attributes that are plain values (the trainer's knobs), for the record."""
+        out: dict[str, Any] = {}
+        for cls in reversed(type(self).__mro__):
+            for key, value in vars(cls).items():
+                if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple, type(None))):
+                    out[key] = list(value) if isinstance(value, tuple) else value
+        for key in ("num_epochs", "iterations_per_epoch", "val_iterations", "num_workers"):
+            out[key] = getattr(self, key)
+        return out

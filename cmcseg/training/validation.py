@@ -1,0 +1,223 @@
+"""Validation: per-epoch pseudo-Dice on fixed patches, and the full sliding-window validation at the end.
+
+* **Pseudo-Dice** (nnU-Net's online evaluation): each epoch the network predicts the same fixed
+  validation patches; true/false positives and false negatives per foreground class are summed
+  over all patches (and all DDP ranks) into one Dice per class, ``2 TP / (2 TP + FP + FN)``.
+  It is cheap and comparable from epoch to epoch, not a case-level Dice. The counts use
+  nnU-Net's ``get_tp_fp_fn_tn``.
+* **Full validation**: every validation case of the fold is predicted on its whole preprocessed
+  array with MONAI's ``sliding_window_inference`` (Gaussian weighting, overlap 0.5), and Dice
+  per class per case is computed with MONAI's ``compute_dice``. The result goes to
+  ``validation/summary.json`` (atomically). It is on the preprocessed grid; the predictor
+  (``cmcseg predict``) exports on the original grid.
+
+Empty classes follow nnU-Net (and ``cmcseg evaluate``): a class absent from both the reference
+and the prediction of a case has Dice NaN (``null`` in the JSON) and is left out of the means;
+absent from the reference but predicted scores 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import compute_dice
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from torch import Tensor
+
+from cmcseg.image_io import write_json_atomic
+from cmcseg.preprocessing.storage import load_case
+from cmcseg.training.progress import DICE_PREFIX
+
+log = logging.getLogger(__name__)
+
+VALIDATION_DIR = "validation"
+SUMMARY_FILE = "summary.json"
+
+#: probabilities ``(B, K, *spatial)`` from an input ``(B, C + M, *spatial)``
+Predictor = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """The classes scored: foreground label values and names, the number of outputs, the ignore label."""
+
+    names: tuple[str, ...]
+    values: tuple[int, ...]
+    num_classes: int
+    ignore_label: int | None
+
+    @classmethod
+    def from_plans(cls, plans: Mapping) -> "LabelInfo":
+        """From ``plans["labels"]`` via nnU-Net's ``LabelManager`` (region-based labels are not supported here)."""
+        manager = LabelManager(dict(plans["labels"]), plans.get("regions_class_order"))
+        if manager.has_regions:
+            raise NotImplementedError("region-based labels are not supported by cmcseg's validation")
+        by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
+        values = tuple(int(v) for v in manager.foreground_labels)
+        return cls(tuple(by_value.get(v, str(v)) for v in values), values, manager.num_segmentation_heads,
+                   manager.ignore_label)
+
+
+def patch_counts(probabilities: Tensor, target: Tensor, labels: LabelInfo) -> np.ndarray:
+    """``(3, n_foreground)`` TP, FP, FN summed over a batch, from probabilities and a ``(B, 1, *)`` label map."""
+    prediction = probabilities.argmax(1, keepdim=True)
+    target = target.to(prediction.device).long()
+    mask = None
+    if labels.ignore_label is not None:
+        mask = (target != labels.ignore_label).float()
+        target = torch.where(target == labels.ignore_label, torch.zeros_like(target), target)
+    onehot = torch.zeros_like(probabilities, dtype=torch.float32).scatter_(1, prediction, 1.0)
+    axes = [0] + list(range(2, probabilities.ndim))
+    tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes, mask=mask)
+    counts = torch.stack([tp, fp, fn]).detach().cpu().double().numpy()
+    return counts[:, list(labels.values)]
+
+
+@dataclass
+class PseudoDice:
+    """Sums TP/FP/FN over validation batches; :meth:`dice` turns them into one Dice per class."""
+
+    num_foreground: int
+    counts: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros((3, self.num_foreground), dtype=np.float64)
+
+    def add(self, counts: np.ndarray) -> None:
+        """Add the ``(3, n_foreground)`` counts of one batch."""
+        self.counts += counts
+
+    def dice(self) -> list[float]:
+        """``2 TP / (2 TP + FP + FN)`` per class; NaN for a class absent from both prediction and reference."""
+        tp, fp, fn = self.counts
+        denominator = 2 * tp + fp + fn
+        return [float(2 * t / d) if d > 0 else math.nan for t, d in zip(tp, denominator)]
+
+
+def pseudo_dice_metrics(counts: np.ndarray, labels: LabelInfo) -> dict[str, float]:
+    """History entries ``dice/<class>`` and their mean ``pseudo_dice`` from summed TP/FP/FN; {} without counts."""
+    if not np.asarray(counts).any():
+        return {}
+    accumulator = PseudoDice(len(labels.values))
+    accumulator.add(np.asarray(counts))
+    dice = accumulator.dice()
+    metrics = {f"{DICE_PREFIX}{name}": d for name, d in zip(labels.names, dice)}
+    metrics["pseudo_dice"] = nanmean(dice)
+    return metrics
+
+
+@dataclass
+class BestTracker:
+    """nnU-Net's choice of the best checkpoint: an EMA of the pseudo-Dice, ``ema = m ema + (1 - m) value``."""
+
+    momentum: float = 0.9
+    ema: float | None = None
+    best: float | None = None
+
+    def update(self, value: float) -> bool:
+        """Fold in one epoch's pseudo-Dice (NaN is skipped); True when the EMA is a new best."""
+        if math.isnan(value):
+            return False
+        self.ema = value if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * value
+        if self.best is None or self.ema > self.best:
+            self.best = self.ema
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "best": self.best}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.ema, self.best = state.get("ema"), state.get("best")
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (NaN if there is none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def predict_case(predict: Predictor, data: np.ndarray, fov: np.ndarray, patch_size: Sequence[int],
+                 device: torch.device, overlap: float = 0.5, sw_batch_size: int = 1) -> Tensor:
+    """Class probabilities ``(K, z, y, x)`` of one preprocessed case by Gaussian sliding window.
+
+    The network input is the modality channels followed by the FOV masks, as in training. A 2D
+    patch size predicts slice by slice (the slices are the sliding-window batch).
+    """
+    inputs = torch.from_numpy(np.concatenate([np.asarray(data, dtype=np.float32),
+                                              np.asarray(fov, dtype=np.float32)]))[None]
+    roi = [int(p) for p in patch_size]
+    if len(roi) == 2:
+        slices = inputs[0].permute(1, 0, 2, 3)
+        probabilities = sliding_window_inference(slices, roi, sw_batch_size, predict, overlap=overlap,
+                                                 mode="gaussian", sw_device=device, device="cpu")
+        return probabilities.permute(1, 0, 2, 3)
+    probabilities = sliding_window_inference(inputs, roi, sw_batch_size, predict, overlap=overlap, mode="gaussian",
+                                             sw_device=device, device="cpu")
+    return probabilities[0]
+
+
+def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -> dict[str, float]:
+    """Dice per foreground class of the argmax of ``(K, *)`` probabilities against a ``(1, *)`` label map."""
+    prediction = probabilities.argmax(0, keepdim=True)[None]
+    target = torch.from_numpy(np.asarray(reference).astype(np.int64))[None]
+    dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
+                        num_classes=labels.num_classes, ignore_index=labels.ignore_label)[0]
+    present = {value: bool((prediction == value).any() or (target == value).any()) for value in labels.values}
+    return {name: float(dice[value]) if present[value] else math.nan for name, value in zip(labels.names, labels.values)}
+
+
+def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],
+                   labels: LabelInfo, device: torch.device, overlap: float = 0.5,
+                   sw_batch_size: int = 1) -> dict[str, dict[str, float]]:
+    """Dice per class for each case of ``case_ids`` (all must be labeled), by sliding-window prediction."""
+    results: dict[str, dict[str, float]] = {}
+    for case_id in case_ids:
+        data, seg, fov, _ = load_case(folder, case_id)
+        if seg is None:
+            log.warning("validation case %s has no label in %s; skipped", case_id, folder)
+            continue
+        with torch.no_grad():
+            probabilities = predict_case(predict, data[:], fov[:], patch_size, device, overlap, sw_batch_size)
+        results[case_id] = case_dice(probabilities, seg[:], labels)
+        log.info("validation %s: %s", case_id, ", ".join(f"{k} {v:.4f}" for k, v in results[case_id].items()))
+    return results
+
+
+def summarize(per_case: Mapping[str, Mapping[str, float]], labels: LabelInfo, **extra) -> dict:
+    """The ``summary.json`` content: Dice per class per case, the mean per class and the foreground mean."""
+    mean = {name: nanmean([case[name] for case in per_case.values()]) for name in labels.names}
+    return {
+        **extra,
+        "metric": "Dice",
+        "labels": dict(zip(labels.names, labels.values)),
+        "num_cases": len(per_case),
+        "mean": mean,
+        "foreground_mean": nanmean(list(mean.values())),
+        "per_case": {case_id: dict(values) for case_id, values in sorted(per_case.items())},
+    }
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """NaN floats to None, recursively, for strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_summary(summary: Mapping, output_folder: Path) -> Path:
+    """Write ``<output>/validation/summary.json`` atomically (NaN as ``null``); returns its path."""
+    path = Path(output_folder) / VALIDATION_DIR / SUMMARY_FILE
+    write_json_atomic(_nan_to_none(dict(summary)), path)
+    return path

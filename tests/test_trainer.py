@@ -1,0 +1,372 @@
+"""Trainer tests: outputs of a short run, --continue, a SIGKILLed run, gradient of the unlabeled losses,
+DDP under torchrun, and supervised training at --labeled 1.0.
+
+The end-to-end tests train on the tiny MSCMR phantom, planned once per session, with
+:class:`TinyCMCTrainer`: the real CMCTrainer with a smaller network and patch (a plan hook),
+so that an iteration takes about a second on two CPU cores. Subprocesses load it as
+``--trainer test_trainer:TinyCMCTrainer`` (this folder on PYTHONPATH).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmcseg.cli.main import main as cli_main
+from cmcseg.errors import CmcsegError
+from cmcseg.losses import RampUp
+from cmcseg.paths import WorkRoots
+from cmcseg.plans.splits import labeled_subset, load_splits
+from cmcseg.training import ddp
+from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint
+from cmcseg.training.cmc_trainer import CMCTrainer
+from cmcseg.training.progress import MetricsHistory, plot_progress
+from cmcseg.training.registry import TRAINERS, get_trainer_class
+from cmcseg.training.trainer import TrainingRequest, batch_composition, select_fold_cases
+from cmcseg.training.validation import LabelInfo, case_dice
+
+TESTS_DIR = Path(__file__).resolve().parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DATASET = "Dataset501_MSCMR"
+
+
+class TinyCMCTrainer(CMCTrainer):
+    """CMCTrainer on a tiny network and patch: same code paths, seconds per epoch."""
+
+    num_workers = 0
+    tiny_features = [4, 8, 8, 8]
+    tiny_patch = [8, 24, 24]
+
+    def configure_plans(self, plans: dict) -> dict:
+        plans = copy.deepcopy(plans)
+        config = plans["configurations"][self.configuration]
+        arch = config["architecture"]["arch_kwargs"]
+        arch["features_per_stage"] = list(self.tiny_features[:arch["n_stages"]])
+        arch["n_blocks_per_stage"] = [1] * arch["n_stages"]
+        config["patch_size"] = list(self.tiny_patch)
+        return plans
+
+
+class DumpingTinyCMCTrainer(TinyCMCTrainer):
+    """Test-only: every DDP rank saves its final parameters, to compare the ranks."""
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        state = ddp.unwrap_model(self.network).state_dict()
+        torch.save(state, self.output_folder / f"params_rank{self.dist.rank}.pt")
+
+
+class RecordingTinyCMCTrainer(TinyCMCTrainer):
+    """Test-only: remembers the ``labeled`` flags of every training batch."""
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        self.seen_labeled = getattr(self, "seen_labeled", []) + [batch["labeled"].clone()]
+        return super().train_step(batch)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: the tiny network is overhead-bound, and on a busy 2-core machine two threads
+    that wait for each other make each forward pass up to 25 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def planned(tmp_path_factory) -> WorkRoots:
+    """The tiny MSCMR phantom, synthesised and planned (3d_fullres) once per session."""
+    base = tmp_path_factory.mktemp("trainer_roots")
+    roots = WorkRoots(base / "raw", base / "preprocessed", base / "results")
+    flags = ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(roots.results)]
+    assert cli_main(["synth", "-d", "MSCMR", "--size", "tiny", *flags]) == 0
+    assert cli_main(["plan", "-d", "MSCMR", "-c", "3d_fullres", "-np", "1", *flags]) == 0
+    return roots
+
+
+@pytest.fixture(scope="session")
+def planned_unpaired(planned: WorkRoots) -> WorkRoots:
+    """The tiny AMOS phantom (CT and MRI from different patients), planned beside MSCMR."""
+    flags = ["--raw", str(planned.raw), "--preprocessed", str(planned.preprocessed), "--results", str(planned.results)]
+    assert cli_main(["synth", "-d", "AMOS", "--size", "tiny", *flags]) == 0
+    assert cli_main(["plan", "-d", "AMOS", "-c", "3d_fullres", "-np", "1", *flags]) == 0
+    return planned
+
+
+def fresh_roots(planned: WorkRoots, tmp_path: Path) -> WorkRoots:
+    """The planned data with a results root of this test's own."""
+    return WorkRoots(planned.raw, planned.preprocessed, tmp_path / "results")
+
+
+def request(roots: WorkRoots, fraction: float = 0.5, **kwargs) -> TrainingRequest:
+    defaults = dict(num_epochs=2, iterations_per_epoch=2, val_iterations=1, device="cpu", num_workers=0)
+    defaults.update(kwargs)
+    return TrainingRequest("MSCMR", 0, fraction, roots=roots, **defaults)
+
+
+def root_flags(roots: WorkRoots) -> list[str]:
+    return ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(roots.results)]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"  # see one_torch_thread
+    return env
+
+
+def assert_checkpoints_load(folder: Path) -> list[Path]:
+    """Every checkpoint*.pt loads, and no unfinished temporary checkpoint is lying around."""
+    checkpoints = sorted(folder.glob("checkpoint*.pt"))
+    for path in checkpoints:
+        assert "network" in load_checkpoint(path)
+    assert not list(folder.glob(".tmp-checkpoint*")), "stray temporary checkpoint files"
+    return checkpoints
+
+
+def assert_same_optimizer_state(loaded: dict, saved: dict) -> None:
+    assert loaded["state"].keys() == saved["state"].keys() and loaded["state"]
+    for key, state in saved["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(loaded["state"][key][name].cpu(), value.cpu()), (key, name)
+    for group_loaded, group_saved in zip(loaded["param_groups"], saved["param_groups"]):
+        assert group_loaded["momentum"] == group_saved["momentum"]
+        assert group_loaded["params"] == group_saved["params"]
+
+
+# ------------------------------------------------------------------------------------------- fast unit tests
+def test_batch_composition_half_unlabeled_at_least_one_labeled():
+    assert batch_composition(4, True, 0.5, 1) == (2, 2)
+    assert batch_composition(5, True, 0.5, 1) == (3, 2)
+    assert batch_composition(1, True, 0.5, 1) == (1, 1)
+    assert batch_composition(2, False, 0.5, 1) == (2, 0)
+
+
+def test_select_fold_cases_supervised_at_full_fraction():
+    splits = {"folds": [{"train": ["a", "b", "c"], "val": ["d"], "unlabeled": ["u"], "labeled_order": ["b", "a", "c"]}]}
+    half = select_fold_cases(splits, 0, 0.5, unlabeled_when_fully_labeled=False)
+    assert half.labeled == ["b", "a"] and sorted(half.unlabeled) == ["c", "u"] and half.validation == ["d"]
+    full = select_fold_cases(splits, 0, 1.0, unlabeled_when_fully_labeled=False)
+    assert full.labeled == ["b", "a", "c"] and full.unlabeled == []
+
+
+def test_registry_names_and_module_paths():
+    assert TRAINERS["cmc"] is CMCTrainer
+    assert get_trainer_class("CMCTrainer") is CMCTrainer
+    assert get_trainer_class("cmcseg.training.cmc_trainer:CMCTrainer") is CMCTrainer
+    with pytest.raises(CmcsegError, match="unknown trainer"):
+        get_trainer_class("nope")
+
+
+def test_history_roundtrip_and_plot(tmp_path):
+    history = MetricsHistory()
+    history.append(0, {"loss/total": 1.0, "dice/LV": 0.1, "pseudo_dice": 0.1, "lr": 0.01, "epoch_time": 3.0})
+    history.append(1, {"loss/total": 0.8, "loss/cac": 0.3, "dice/LV": 0.2, "pseudo_dice": 0.2, "lr": 0.005,
+                       "epoch_time": 2.0})
+    again = MetricsHistory()
+    again.load_state_dict(history.state_dict())
+    assert again.epochs == [0, 1] and math.isnan(again.values["loss/cac"][0])
+    plot_progress(again, tmp_path / "progress.png")
+    assert (tmp_path / "progress.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_case_dice_is_nan_for_a_class_absent_from_both():
+    labels = LabelInfo(("a", "b", "c"), (1, 2, 3), 4, None)
+    reference = np.array([[[[0, 1, 1, 2]]]])
+    probabilities = torch.nn.functional.one_hot(torch.tensor([[[0, 1, 2, 2]]]), 4).permute(3, 0, 1, 2).float()
+    dice = case_dice(probabilities, reference, labels)
+    assert dice["a"] == pytest.approx(2 / 3) and dice["b"] == pytest.approx(2 / 3) and math.isnan(dice["c"])
+
+
+def test_checkpoint_manager_cleans_stale_temporaries(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save({"network": {"w": torch.ones(2)}}, "latest")
+    (tmp_path / ".tmp-checkpoint_latest.pt-abc.pt").write_bytes(b"trunc")
+    assert manager.resume_path() == tmp_path / "checkpoint_latest.pt"
+    assert len(manager.remove_stale_temporaries()) == 1
+    assert_checkpoints_load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- end-to-end
+@pytest.mark.slow
+def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
+    roots = fresh_roots(planned, tmp_path)
+    folder = TinyCMCTrainer(request(roots)).run()
+    assert folder == roots.results / DATASET / "TinyCMCTrainer__3d_fullres__labeled0.5" / "fold_0"
+    assert {p.name for p in assert_checkpoints_load(folder)} == {
+        "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"}
+    log_text = (folder / "log.txt").read_text()
+    assert "epoch 1" in log_text and "pseudo-Dice" in log_text
+    assert (folder / "progress.png").read_bytes()[:8] == PNG_MAGIC
+    with Image.open(folder / "progress.png") as image:
+        image.verify()
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"myocardium", "LV", "RV"}
+    assert summary["num_cases"] == len(summary["per_case"]) >= 1
+    for per_class in summary["per_case"].values():
+        assert set(per_class) == {"myocardium", "LV", "RV"}
+        assert all(v is None or 0.0 <= v <= 1.0 for v in per_class.values())  # None: class absent from both
+    config = json.loads((folder / "training_config.json").read_text())
+    assert config["labeled_ids"] == labeled_subset(load_splits(planned.preprocessed / DATASET / "splits.json"), 0, 0.5)
+    assert config["unlabeled_batch_size"] == 2 and config["labeled_batch_size"] == 2
+    assert len(config["plans_sha256"]) == 64
+
+    saved = torch.load(folder / "checkpoint_final.pt", weights_only=False)
+    resumed = TinyCMCTrainer(request(roots, num_epochs=3, continue_training=True))
+    resumed.initialize()
+    assert resumed.current_epoch == 2 == saved["epoch"]
+    assert_same_optimizer_state(resumed.optimizer.state_dict(), saved["optimizer"])
+    resumed.run()
+    assert resumed.history.epochs == [0, 1, 2]
+    assert load_checkpoint(folder / "checkpoint_final.pt")["epoch"] == 3
+    assert "resumed from" in (folder / "log.txt").read_text()
+    assert len(json.loads((folder / "training_config.json").read_text())["resumes"]) == 1
+
+
+@pytest.mark.slow
+def test_sigkilled_run_leaves_loadable_checkpoints_and_resumes(planned, tmp_path):
+    roots = fresh_roots(planned, tmp_path)
+    folder = roots.results / DATASET / "TinyCMCTrainer__3d_fullres__labeled0.5" / "fold_0"
+    command = [sys.executable, "-m", "cmcseg", "train", "-d", "MSCMR", "-f", "0", "--labeled", "0.5",
+               "--trainer", "test_trainer:TinyCMCTrainer", "--epochs", "3", "--iters-per-epoch", "10",
+               "--val-iters", "1", "--device", "cpu", "-np", "0", *root_flags(roots)]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and process.poll() is None:
+            log_file = folder / "log.txt"
+            if (folder / "checkpoint_latest.pt").is_file() and log_file.is_file() \
+                    and "epoch 1, learning rate" in log_file.read_text():
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "training ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (folder / "checkpoint_final.pt").exists()
+    for path in folder.glob("checkpoint*.pt"):
+        assert "network" in load_checkpoint(path)  # none truncated
+    saved = torch.load(folder / "checkpoint_latest.pt", weights_only=False)
+
+    resumed = TinyCMCTrainer(request(roots, num_epochs=3, iterations_per_epoch=10, continue_training=True))
+    resumed.initialize()
+    assert resumed.current_epoch == saved["epoch"] == 1
+    assert_same_optimizer_state(resumed.optimizer.state_dict(), saved["optimizer"])
+    resumed.run()
+    assert resumed.history.epochs == [0, 1, 2]
+    assert_checkpoints_load(folder)
+    assert (folder / "validation" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("term", ["csc", "cac"])
+def test_unlabeled_losses_send_gradient_into_encoders(planned, tmp_path, term):
+    """The public CMC code ran its unlabeled pass under no_grad; here CSC and CAC each train the encoders."""
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.initialize()
+    try:
+        trainer.supervised_weight = 0.0
+        if term == "csc":
+            trainer.cac_ramp = RampUp(0.0, 1.0)
+        else:
+            trainer.csc_ramp = RampUp(0.0, 1.0)
+        batch = next(trainer.dataloader)
+        batch["labeled"][:] = False  # an unlabeled-only batch
+        for target in batch["target"]:
+            target.fill_(-1)
+        before = [p.detach().clone() for p in trainer.network.encoders.parameters()]
+        output = trainer.train_step(batch)
+        assert output["supervised"] == 0.0 and output[term] > 0
+        for m, encoder in enumerate(trainer.network.encoders):
+            grad = sum(float(p.grad.abs().sum()) for p in encoder.parameters() if p.grad is not None)
+            assert grad > 0, f"no gradient from {term} into the encoder of modality {m}"
+        after = list(trainer.network.encoders.parameters())
+        assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after)), "the step changed nothing"
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_identical_parameters(planned, tmp_path):
+    roots = fresh_roots(planned, tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    command = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "cmcseg", "train", "-d", "MSCMR", "-f",
+               "0", "--labeled", "0.5", "--trainer", "test_trainer:DumpingTinyCMCTrainer", "--epochs", "1",
+               "--iters-per-epoch", "2", "--val-iters", "1", "--device", "cpu", "-np", "0", *root_flags(roots)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    folder = roots.results / DATASET / "DumpingTinyCMCTrainer__3d_fullres__labeled0.5" / "fold_0"
+    rank0 = torch.load(folder / "params_rank0.pt")
+    rank1 = torch.load(folder / "params_rank1.pt")
+    final = load_checkpoint(folder / "checkpoint_final.pt")["network"]
+    assert rank0.keys() == rank1.keys() == final.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks differ in {key}"
+        assert torch.equal(rank0[key], final[key])
+    config = json.loads((folder / "training_config.json").read_text())
+    assert config["world_size"] == 2 and config["labeled_batch_size"] == 1 and config["unlabeled_batch_size"] == 1
+    assert (folder / "validation" / "summary.json").is_file()
+    assert "(2 processes)" in result.stdout
+
+
+@pytest.mark.slow
+def test_labeled_fraction_one_is_supervised(planned, tmp_path):
+    trainer = RecordingTinyCMCTrainer(request(fresh_roots(planned, tmp_path), fraction=1.0, num_epochs=1))
+    folder = trainer.run()
+    splits = load_splits(planned.preprocessed / DATASET / "splits.json")
+    assert folder.parent.name == "RecordingTinyCMCTrainer__3d_fullres__labeled1.0"
+    assert trainer.cases.labeled == labeled_subset(splits, 0, 1.0)
+    assert trainer.cases.unlabeled == [] and trainer.unlabeled_batch_size == 0
+    assert len(trainer.seen_labeled) == 2 and all(bool(flags.all()) for flags in trainer.seen_labeled)
+    config = json.loads((folder / "training_config.json").read_text())
+    assert config["labeled_ids"] == labeled_subset(splits, 0, 1.0) and config["unlabeled_ids"] == []
+
+
+@pytest.mark.slow
+def test_unpaired_dataset_trains_with_mean_teacher_that_reaches_the_encoders(planned_unpaired, tmp_path):
+    """AMOS-like unpaired modalities: no CAC/CSC; a mean-teacher term per modality, with gradient."""
+    roots = fresh_roots(planned_unpaired, tmp_path)
+    trainer = TinyCMCTrainer(TrainingRequest("AMOS", 0, 0.5, roots=roots, num_epochs=1, iterations_per_epoch=2,
+                                             val_iterations=1, device="cpu", num_workers=0))
+    trainer.initialize()
+    try:
+        assert not trainer.cross_modality and trainer.teacher is not None
+        trainer.supervised_weight = 0.0
+        batch = next(trainer.dataloader)
+        batch["labeled"][:] = False
+        for target in batch["target"]:
+            target.fill_(-1)
+        present = trainer.modality_presence(batch["data"])
+        assert bool(present.any(dim=1).all()) and not bool(present.all()), "each row has exactly its own modality"
+        output = trainer.train_step(batch)
+        assert output["mean_teacher"] > 0 and "cac" not in output and "csc" not in output
+        for m, encoder in enumerate(trainer.network.encoders):
+            if bool(present[:, m].any()):
+                assert sum(float(p.grad.abs().sum()) for p in encoder.parameters() if p.grad is not None) > 0
+    finally:
+        trainer.close()
+    folder = TinyCMCTrainer(TrainingRequest("AMOS", 0, 0.5, roots=roots, num_epochs=1, iterations_per_epoch=2,
+                                            val_iterations=1, device="cpu", num_workers=0)).run()
+    final = load_checkpoint(folder / "checkpoint_final.pt")
+    assert "teacher" in final["extra"] and "loss/mean_teacher" in final["history"]["values"]
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"spleen", "right_kidney", "left_kidney", "liver", "aorta"}
