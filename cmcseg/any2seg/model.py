@@ -1,0 +1,148 @@
+"""The Any2Seg network: one shared MiT backbone, MFF at every stage, SegFormer's all-MLP decoder.
+
+``Any2SegModel(images (B, M, C, H, W), present (B, M) or (M,))`` segments from any non-empty
+subset of the M modalities it was built for:
+
+1. the present ``(b, m)`` images go through the ONE backbone together, stacked in the batch
+   (absent images are never read, so they cannot influence anything, BatchNorm included);
+2. per stage, :func:`~cmcseg.any2seg.fusion.modality_agnostic_feature_fusion` fuses the present
+   modalities' features of each sample;
+3. SegFormer's all-MLP head (transformers' ``SegformerDecodeHead``: per-stage linear projection
+   to ``decoder_hidden_size``, upsampling to 1/4, concatenation, 1x1 fuse conv + BN + ReLU,
+   dropout, 1x1 classifier) gives logits at 1/4, bilinearly upsampled to the input size.
+
+The output keeps what the LSCD distillation needs: the per-stage fused maps and the
+per-modality maps (zeros where a modality is absent) with the presence mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
+
+from cmcseg.any2seg.backbone import MiTBackbone, build_mit_backbone, match_channels, mit_config
+from cmcseg.any2seg.fusion import ModalityAgnosticFusion
+
+
+@dataclass
+class Any2SegOutput:
+    """What :class:`Any2SegModel` returns.
+
+    ``logits`` ``(B, K, H, W)``; ``fused``: per stage ``(B, C_s, h_s, w_s)``; ``features``: per
+    stage ``(B, M, C_s, h_s, w_s)``, zeros for absent modalities; ``present``: bool ``(B, M)``.
+    """
+
+    logits: Tensor
+    fused: list[Tensor] = field(default_factory=list)
+    features: list[Tensor] = field(default_factory=list)
+    present: Tensor | None = None
+
+
+def normalize_present(present: Tensor | Sequence[bool] | None, batch: int, num_modalities: int,
+                      device: torch.device | None = None) -> Tensor:
+    """A bool ``(B, M)`` presence mask from ``None`` (all present), ``(M,)`` or ``(B, M)``; rows must be non-empty."""
+    if present is None:
+        mask = torch.ones(batch, num_modalities, dtype=torch.bool, device=device)
+    else:
+        mask = torch.as_tensor(present, device=device).to(torch.bool)
+        if mask.dim() == 1:
+            mask = mask.unsqueeze(0).expand(batch, -1)
+        if tuple(mask.shape) != (batch, num_modalities):
+            raise ValueError(f"present must be (M,) or (B, M) = ({batch}, {num_modalities}), "
+                             f"got {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every sample needs at least one present modality")
+    return mask
+
+
+def stack_modalities(images: Sequence[Tensor], in_channels: int) -> Tensor:
+    """Stack per-modality images ``(B, C_m, H, W)`` into ``(B, M, in_channels, H, W)`` (see ``match_channels``)."""
+    return torch.stack([match_channels(x, in_channels) for x in images], dim=1)
+
+
+def sample_present_mask(batch: int, num_modalities: int, drop_prob: float,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Modality dropout: each modality is dropped with ``drop_prob``; a sample left empty keeps one at random."""
+    keep = torch.rand(batch, num_modalities, generator=generator) >= drop_prob
+    empty = ~keep.any(dim=1)
+    if bool(empty.any()):
+        pick = torch.randint(num_modalities, (int(empty.sum()),), generator=generator)
+        keep[empty.nonzero(as_tuple=True)[0], pick] = True
+    return keep
+
+
+class Any2SegModel(nn.Module):
+    """Shared MiT backbone + MFF per stage + all-MLP decoder (see the module docstring).
+
+    Attributes: ``num_classes``, ``num_modalities``, ``modality_names``, ``in_channels``,
+    ``backbone`` (:class:`~cmcseg.any2seg.backbone.MiTBackbone`), ``fusion``, ``decode_head``.
+    """
+
+    def __init__(self, num_classes: int, num_modalities: int, variant: str = "mit_b0", in_channels: int = 3,
+                 backbone_weights: Path | str | None = None, decoder_hidden_size: int | None = None,
+                 fusion_temperature: float = 1.0, dropout: float = 0.1,
+                 modality_names: Sequence[str] | None = None):
+        super().__init__()
+        if num_modalities < 1 or num_classes < 1:
+            raise ValueError("num_modalities and num_classes must be >= 1")
+        if modality_names is not None and len(modality_names) != num_modalities:
+            raise ValueError(f"{len(modality_names)} modality names for {num_modalities} modalities")
+        self.num_classes = num_classes
+        self.num_modalities = num_modalities
+        self.modality_names = list(modality_names) if modality_names else [f"m{i}" for i in range(num_modalities)]
+        self.in_channels = in_channels
+        self.backbone: MiTBackbone = build_mit_backbone(variant, in_channels, backbone_weights)
+        self.fusion = ModalityAgnosticFusion(temperature=fusion_temperature)
+        head_config = mit_config(variant, in_channels, num_labels=num_classes)
+        if decoder_hidden_size is not None:
+            head_config.decoder_hidden_size = decoder_hidden_size
+        head_config.classifier_dropout_prob = dropout
+        self.decode_head = SegformerDecodeHead(head_config)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of each stage's features (and fused maps)."""
+        return list(self.backbone.out_channels)
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        if images.dim() != 5 or images.shape[1] != self.num_modalities:
+            raise ValueError(f"images must be (B, M={self.num_modalities}, C, H, W), got {tuple(images.shape)}")
+        return match_channels(images, self.in_channels)
+
+    def forward_modalities(self, images: Tensor, present: Tensor | Sequence[bool] | None = None
+                           ) -> tuple[list[Tensor], Tensor]:
+        """Per-stage per-modality features ``(B, M, C_s, h_s, w_s)`` (zeros where absent) and the ``(B, M)`` mask.
+
+        Only the present images go through the backbone, all in one batch.
+        """
+        images = self._check_images(images)
+        b, m = images.shape[:2]
+        mask = normalize_present(present, b, m, images.device)
+        stages = self.backbone(images[mask])                              # each (N, C_s, h, w), N = mask.sum()
+        features = []
+        for stage in stages:
+            full = stage.new_zeros(b, m, *stage.shape[1:])
+            full[mask] = stage
+            features.append(full)
+        return features, mask
+
+    def fuse(self, features: Sequence[Tensor], present: Tensor) -> list[Tensor]:
+        """MFF of each stage's ``(B, M, C, h, w)`` features under the ``(B, M)`` mask -> ``(B, C, h, w)``."""
+        return [self.fusion(f.transpose(0, 1), present.transpose(0, 1)) for f in features]
+
+    def decode(self, fused: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+        """All-MLP decoder on the fused stages; logits ``(B, K, *size)``."""
+        logits = self.decode_head(list(fused))
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def forward(self, images: Tensor, present: Tensor | Sequence[bool] | None = None) -> Any2SegOutput:
+        """Segment ``images (B, M, C, H, W)`` from the modalities marked in ``present`` (None: all)."""
+        features, mask = self.forward_modalities(images, present)
+        fused = self.fuse(features, mask)
+        logits = self.decode(fused, images.shape[-2:])
+        return Any2SegOutput(logits=logits, fused=fused, features=features, present=mask)
