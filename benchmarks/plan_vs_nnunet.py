@@ -51,6 +51,21 @@ def brats_to_raw(src: Path, folder: Path) -> Path:
     return folder
 
 
+def drop_unlabeled_cases(folder: Path) -> int:
+    """nnU-Net needs a label for every training case: remove the phantom's unlabeled ones (both tools see the same data)."""
+    meta = json.loads((folder / "dataset.json").read_text())
+    ending = meta["file_ending"]
+    labeled = {p.name[: -len(ending)] for p in (folder / "labelsTr").iterdir()}
+    removed = 0
+    for img in sorted((folder / "imagesTr").iterdir()):
+        if img.name[: -len(ending)].rsplit("_", 1)[0] not in labeled:
+            img.unlink()
+            removed += 1
+    meta["numTraining"] = len(labeled)
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return removed
+
+
 def run_pair(raw_root: Path, folder_name: str, work: Path, workers: int) -> dict:
     dataset_id = folder_name.split("_")[0].replace("Dataset", "")
     env_nn = {**os.environ, "nnUNet_raw": str(raw_root), "nnUNet_preprocessed": str(work / "nnunet_pre"),
@@ -90,6 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
         synthesize("TAO", raw / "Dataset504_TAO", cases=args.cases, seed=0, size=args.size)
+        drop_unlabeled_cases(raw / "Dataset504_TAO")
         results.append(run_pair(raw, "Dataset504_TAO", Path(tmp) / "tao", args.workers))
         if (SHARED / "brats2015").is_dir() and not args.skip_brats:
             brats_to_raw(SHARED / "brats2015", raw / "Dataset700_BraTS")

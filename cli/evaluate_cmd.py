@@ -6,7 +6,6 @@ from pathlib import Path
 
 from cmcseg.cli.common import add_root_arguments, roots_from_args
 from cmcseg.errors import CmcsegError
-from cmcseg.evaluation import dataset_labels, evaluate_folders
 from cmcseg.paths import require_dataset_folder
 
 
@@ -38,6 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmcseg.evaluation import dataset_labels, evaluate_folders  # monai: only when evaluating
+
     names: dict[int, str] = {}
     reference = args.reference
     if args.dataset is not None:

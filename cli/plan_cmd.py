@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from cmcseg.cli.common import add_root_arguments, roots_from_args
-from cmcseg.plans.plan_and_preprocess import plan_and_preprocess
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,6 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmcseg.plans.plan_and_preprocess import plan_and_preprocess  # torch via nnunetv2: only when planning
+
     outcome = plan_and_preprocess(
         args.dataset, roots_from_args(args), configurations=args.configurations, num_workers=args.num_processes,
         reference=args.reference, register=args.register, memory_gb=args.memory_gb,
