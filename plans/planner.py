@@ -247,10 +247,14 @@ def plan_experiment(
     reference_channel: int | None = None,
     register: str = "none",
     topology: str = "ResEncM",
+    branches: int | None = None,
 ) -> dict:
     """Plan ``configurations`` for a dataset from its fingerprint; returns the JSON-ready plans.json content.
 
-    ``memory_gb`` is the budget of nnU-Net's patch/batch rule (default: :func:`default_memory_gb`).
+    ``memory_gb`` is the total memory budget (default: :func:`default_memory_gb`). Departure from
+    nnU-Net: cmcseg's networks run one branch per modality (CMC's modality branches; Any2Seg stacks
+    the modalities in the batch), so nnU-Net's patch/batch rule gets ``memory_gb / branches``, with
+    ``branches`` defaulting to the number of modalities; ``branches=1`` is nnU-Net's rule unchanged.
     ``reference_channel`` defaults to the fingerprint's and must agree with it. ``topology`` picks the
     network family (see ``PLANNERS``).
     """
@@ -258,9 +262,14 @@ def plan_experiment(
     memory = default_memory_gb() if memory_gb is None else float(memory_gb)
     if memory <= 0:
         raise CmcsegError(f"memory budget {memory} GB must be positive. Fix: pass e.g. --memory-gb 8.")
+    branches = len(dataset.modalities) if branches is None else int(branches)
+    if branches < 1:
+        raise CmcsegError(f"branches must be at least 1, got {branches}")
+    per_branch = memory / branches
     num_training = len(fingerprint["spacings"])
     channels_per_modality = fingerprint["channels_per_modality"]
-    planner = PLANNERS[topology](fingerprint, nnunet_dataset_json(dataset, channels_per_modality, num_training), memory)
+    planner = PLANNERS[topology](fingerprint, nnunet_dataset_json(dataset, channels_per_modality, num_training),
+                                 per_branch)
     planned = plan_configurations(planner, configurations, num_training)
     plans = {
         "schema_version": SCHEMA_VERSION,
@@ -276,6 +285,8 @@ def plan_experiment(
         "register": register,
         "label_interpolation": "nearest",
         "memory_budget_gb": memory,
+        "network_branches": branches,
+        "memory_budget_per_branch_gb": per_branch,
         "network_topology": topology,
         "experiment_planner_used": type(planner).__name__,
         "image_reader_writer": "SimpleITKIO",
@@ -284,8 +295,9 @@ def plan_experiment(
         "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
     }
     for name, cfg in planned["configurations"].items():
-        log.info("%s: spacing %s, patch %s, batch %d (%s GB budget)", name, [round(float(s), 3) for s in cfg["spacing"]],
-                 [int(p) for p in cfg["patch_size"]], cfg["batch_size"], memory)
+        log.info("%s: spacing %s, patch %s, batch %d (%s GB budget over %d branch(es))", name,
+                 [round(float(s), 3) for s in cfg["spacing"]], [int(p) for p in cfg["patch_size"]], cfg["batch_size"],
+                 memory, branches)
     return _plain(plans)
 
 
