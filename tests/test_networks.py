@@ -187,8 +187,8 @@ def test_ignore_label_is_not_a_class():
 
 def test_compiles_to_one_graph():
     torch.manual_seed(0)
-    net = build_cmc_network(tiny_plans(channels=(1, 1)), "3d_fullres")
-    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    net = build_cmc_network(tiny_plans(channels=(1, 1)), "3d_fullres", shared_encoder=True, shared_decoder=True)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)  # fullgraph: a graph break is an error
     x = tiny_input(channels=(1, 1))
     out, ref = compiled(x), net(x)
     assert torch.allclose(out.logits[1][0], ref.logits[1][0])
@@ -348,7 +348,8 @@ def test_swinunetr_cmc_network_shapes_and_patch_check():
     torch.manual_seed(0)
     plans = tiny_plans(channels=(1, 1), patch=SWIN_PATCH)
     plans["configurations"]["3d_fullres"] = swin_plan_config()
-    net = build_cmc_network(plans, "3d_fullres", encoder="swinunetr", encoder_options={"feature_size": 12})
+    net = build_cmc_network(plans, "3d_fullres", encoder="swinunetr", encoder_options={"feature_size": 12},
+                            shared_encoder=True)
     out = net(tiny_input(channels=(1, 1), patch=SWIN_PATCH))
     scales = net.deep_supervision_scales()
     assert len(scales) == 5 and scales[-1] == [1 / 16] * 3
