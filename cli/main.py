@@ -14,9 +14,9 @@ from typing import Sequence
 from cmcseg import __version__
 from cmcseg.errors import CmcsegError
 
-from cmcseg.cli import convert_cmd, evaluate_cmd, plan_cmd, synth_cmd, train_cmd
+from cmcseg.cli import convert_cmd, demo_cmd, evaluate_cmd, plan_cmd, predict_cmd, synth_cmd, train_cmd
 
-_COMMANDS = (synth_cmd, convert_cmd, plan_cmd, train_cmd, evaluate_cmd)
+_COMMANDS = (synth_cmd, convert_cmd, plan_cmd, train_cmd, predict_cmd, evaluate_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

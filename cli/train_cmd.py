@@ -48,6 +48,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-iters", type=int, default=None,
                    help="validation batches per epoch for the pseudo-Dice (default 50)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if available")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="time budget: no epoch starts that would end after M minutes; the final checkpoint and "
+                        "the validation are still written (default: no budget)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from the fold's last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters, num_workers=args.num_processes,
         continue_training=args.continue_training, encoder=args.encoder, encoder_weights=args.encoder_weights,
         shared_encoder=args.shared_encoder, command=shlex.join(["cmcseg", *sys.argv[1:]]),
+        max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
     )
     trainer = trainer_class(request)
     output_folder = trainer.run()

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 TRAINING_CONFIG_FILE = "training_config.json"
 PLANS_FILE = "plans.json"
 SPLITS_FILE = "splits.json"
+DATASET_FILE = "dataset.json"
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TrainingRequest:
     encoder_weights: Path | None = None
     shared_encoder: bool = False
     command: str = ""
+    max_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,8 @@ class TrainerBase:
     sliding_window_batch_size: int = 1
     ddp_find_unused_parameters: bool = True
     cudnn_benchmark: bool = True
+    # ---- time budget: None trains all epochs; else no epoch starts that would end after this many seconds
+    max_seconds: float | None = None
 
     def __init__(self, request: TrainingRequest) -> None:
         self.request = request
@@ -201,6 +205,12 @@ class TrainerBase:
             value = getattr(request, name)
             if value is not None:
                 setattr(self, name, int(value))
+        if request.iterations_per_epoch is not None and request.val_iterations is None:
+            # keep nnU-Net's 250:50 ratio of training to validation batches in a shortened epoch
+            self.val_iterations = max(1, -(-self.iterations_per_epoch * type(self).val_iterations
+                                           // type(self).iterations_per_epoch))
+        if request.max_seconds is not None:
+            self.max_seconds = float(request.max_seconds)
         self.dist = ddp.DistributedContext()
         self.device = torch.device("cpu")
         self.current_epoch = 0
@@ -256,6 +266,8 @@ class TrainerBase:
         if self.request.command:
             log.info("command: %s", self.request.command)
         self.load_plans_and_fold()
+        if self.is_main:
+            self.write_model_files()
         seed_everything(self.seed)  # same initial weights on every rank
         network = self.build_network().to(self.device)
         self.network = ddp.wrap_model(network, self.dist, self.device, self.ddp_find_unused_parameters)
@@ -297,6 +309,20 @@ class TrainerBase:
         log.info("fold %d: %d labeled, %d unlabeled, %d validation cases; batch of %d labeled + %d unlabeled "
                  "per process, patch %s", self.fold, len(self.cases.labeled), len(self.cases.unlabeled),
                  len(self.cases.validation), self.labeled_batch_size, self.unlabeled_batch_size, self.patch_size)
+
+    def write_model_files(self) -> None:
+        """plans.json (as this trainer uses them, after :meth:`configure_plans`) and dataset.json into the model
+        folder above ``fold_F``, so that the model folder alone is enough to predict (as nnU-Net's is).
+
+        The plans written are the ones whose hash every checkpoint records (``plans_sha256``), so the predictor can
+        rebuild the network and refuse a fold trained with other plans."""
+        model_folder = self.output_folder.parent
+        write_json_atomic(self.plans, model_folder / PLANS_FILE)
+        dataset_json = self.preprocessed_folder / DATASET_FILE
+        if dataset_json.is_file():
+            write_json_atomic(read_json(dataset_json), model_folder / DATASET_FILE)
+        else:
+            log.warning("%s is missing: the model folder gets no dataset.json (cmcseg predict needs it)", dataset_json)
 
     def compute_output_folder(self) -> Path:
         """``<results>/DatasetNNN_NAME/<Trainer>__<configuration>__labeled<fraction>/fold_<F>``."""
@@ -344,12 +370,32 @@ class TrainerBase:
         try:
             self.initialize()
             self.on_train_start()
+            started, first_epoch = time.monotonic(), self.current_epoch
             while self.current_epoch < self.num_epochs:
                 self.run_epoch()
+                if self.current_epoch < self.num_epochs and self.time_budget_spent(started, first_epoch):
+                    break
             self.on_train_end()
         finally:
             self.close()
         return self.output_folder
+
+    def time_budget_spent(self, started: float, first_epoch: int) -> bool:
+        """True when another epoch (at the mean epoch time of this run) would end after ``max_seconds``.
+
+        Every DDP rank takes the same decision (rank 0's clock is summed over ranks as a vote).
+        """
+        if self.max_seconds is None:
+            return False
+        elapsed = time.monotonic() - started
+        per_epoch = elapsed / max(1, self.current_epoch - first_epoch)
+        stop = float(elapsed + per_epoch > self.max_seconds) if self.is_main else 0.0
+        stop = float(ddp.sum_over_ranks(np.array([stop]), self.dist, self.device)[0])
+        if stop > 0:
+            log.info("time budget of %.0f s reached after %.0f s: training stops after epoch %d of %d (the final "
+                     "checkpoint and the validation follow)", self.max_seconds, elapsed, self.current_epoch - 1,
+                     self.num_epochs)
+        return stop > 0
 
     def run_epoch(self) -> None:
         """One epoch: ``iterations_per_epoch`` train steps, then the validation steps, then the epoch's end."""
@@ -637,6 +683,6 @@ class TrainerBase:
             for key, value in vars(cls).items():
                 if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple, type(None))):
                     out[key] = list(value) if isinstance(value, tuple) else value
-        for key in ("num_epochs", "iterations_per_epoch", "val_iterations", "num_workers"):
+        for key in ("num_epochs", "iterations_per_epoch", "val_iterations", "num_workers", "max_seconds"):
             out[key] = getattr(self, key)
         return out

@@ -1,0 +1,184 @@
+"""Back from the preprocessed grid to the reference modality's original grid, and writing the result.
+
+The preprocessor recorded in each case's properties what it did (nnU-Net's names): transpose
+(``transpose_forward``), crop to the nonzero box (``bbox_used_for_cropping``,
+``shape_before_cropping``) and resample (``spacing_before_resampling`` ->
+``spacing_after_resampling``, ``shape_after_cropping_and_before_resampling``). Reverting undoes
+them in reverse order, as nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape``:
+
+1. resample the probabilities to the cropped shape with the plan's ``resampling_fn_probabilities``
+   and its kwargs (nnU-Net's function), one class at a time;
+2. argmax, then put the labels into the full (transposed) array: background outside the box;
+   probabilities get background 1 there;
+3. transpose back, which gives the reference modality's own 3D grid;
+4. write with the reference image's exact header (size, spacing, origin, direction): a NIfTI
+   reference's header is copied as stored, other formats get the recorded geometry through
+   SimpleITK; a 2D reference (``dimension`` 2) is written as a 2D image again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from cmcseg.errors import CmcsegError
+from cmcseg.image_io import atomic_path, write_image
+from cmcseg.preprocessing.preprocessor import resampling_function
+
+
+def resample_to_cropped_shape(probabilities: np.ndarray, properties: Mapping, config: Mapping) -> np.ndarray:
+    """``(K, *preprocessed)`` probabilities resampled to the shape before resampling, float32."""
+    target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if list(probabilities.shape[1:]) == target:
+        return probabilities
+    fn = resampling_function(config["resampling_fn_probabilities"])
+    kwargs = dict(config.get("resampling_fn_probabilities_kwargs", {}))
+    current, new = properties["spacing_after_resampling"], properties["spacing_before_resampling"]
+    out = np.empty((probabilities.shape[0], *target), dtype=np.float32)
+    for k in range(probabilities.shape[0]):  # nnU-Net's resampling works in float64: one class at a time
+        out[k] = fn(probabilities[k:k + 1], target, current, new, **kwargs)[0]
+    return out
+
+
+def _box(properties: Mapping) -> tuple[slice, ...]:
+    return tuple(slice(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"])
+
+
+def _transpose_back(array: np.ndarray, properties: Mapping, leading: int) -> np.ndarray:
+    backward = [int(a) for a in properties["transpose_backward"]]
+    return array.transpose([*range(leading), *(a + leading for a in backward)])
+
+
+def uncrop_labels(labels: np.ndarray, properties: Mapping) -> np.ndarray:
+    """Cropped label map -> the reference grid's ``(z, y, x)`` array, background outside the crop box."""
+    full = np.zeros([int(s) for s in properties["shape_before_cropping"]], dtype=labels.dtype)
+    full[_box(properties)] = labels
+    return np.ascontiguousarray(_transpose_back(full, properties, 0))
+
+
+def uncrop_probabilities(probabilities: np.ndarray, properties: Mapping) -> np.ndarray:
+    """Cropped ``(K, *)`` probabilities -> ``(K, z, y, x)`` on the reference grid; background 1 outside the box."""
+    full = np.zeros((probabilities.shape[0], *[int(s) for s in properties["shape_before_cropping"]]), np.float32)
+    full[0] = 1.0
+    full[(slice(None), *_box(properties))] = probabilities
+    return np.ascontiguousarray(_transpose_back(full, properties, 1))
+
+
+def label_dtype(max_value: int) -> type:
+    """The smallest unsigned type that holds ``max_value`` (uint8 for consecutive labels, uint16 for 600)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dtype).max:
+            return dtype
+    raise CmcsegError(f"label value {max_value} does not fit a 32-bit label image.")
+
+
+def original_value_table(labels: Mapping[str, int], original: Mapping[str, int]) -> np.ndarray:
+    """Lookup table consecutive label -> the release's original value (identity where none is recorded)."""
+    table = np.arange(max(labels.values()) + 1, dtype=np.int64)
+    for name, value in labels.items():
+        table[int(value)] = int(original.get(name, value))
+    return table
+
+
+def reference_geometry(properties: Mapping) -> dict:
+    """The reference image's own header geometry (2D stays 2D) as the preprocessor recorded it."""
+    geometry = properties.get("reference_geometry")
+    if not geometry:
+        raise CmcsegError(f"case {properties.get('case_id')}: the preprocessed properties hold no reference_geometry. "
+                          "Fix: preprocess the case with this version of cmcseg.")
+    return dict(geometry)
+
+
+def spatial_array_for(array: np.ndarray, geometry: Mapping, leading: int = 0) -> np.ndarray:
+    """A reverted ``(..., z, y, x)`` array shaped as the reference image (``(..., y, x)`` for a 2D reference)."""
+    size = [int(s) for s in geometry["size"]]
+    spatial = array.shape[leading:]
+    if int(geometry.get("dimension", len(size))) == 2:
+        if spatial[0] != 1 or list(spatial[1:]) != size[::-1]:
+            raise CmcsegError(f"reverted array {spatial} does not match the 2D reference size {size}.")
+        return array[(slice(None),) * leading + (0,)]
+    if list(spatial) != size[::-1]:
+        raise CmcsegError(f"reverted array {spatial} does not match the reference size {size} (x, y, z).")
+    return array
+
+
+def image_on_reference(array: np.ndarray, geometry: Mapping) -> sitk.Image:
+    """An image of ``array`` (numpy order) with the reference header's size, spacing, origin and direction."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in geometry["spacing"]])
+    image.SetOrigin([float(o) for o in geometry["origin"]])
+    image.SetDirection([float(d) for d in geometry["direction"]])
+    return image
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def write_nifti_like(array_zyx: np.ndarray, reference_file: Path, path: Path) -> bool:
+    """Write ``array_zyx`` with the reference NIfTI's own header (qform, sform, pixdim as stored); True if done.
+
+    Decoding a NIfTI header gives float32-rounded geometry; SimpleITK would encode it again and
+    the re-read direction could move in the 8th digit. Copying the header keeps the geometry
+    bit-identical to the reference's. Only for a scalar 3D NIfTI reference; else False.
+    """
+    import nibabel as nib
+
+    reference = nib.load(str(reference_file))
+    if len(reference.shape) != 3 or tuple(reference.shape) != array_zyx.shape[::-1]:
+        return False
+    header = reference.header.copy()
+    header.set_data_dtype(array_zyx.dtype)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+    header["cal_min"], header["cal_max"] = 0.0, float(array_zyx.max(initial=0))
+    header["intent_code"] = 0
+    image = type(reference)(np.ascontiguousarray(array_zyx.transpose()), None, header)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return True
+
+
+def write_segmentation(labels_zyx: np.ndarray, properties: Mapping, path: Path,
+                       value_table: np.ndarray | None = None, reference_file: Path | None = None) -> None:
+    """Write a label map on the reference grid (atomically); ``value_table`` maps labels to other values.
+
+    With the reference image file given, a NIfTI output of a NIfTI reference copies its header
+    (:func:`write_nifti_like`); other formats go through SimpleITK with the recorded geometry.
+    """
+    if value_table is not None:
+        labels_zyx = value_table[labels_zyx]
+    labels_zyx = labels_zyx.astype(label_dtype(int(labels_zyx.max(initial=0))), copy=False)
+    geometry = reference_geometry(properties)
+    array = spatial_array_for(labels_zyx, geometry)
+    if reference_file is not None and _is_nifti(Path(reference_file)) and _is_nifti(path) and array.ndim == 3:
+        if write_nifti_like(array, Path(reference_file), path):
+            return
+    write_image(image_on_reference(array, geometry), path)
+
+
+def write_probabilities(probabilities_kzyx: np.ndarray, properties: Mapping, path: Path,
+                        class_names: Sequence[str]) -> None:
+    """Write ``.npz`` (atomically): ``probabilities`` ``(K, [z,] y, x)`` in the written image's numpy order,
+    the class names, and the reference header (SimpleITK x, y, z order)."""
+    geometry = reference_geometry(properties)
+    array = spatial_array_for(probabilities_kzyx, geometry, leading=1)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, probabilities=array.astype(np.float32, copy=False),
+                                class_names=np.asarray(list(class_names)),
+                                spacing=np.asarray(geometry["spacing"], float),
+                                origin=np.asarray(geometry["origin"], float),
+                                direction=np.asarray(geometry["direction"], float))
+
+
+def revert_case(probabilities: np.ndarray, properties: Mapping, config: Mapping,
+                with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Preprocessed-grid probabilities -> (labels ``(z, y, x)``, probabilities ``(K, z, y, x)`` or None)
+    on the reference modality's original 3D grid."""
+    cropped = resample_to_cropped_shape(probabilities, properties, config)
+    labels = uncrop_labels(cropped.argmax(0).astype(label_dtype(cropped.shape[0] - 1)), properties)
+    full = uncrop_probabilities(cropped, properties) if with_probabilities else None
+    return labels, full

@@ -1,0 +1,44 @@
+"""`cmcseg demo` end to end on the tiny phantom with a one-minute budget (slow: about a minute)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmcseg.cli.main import main as cli_main
+from cmcseg.demo import DemoCMCTrainer
+from cmcseg.image_io import read_json
+from cmcseg.training.registry import get_trainer_class
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_trainer_is_registered():
+    assert get_trainer_class("demo") is DemoCMCTrainer
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path, capsys):
+    work = tmp_path / "demo"
+    assert cli_main(["demo", "--size", "tiny", "--minutes", "1", "--work", str(work), "--device", "cpu",
+                     "-np", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "class" in out and "Dice" in out and "chance" in out
+    for name in ("myocardium", "LV", "RV"):
+        assert name in out
+    summary = read_json(work / "demo_summary.json")
+    assert set(summary["dice"]) == {"myocardium", "LV", "RV"}
+    assert summary["epochs_trained"] >= 1
+    assert (work / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    predictions = work / "predictions" / "fold0_validation"
+    for case_id in summary["validation_cases"]:
+        assert (predictions / f"{case_id}.nii.gz").is_file()
+    assert (predictions / "summary.json").is_file() and (predictions / "metrics.csv").is_file()
+    model = work / "results" / "Dataset501_MSCMR" / "DemoCMCTrainer__3d_fullres__labeled0.2"
+    assert (model / "plans.json").is_file() and (model / "dataset.json").is_file()  # a self-contained model folder
+    assert summary["timings_s"]["total"] < 60 + 45  # the budget, with slack for a busy machine
