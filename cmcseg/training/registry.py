@@ -16,6 +16,8 @@ from cmcseg.training.trainer import TrainerBase
 TRAINERS: dict[str, type[TrainerBase]] = {
     "cmc": CMCTrainer,
 }
+#: trainers that register themselves when their module is imported (kept out of the import of this module)
+_REGISTERED_ON_IMPORT = {"demo": "cmcseg.demo"}
 
 
 def register_trainer(name: str, trainer_class: type[TrainerBase]) -> None:
@@ -30,6 +32,8 @@ def register_trainer(name: str, trainer_class: type[TrainerBase]) -> None:
 
 def get_trainer_class(name: str) -> type[TrainerBase]:
     """The trainer class for a registered name, a class name of a registered trainer, or ``module:Class``."""
+    if name not in TRAINERS and name in _REGISTERED_ON_IMPORT:
+        importlib.import_module(_REGISTERED_ON_IMPORT[name])
     if name in TRAINERS:
         return TRAINERS[name]
     for cls in TRAINERS.values():
@@ -45,5 +49,5 @@ def get_trainer_class(name: str) -> type[TrainerBase]:
         if not (isinstance(cls, type) and issubclass(cls, TrainerBase)):
             raise CmcsegError(f"trainer {name!r} is not a subclass of cmcseg's TrainerBase.")
         return cls
-    raise CmcsegError(f"unknown trainer {name!r}. Fix: use one of {', '.join(sorted(TRAINERS))}, or "
+    raise CmcsegError(f"unknown trainer {name!r}. Fix: use one of {', '.join(sorted({*TRAINERS, *_REGISTERED_ON_IMPORT}))}, or "
                       "module:ClassName for a trainer class of your own.")
