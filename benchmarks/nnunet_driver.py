@@ -1,0 +1,189 @@
+"""Driving nnU-Net v2 through its Python API on the data cmcseg planned, for side-by-side benchmarks.
+
+nnU-Net needs co-registered channels. cmcseg's preprocessed arrays are exactly that: every
+modality resampled into the reference modality's physical space, cropped, normalised and at
+the plan's target spacing. :func:`write_aligned_raw` writes them as an nnU-Net raw dataset
+(one NIfTI per channel on the preprocessed grid, labels where cmcseg has them), so both tools
+train on the same voxels and nnU-Net's predictions land on cmcseg's preprocessed grid, where
+they are scored like cmcseg's own validation.
+
+nnU-Net's trainer is built directly (``nnUNetTrainer(plans, configuration, fold, dataset_json,
+device)``), never through ``nnUNetv2_train``: its trainer lookup imports ``primus/``, which
+imports timm, which cannot be imported on these machines (see ../shared/ENVIRONMENT.md).
+:func:`install_primus_placeholder` makes that lookup harmless anyway.
+
+nnU-Net reads its folders from the environment (lazily, in 2.8.1): run nnU-Net work in a
+process whose environment comes from :func:`nnunet_env`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+BIN = Path(sys.executable).parent
+CONFIGURATION = "3d_fullres"
+
+
+# ------------------------------------------------------------------------------------------ environment
+def nnunet_env(work: Path, data_workers: int = 1, threads: int = 1, base: Mapping[str, str] | None = None) -> dict:
+    """Environment for an nnU-Net process: its three folders under ``work``, ``data_workers``
+    augmentation processes (``nnUNet_n_proc_DA``), no torch.compile, ``threads`` BLAS/OpenMP threads."""
+    env = dict(os.environ if base is None else base)
+    env.update({
+        "nnUNet_raw": str(work / "nnunet_raw"),
+        "nnUNet_preprocessed": str(work / "nnunet_preprocessed"),
+        "nnUNet_results": str(work / "nnunet_results"),
+        "nnUNet_n_proc_DA": str(int(data_workers)),
+        "nnUNet_compile": "false",
+        "OMP_NUM_THREADS": str(int(threads)),
+        "MKL_NUM_THREADS": str(int(threads)),
+    })
+    return env
+
+
+def install_primus_placeholder() -> None:
+    """Put an empty module for ``nnunetv2.training.nnUNetTrainer.primus`` in ``sys.modules`` (it imports timm)."""
+    name = "nnunetv2.training.nnUNetTrainer.primus"
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        module.__path__ = []  # a package with nothing in it
+        sys.modules[name] = module
+
+
+# ------------------------------------------------------------------------------------------ raw dataset
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case_ids: Sequence[str], raw_root: Path,
+                      dataset_id: int, name: str, configuration: str = CONFIGURATION) -> Path:
+    """cmcseg's preprocessed (aligned, co-registered) cases -> an nnU-Net raw dataset; returns its folder.
+
+    One NIfTI per modality channel on the preprocessed grid (the plan's target spacing, origin 0,
+    identity direction), the label where cmcseg has one. Cases without a label are skipped
+    (nnU-Net trains on labeled cases only).
+    """
+    from cmcseg.dataset import image_file, label_file, write_dataset_json
+    from cmcseg.image_io import array_to_image, write_image
+    from cmcseg.networks.cmc import plan_configuration
+    from cmcseg.preprocessing.storage import load_case
+
+    config = plan_configuration(plans, configuration)
+    folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
+    data_folder = Path(preprocessed_dataset) / config["data_identifier"]
+    spacing_xyz = [float(s) for s in config["spacing"]][::-1]
+    written = 0
+    for case_id in case_ids:
+        data, seg, _fov, _props = load_case(data_folder, case_id)
+        if seg is None:
+            continue
+        for c in range(data.shape[0]):
+            write_image(array_to_image(np.asarray(data[c], dtype=np.float32), spacing_xyz),
+                        image_file(folder, case_id, c))
+        label = np.asarray(seg[0]).astype(np.int16)
+        write_image(array_to_image(np.where(label < 0, 0, label).astype(np.uint8), spacing_xyz),
+                    label_file(folder, case_id))
+        written += 1
+    modalities = list(plans["modalities"])
+    channels = [m if int(plans["channels_per_modality"][str(i)]) == 1 else f"{m}_{k}"
+                for i, m in enumerate(modalities) for k in range(int(plans["channels_per_modality"][str(i)]))]
+    labels = {k: int(v) for k, v in plans["labels"].items()}
+    write_dataset_json(folder, name=name, channel_names=channels, labels=labels, num_training=written,
+                       description="cmcseg-aligned volumes (preprocessed grid) for nnU-Net")
+    return folder
+
+
+def plan_and_preprocess(dataset_id: int, env: Mapping[str, str], workers: int = 1) -> tuple[dict, float]:
+    """``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres``; returns (nnU-Net's plans, wall seconds)."""
+    start = time.perf_counter()
+    cmd = [str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", CONFIGURATION,
+           "-np", str(workers), "-npfp", str(workers)]
+    proc = subprocess.run(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
+    pre = Path(env["nnUNet_preprocessed"])
+    plans_file = next(pre.glob(f"Dataset{int(dataset_id):03d}_*/nnUNetPlans.json"))
+    return json.loads(plans_file.read_text()), time.perf_counter() - start
+
+
+def preprocessed_folder(env: Mapping[str, str], dataset_id: int) -> Path:
+    return next(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{int(dataset_id):03d}_*"))
+
+
+def write_splits(env: Mapping[str, str], dataset_id: int, train: Sequence[str], val: Sequence[str]) -> Path:
+    """nnU-Net's ``splits_final.json`` with one fold (fold 0) of the given cases."""
+    path = preprocessed_folder(env, dataset_id) / "splits_final.json"
+    path.write_text(json.dumps([{"train": list(train), "val": list(val)}], indent=2))
+    return path
+
+
+def forced_plans(nnunet_plans: Mapping[str, Any], patch_size: Sequence[int], batch_size: int,
+                 architecture: Mapping[str, Any] | None = None, configuration: str = CONFIGURATION) -> dict:
+    """nnU-Net's plans with ``configuration`` forced to cmcseg's patch, batch and (optionally) architecture.
+
+    Preprocessing does not depend on patch, batch or network, so the preprocessed data stays valid.
+    """
+    plans = copy.deepcopy(dict(nnunet_plans))
+    config = plans["configurations"][configuration]
+    config["patch_size"] = [int(p) for p in patch_size]
+    config["batch_size"] = int(batch_size)
+    if architecture is not None:
+        config["architecture"] = copy.deepcopy(dict(architecture))
+    return plans
+
+
+def configuration_summary(plans: Mapping[str, Any], configuration: str = CONFIGURATION) -> dict:
+    config = plans["configurations"][configuration]
+    arch = config["architecture"]
+    return {"patch_size": config["patch_size"], "batch_size": config["batch_size"], "spacing": config["spacing"],
+            "network": arch["network_class_name"].rsplit(".", 1)[-1],
+            "features_per_stage": arch["arch_kwargs"].get("features_per_stage"),
+            "n_blocks_per_stage": arch["arch_kwargs"].get("n_blocks_per_stage",
+                                                          arch["arch_kwargs"].get("n_conv_per_stage"))}
+
+
+# ------------------------------------------------------------------------------------------ trainer
+def build_trainer(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], fold: int = 0, device: str = "cpu",
+                  trainer_class: type | None = None, configuration: str = CONFIGURATION):
+    """An nnU-Net trainer built through the Python API (nnUNetTrainer unless ``trainer_class``)."""
+    import torch
+
+    install_primus_placeholder()
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    cls = trainer_class or nnUNetTrainer
+    plans = copy.deepcopy(dict(plans))
+    plans["continue_training"] = False  # nnU-Net 2.8.1 pops this key in __init__
+    return cls(plans, configuration, fold, dict(dataset_json), device=torch.device(device))
+
+
+def load_dataset_json(env: Mapping[str, str], dataset_id: int) -> dict:
+    return json.loads((preprocessed_folder(env, dataset_id) / "dataset.json").read_text())
+
+
+def predict_files(trainer, inputs: Sequence[Sequence[str]], outputs_truncated: Sequence[str],
+                  tile_step_size: float = 0.5) -> None:
+    """Predict cases with nnU-Net's own predictor and the trainer's in-memory network (Gaussian sliding
+    window, no mirroring, as cmcseg's validation), writing ``<output>.nii.gz`` segmentations."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    parameters = [{k: v.detach().clone() for k, v in trainer.network.state_dict().items()}]
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, parameters,
+                                    trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    predictor.predict_from_files_sequential([list(x) for x in inputs], list(outputs_truncated),
+                                            save_probabilities=False, overwrite=True)
