@@ -2,8 +2,8 @@
 
 Data: an MSCMR phantom (paired bSSFP, LGE, T2, each on its own grid; every third case has no
 label), ``--size small --cases 20`` by default, planned by ``cmcseg plan -c 3d_fullres
---memory-gb 0.75`` (patch [10, 80, 64], batch 2). Fold 0 at ``--labeled 0.2``: 2 labeled training cases, 15 cases trained
-on without labels (9 whose labels are hidden + 6 truly unlabeled), 3 validation cases.
+--memory-gb 0.75`` (patch [10, 80, 64], batch 2). Fold 0 at ``--labeled 0.2``: 2 labeled
+training cases, 15 cases trained on without labels (9 whose labels are hidden + 6 truly unlabeled), 3 validation cases.
 
 Arms (each in a process of its own, one torch/OpenMP thread, one data-augmentation process,
 the same budget of wall-clock seconds of training, the clock starting at the first iteration):
@@ -307,7 +307,7 @@ def worker_nnunet(spec: dict) -> dict:
 # ============================================================================================ orchestration
 def prepare(work: Path, args) -> dict:
     from cmcseg.phantoms import synthesize
-    from cmcseg.plans.splits import labeled_subset, load_splits
+    from cmcseg.plans.splits import labeled_subset, load_splits, unlabeled_subset
 
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
     t0 = time.perf_counter()
@@ -340,7 +340,7 @@ def prepare(work: Path, args) -> dict:
         "nnunet_plans": str(plans_file), "nnunet_raw_dataset": str(raw_folder),
         "nnunet_dataset_json": str(nd.preprocessed_folder(env, NNUNET_ID) / "dataset.json"),
         "labeled": labeled, "validation": validation,
-        "unlabeled": sorted(set(splits["folds"][FOLD]["unlabeled"]) | (set(splits["folds"][FOLD]["labeled_order"]) - set(labeled))),
+        "unlabeled": unlabeled_subset(splits, FOLD, args.labeled),
         "cmcseg_plan": {"patch_size": config["patch_size"], "batch_size": config["batch_size"],
                         "spacing": config["spacing"]},
         "nnunet_native_plan": nd.configuration_summary(native), "nnunet_forced_plan": nd.configuration_summary(forced),
@@ -444,9 +444,9 @@ def print_report(report: dict) -> None:
     print(f"cmcseg plan --memory-gb {a['memory_gb']}: patch {s['cmcseg_plan']['patch_size']}, batch "
           f"{s['cmcseg_plan']['batch_size']}; network features {a['features']}, 1 residual block per stage")
     print(f"nnU-Net forced to {s['nnunet_forced_plan']}")
-    print(f"budget {a['budget_minutes']} min ({a['clock']} clock) of training per arm, {a['threads']} thread(s), {a['workers']} data "
-          f"worker(s); load average {report['host']['loadavg_start']} -> {report['host']['loadavg_end']} on "
-          f"{report['host']['cpus']} CPUs\n")
+    print(f"budget {a['budget_minutes']} min ({a['clock']} clock) of training per arm, {a['threads']} thread(s), "
+          f"{a['workers']} data worker(s); load average {report['host']['loadavg_start']} -> "
+          f"{report['host']['loadavg_end']} on {report['host']['cpus']} CPUs\n")
     head = f"{'arm':<30}" + "".join(f"{c:>11}" for c in CLASSES) + f"{'mean':>8}{'iters':>7}{'s/it':>7}" \
         f"{'cpu s':>7}{'params M':>9}  batch"
     print(head)

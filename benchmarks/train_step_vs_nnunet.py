@@ -155,11 +155,13 @@ def worker_ours(spec: dict) -> dict:
     timer = PhaseTimer(sync)
     net = trainer.network
     timer.module("forward (all)", net)
-    for m, enc in enumerate(net.encoders):
+    for enc in net.encoders:
         timer.module("encoders", enc)
     for dec in net.decoders:
         timer.module("decoders", dec)
-    for mod in ([*net.attention] if net.attention is not None else []) + ([net.fusion] if net.fusion is not None else []):
+    bottleneck = [*net.attention] if net.attention is not None else []
+    bottleneck += [net.fusion] if net.fusion is not None else []
+    for mod in bottleneck:
         timer.module("attention + fusion", mod)
     timer.optimizer(trainer.optimizer)
     trainer.compute_losses = timer.wrap("forward + losses", trainer.compute_losses)
@@ -231,7 +233,8 @@ def prepare(work: Path, args) -> dict:
     plans = json.loads((pre / DATASET / "plans.json").read_text())
     splits = load_splits(pre / DATASET / "splits.json")
     fold = splits["folds"][FOLD]
-    nn_train = list(fold["labeled_order"])  # every labeled training case of the fold (ours: 2 labeled + the rest unlabeled)
+    # every labeled training case of the fold (ours: 2 of them labeled, the rest trained on without labels)
+    nn_train = list(fold["labeled_order"])
     env = nd.nnunet_env(work, data_workers=args.workers, threads=args.threads)
     nd.write_aligned_raw(pre / DATASET, plans, nn_train + list(fold["val"]), Path(env["nnUNet_raw"]), NNUNET_ID,
                          "MSCMRaligned")
