@@ -8,22 +8,18 @@ unchanged; outside it sets 0, so that "no data" reads as the normalised mean.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Type
 
-import nnunetv2
 import numpy as np
 from nnunetv2.preprocessing.normalization import default_normalization_schemes
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import ImageNormalization
-from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+from cmcseg.preprocessing.nnunet_members import find_nnunet_member
 
 
 def normalization_class(name: str) -> Type[ImageNormalization]:
     """nnU-Net's normalisation class called ``name`` (ZScoreNormalization, CTNormalization, ...)."""
-    cls = getattr(default_normalization_schemes, name, None)
-    if cls is None:
-        folder = str(Path(nnunetv2.__path__[0]) / "preprocessing" / "normalization")
-        cls = recursive_find_python_class(folder, name, "nnunetv2.preprocessing.normalization")
+    cls = find_nnunet_member(default_normalization_schemes, "normalization", name)
     if cls is None:
         raise ValueError(f"unknown normalisation scheme {name!r}: not found in nnunetv2.preprocessing.normalization")
     return cls

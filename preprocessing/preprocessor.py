@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import nnunetv2
 import numpy as np
 import SimpleITK as sitk
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
@@ -36,10 +35,10 @@ from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.preprocessing.resampling import default_resampling
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
+from cmcseg.preprocessing.nnunet_members import find_nnunet_member
 from cmcseg.errors import CmcsegError
 from cmcseg.parallel import process_pool
 from cmcseg.image_io import geometry_of, read_image_header
@@ -137,10 +136,7 @@ def input_channel_modalities(channels_per_modality: Mapping[Any, int]) -> list[i
 
 def resampling_function(name: str) -> Callable:
     """nnU-Net's resampling function called ``name``."""
-    fn = getattr(default_resampling, name, None)
-    if fn is None:
-        folder = str(Path(nnunetv2.__path__[0]) / "preprocessing" / "resampling")
-        fn = recursive_find_python_class(folder, name, "nnunetv2.preprocessing.resampling")
+    fn = find_nnunet_member(default_resampling, "resampling", name)
     if fn is None:
         raise CmcsegError(f"unknown resampling function {name!r} in the plans: not in nnunetv2.preprocessing.resampling")
     return fn
