@@ -34,15 +34,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("-d", "--dataset", required=True, help="dataset name, id or folder (MSCMR, 501, Dataset501_MSCMR)")
     p.add_argument("-f", "--fold", required=True, type=int, help="fold of splits.json")
-    p.add_argument("--labeled", required=True, type=_fraction, metavar="FRACTION",
-                   help="fraction of the fold's training cases whose labels are used, in (0, 1]")
+    p.add_argument("--labeled", default=1.0, type=_fraction, metavar="FRACTION",
+                   help="fraction of the fold's training cases whose labels are used, in (0, 1] (default 1.0: "
+                        "supervised)")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="plan configuration (default 3d_fullres)")
     p.add_argument("--trainer", default="cmc",
-                   help="trainer: a registered name (cmc) or module:ClassName for your own subclass (default cmc)")
+                   help="trainer: a registered name (cmc: 3D CMC; any2seg: 2D, any subset of modalities, with -c 2d) "
+                        "or module:ClassName for your own subclass (default cmc)")
     p.add_argument("--encoder", default="residual",
                    help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches")
+    any2seg = p.add_argument_group("Any2Seg (--trainer any2seg -c 2d)")
+    any2seg.add_argument("--backbone", default=None, metavar="mit_b0..mit_b5",
+                         help="SegFormer MiT backbone shared by the modalities (default mit_b0)")
+    any2seg.add_argument("--backbone-weights", type=Path, default=None,
+                         help="local MiT weights (a .pth/.safetensors file or a Hugging Face folder); none: random init")
+    any2seg.add_argument("--teacher", default=None, choices=("minilm", "languagebind"),
+                         help="language teacher of the LSCD distillation (default minilm: offline, text only)")
+    any2seg.add_argument("--teacher-weights", type=Path, default=None,
+                         help="local LanguageBind folder (needed for --teacher languagebind)")
+    any2seg.add_argument("--modality-dropout", type=float, default=None, metavar="P",
+                         help="probability that a training row keeps a random non-empty subset of its modalities "
+                              "(default 0.5)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
     p.add_argument("--val-iters", type=int, default=None,
@@ -75,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         continue_training=args.continue_training, encoder=args.encoder, encoder_weights=args.encoder_weights,
         shared_encoder=args.shared_encoder, command=shlex.join(["cmcseg", *sys.argv[1:]]),
         max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
+        backbone=args.backbone, backbone_weights=args.backbone_weights, teacher=args.teacher,
+        teacher_weights=args.teacher_weights, modality_dropout=args.modality_dropout,
     )
     trainer = trainer_class(request)
     output_folder = trainer.run()
@@ -87,5 +103,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"validation Dice ({summary['num_cases']} cases): {means}; foreground mean "
               f"{_fmt(summary['foreground_mean'])}")
     ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
+    subsets_path = output_folder / VALIDATION_DIR / "subsets.csv"
+    if subsets_path.is_file():
+        print(f"scores per modality subset: {subsets_path} (heat map: {subsets_path.with_suffix('.png')})")
     print(f"trained {trainer.name} fold {args.fold} at --labeled {args.labeled}{ddp_note}: {output_folder}")
     return 0

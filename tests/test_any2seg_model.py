@@ -22,7 +22,7 @@ from cmcseg.any2seg import (  # noqa: E402 - the offline variables must be set b
     build_mit_backbone,
     convert_mit_state_dict,
     modality_agnostic_feature_fusion,
-    sample_present_mask,
+    sample_modality_subsets,
 )
 from cmcseg.any2seg.backbone import to_transformers4_keys  # noqa: E402
 from cmcseg.errors import CmcsegError  # noqa: E402
@@ -104,8 +104,20 @@ def test_per_sample_masks_match_running_each_sample_alone(model: Any2SegModel) -
             assert torch.allclose(both[b:b + 1], alone, atol=1e-5)
     with pytest.raises(ValueError, match="at least one present"):
         model(images, torch.zeros(2, M, dtype=torch.bool))
-    mask = sample_present_mask(64, M, drop_prob=0.9, generator=torch.Generator().manual_seed(0))
-    assert mask.any(dim=1).all() and not mask.all()
+
+
+def test_modality_dropout_draws_every_subset_of_the_available_modalities_and_only_those() -> None:
+    generator = torch.Generator().manual_seed(0)
+    available = torch.tensor([[True, True, False, True]] * 700)
+    kept = sample_modality_subsets(available, drop_prob=1.0, generator=generator)
+    assert not (kept & ~available).any() and kept.any(dim=1).all()
+    drawn = {tuple(row.nonzero().flatten().tolist()) for row in kept}
+    assert drawn == {s for s in map(tuple, [[0], [1], [3], [0, 1], [0, 3], [1, 3], [0, 1, 3]])}
+    counts = torch.unique(kept.long() @ torch.tensor([1, 2, 4, 8]), return_counts=True)[1].float()
+    assert counts.min() > 0.6 * counts.mean()                                   # uniform over the 7 subsets
+    assert torch.equal(sample_modality_subsets(available, 0.0, generator), available)  # no dropout: all kept
+    half = sample_modality_subsets(available, 0.5, generator)
+    assert 0.4 < (half == available).all(dim=1).float().mean() < 0.7            # 1/2 + 1/2 * 1/7 keep all
 
 
 # ------------------------------------------------------------------------------------------ LSCD

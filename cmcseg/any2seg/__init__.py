@@ -20,8 +20,12 @@ from cmcseg.any2seg.fusion import ModalityAgnosticFusion, modality_agnostic_feat
 from cmcseg.any2seg.model import (
     Any2SegModel,
     Any2SegOutput,
+    Any2SegProbabilities,
     normalize_present,
-    sample_present_mask,
+    fov_presence,
+    modality_images,
+    non_empty_subsets,
+    sample_modality_subsets,
     stack_modalities,
 )
 from cmcseg.any2seg.teachers import (
@@ -36,7 +40,8 @@ from cmcseg.any2seg.teachers import (
 __all__ = [
     "MIT_VARIANTS", "MiTBackbone", "build_mit_backbone", "convert_mit_state_dict", "load_mit_weights",
     "match_channels", "mit_config", "EMATeacherModel", "LSCDLoss", "LSCDTerms", "token_affinity",
-    "ModalityAgnosticFusion", "modality_agnostic_feature_fusion", "Any2SegModel", "Any2SegOutput",
-    "normalize_present", "sample_present_mask", "stack_modalities", "DEFAULT_TEMPLATE", "MEDICAL_TEMPLATE",
+    "ModalityAgnosticFusion", "modality_agnostic_feature_fusion", "Any2SegModel", "Any2SegOutput", "Any2SegProbabilities",
+    "normalize_present", "sample_modality_subsets", "non_empty_subsets", "modality_images",
+    "fov_presence", "stack_modalities", "DEFAULT_TEMPLATE", "MEDICAL_TEMPLATE",
     "LanguageBindTeacher", "MiniLMTeacher", "Teacher", "build_teacher",
 ]

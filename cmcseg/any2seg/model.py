@@ -16,6 +16,7 @@ per-modality maps (zeros where a modality is absent) with the presence mask.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -65,15 +66,56 @@ def stack_modalities(images: Sequence[Tensor], in_channels: int) -> Tensor:
     return torch.stack([match_channels(x, in_channels) for x in images], dim=1)
 
 
-def sample_present_mask(batch: int, num_modalities: int, drop_prob: float,
-                        generator: torch.Generator | None = None) -> Tensor:
-    """Modality dropout: each modality is dropped with ``drop_prob``; a sample left empty keeps one at random."""
-    keep = torch.rand(batch, num_modalities, generator=generator) >= drop_prob
-    empty = ~keep.any(dim=1)
-    if bool(empty.any()):
-        pick = torch.randint(num_modalities, (int(empty.sum()),), generator=generator)
-        keep[empty.nonzero(as_tuple=True)[0], pick] = True
+def sample_modality_subsets(available: Tensor, drop_prob: float, generator: torch.Generator | None = None) -> Tensor:
+    """Modality dropout: the ``(B, M)`` bool mask of the modalities each row keeps.
+
+    With probability ``drop_prob`` a row's subset is drawn uniformly from the non-empty subsets
+    of its ``available`` modalities (the full set is one of them); otherwise it keeps all that
+    are available. Every subset is therefore seen in training, and the full set most often.
+    A row with nothing available keeps nothing (the caller decides what that means).
+    """
+    available = available.bool().cpu()
+    b, m = available.shape
+    drop = torch.rand(b, generator=generator) < drop_prob
+    keep = available.clone()
+    todo = drop & available.any(dim=1)
+    while bool(todo.any()):
+        bits = (torch.rand(b, m, generator=generator) < 0.5) & available
+        accept = todo & bits.any(dim=1)
+        keep[accept] = bits[accept]
+        todo &= ~accept
     return keep
+
+
+def non_empty_subsets(num_modalities: int) -> list[tuple[int, ...]]:
+    """Every non-empty subset of ``range(num_modalities)``, by size then lexicographically (15 for four)."""
+    return [c for k in range(1, num_modalities + 1) for c in itertools.combinations(range(num_modalities), k)]
+
+
+def modality_images(x: Tensor, channels_per_modality: Sequence[int], in_channels: int) -> Tensor:
+    """The network input ``(B, C + M, H, W)`` of the data loader as ``(B, M, in_channels, H, W)`` images.
+
+    The first ``C = sum(channels_per_modality)`` channels are the modalities' components in
+    order (the FOV masks follow and are not images); each modality is mapped onto the
+    backbone's channels by :func:`~cmcseg.any2seg.backbone.match_channels`.
+    """
+    images, start = [], 0
+    for count in channels_per_modality:
+        images.append(x[:, start:start + int(count)])
+        start += int(count)
+    return stack_modalities(images, in_channels)
+
+
+def fov_presence(x: Tensor, channels_per_modality: Sequence[int]) -> Tensor:
+    """``(B, M)`` bool: modality m has a non-empty field of view in the row (its FOV mask follows the images).
+
+    A row where no modality is in view (e.g. padding) counts every modality as present: the
+    network needs at least one, and all of them are zeros there anyway.
+    """
+    start = sum(int(c) for c in channels_per_modality)
+    fov = x[:, start:start + len(channels_per_modality)]
+    present = fov.flatten(2).amax(2) > 0.5
+    return present | ~present.any(dim=1, keepdim=True)
 
 
 class Any2SegModel(nn.Module):
@@ -146,3 +188,36 @@ class Any2SegModel(nn.Module):
         fused = self.fuse(features, mask)
         logits = self.decode(fused, images.shape[-2:])
         return Any2SegOutput(logits=logits, fused=fused, features=features, present=mask)
+
+
+class Any2SegProbabilities(nn.Module):
+    """Class probabilities of an :class:`Any2SegModel` from the pipeline's input ``(B, C + M, H, W)``.
+
+    Used by validation, the subset evaluation and ``cmcseg predict`` alike. A modality counts as
+    present in a window where its field of view is non-empty (an absent modality of a case has
+    an empty FOV); ``subset`` (modality indices) further restricts the network to those
+    modalities, which is how every subset is evaluated. Where none of the allowed modalities is
+    in view, the allowed ones are used (their images are zeros there).
+    """
+
+    def __init__(self, network: Any2SegModel, channels_per_modality: Sequence[int],
+                 subset: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.channels_per_modality = [int(c) for c in channels_per_modality]
+        if len(self.channels_per_modality) != network.num_modalities:
+            raise ValueError(f"{len(self.channels_per_modality)} modalities in the input, the network has "
+                             f"{network.num_modalities}")
+        allowed = torch.zeros(network.num_modalities, dtype=torch.bool)
+        allowed[list(range(network.num_modalities)) if subset is None else list(subset)] = True
+        self.register_buffer("allowed", allowed, persistent=False)
+
+    def presence(self, x: Tensor) -> Tensor:
+        """The ``(B, M)`` modalities the network uses for each row of ``x``."""
+        allowed = self.allowed.to(x.device)
+        present = fov_presence(x, self.channels_per_modality) & allowed
+        return torch.where(present.any(dim=1, keepdim=True), present, allowed.expand_as(present))
+
+    def forward(self, x: Tensor) -> Tensor:
+        images = modality_images(x, self.channels_per_modality, self.network.in_channels)
+        return torch.softmax(self.network(images, self.presence(x)).logits.float(), dim=1)

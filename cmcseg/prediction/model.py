@@ -14,9 +14,10 @@ the plans it was trained with; a fold whose hash differs from ``plans.json`` is 
 
 How a trainer's network becomes a probability map is a per-trainer-family *inference builder*
 (:func:`register_inference_builder`); the CMC builder reproduces
-``CMCTrainer.predict_probabilities`` (heads' softmax averaged with the FOV masks as weights).
+``CMCTrainer.predict_probabilities`` (heads' softmax averaged with the FOV masks as weights),
+the Any2Seg builder wraps the model in ``Any2SegProbabilities`` (the modalities in view).
 A trainer class says whether it segments cases with missing modalities through its class
-attribute ``accepts_missing_modalities`` (CMC: no; Any2Seg will say yes), and may restrict the
+attribute ``accepts_missing_modalities`` (CMC: no; Any2Seg: yes), and may restrict the
 mirroring axes of the test-time augmentation with ``inference_allowed_mirroring_axes``.
 """
 from __future__ import annotations
@@ -30,16 +31,19 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.networks.cmc import build_cmc_network, plan_configuration
 from cmcseg.paths import find_dataset_folder, parse_folder_name
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
+from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.checkpoint import CHECKPOINT_KINDS, load_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer, as_scales, fov_weighted_ensemble
 from cmcseg.training.trainer import TRAINING_CONFIG_FILE, TrainerBase, plans_hash
+from cmcseg.training.validation import LabelInfo
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +121,12 @@ class TrainedModel:
     def mirror_axes(self) -> tuple[int, ...]:
         """Spatial axes (of the patch) that test-time mirroring flips.
 
-        The trainer class's ``inference_allowed_mirroring_axes`` when it sets one; else the axes the
+        The axes the checkpoint records (``init["mirror_axes"]``, e.g. Any2Seg on natural scenes: horizontal
+        only), else the trainer class's ``inference_allowed_mirroring_axes`` when it sets one; else the axes the
         training augmentation mirrored, by nnU-Net's rule for the patch size (every axis, for 3D
         patches too when they are anisotropic, as nnU-Net does).
         """
-        axes = getattr(self.trainer_class, "inference_allowed_mirroring_axes", None)
+        axes = self.init.get("mirror_axes", getattr(self.trainer_class, "inference_allowed_mirroring_axes", None))
         if axes is not None:
             return tuple(int(a) for a in axes)
         return configure_spatial_augmentation(self.patch_size).mirror_axes
@@ -337,6 +342,23 @@ def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> n
 
 
 register_inference_builder(CMCTrainer, build_cmc_inference)
+
+
+def build_any2seg_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
+    """The Any2Seg model of the checkpoint's backbone options, as probabilities from the present modalities."""
+    init, hp = model.init, model.hyperparameters
+    cpm = model.plans["channels_per_modality"]
+    network = Any2SegModel(
+        num_classes=LabelInfo.from_plans(model.plans).num_classes, num_modalities=len(cpm),
+        variant=str(init.get("backbone", hp.get("backbone_variant", "mit_b0"))),
+        in_channels=int(init.get("in_channels", hp.get("backbone_in_channels", 3))),
+        decoder_hidden_size=init.get("decoder_hidden_size"),
+        fusion_temperature=float(init.get("fusion_temperature", 1.0)))
+    network.load_state_dict(weights)
+    return Any2SegProbabilities(network, [int(cpm[k]) for k in sorted(cpm, key=int)])
+
+
+register_inference_builder(Any2SegTrainer, build_any2seg_inference)
 
 
 def inference_builder(model: TrainedModel) -> InferenceBuilder:

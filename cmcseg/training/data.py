@@ -345,6 +345,7 @@ def build_training_loader(
     prefetch_factor: int = 4,
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
+    spatial_augmentation: SpatialAugmentation | None = None,
 ) -> TrainingBatches:
     """An endless iterator of training batches (see the module docstring for the batch dict).
 
@@ -352,6 +353,8 @@ def build_training_loader(
     cuts patches at the final size with no augmentation; ``spatial_only`` keeps only nnU-Net's
     spatial transforms. A case id in ``unlabeled_ids`` is used without its label even where one
     exists. Call ``close()`` on the result (or use it as a context manager) to stop the workers.
+    ``spatial_augmentation`` replaces nnU-Net's rule (:func:`configure_spatial_augmentation`), e.g.
+    to keep driving scenes upright.
     """
     config = plan_configuration(plans, configuration)
     folder = _data_folder(preprocessed_dataset_folder, config)
@@ -359,7 +362,7 @@ def build_training_loader(
     sampler = TwoStreamBatchSampler(range(len(labeled_ids)), range(len(labeled_ids), len(items)),
                                     labeled_batch_size, unlabeled_batch_size, seed=seed)
     patch_size = [int(p) for p in config["patch_size"]]
-    augmentation = configure_spatial_augmentation(patch_size)
+    augmentation = spatial_augmentation or configure_spatial_augmentation(patch_size)
     ds_scales = plan_deep_supervision_scales(plans, configuration) if deep_supervision else None
     fov_index = _channel_fov_index(plans)
     use_mask = config.get("use_mask_for_norm")

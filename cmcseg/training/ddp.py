@@ -108,6 +108,15 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     return tensor
 
 
+def average_gradients(module: nn.Module, ctx: DistributedContext) -> None:
+    """Average the gradients of ``module``'s parameters over ranks (for a module outside the DDP wrapper)."""
+    if not ctx.enabled:
+        return
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            all_reduce_sum(parameter.grad, ctx).div_(ctx.world_size)
+
+
 def sum_over_ranks(values: np.ndarray, ctx: DistributedContext, device: torch.device) -> np.ndarray:
     """Element-wise sum of a float array over all ranks (through ``device``: the GPU for NCCL)."""
     if not ctx.enabled:

@@ -1,7 +1,7 @@
 """Trainers by name: ``cmcseg train --trainer NAME``.
 
 ``TRAINERS`` maps a short name to a trainer class. A method registers itself with
-:func:`register_trainer` (the Any2Seg 2D trainer will). ``--trainer`` also accepts
+:func:`register_trainer`. ``--trainer`` also accepts
 ``package.module:ClassName``, so a variant written as a tiny subclass in the user's own module
 runs without touching cmcseg.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 
 from cmcseg.errors import CmcsegError
+from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.trainer import TrainerBase
 
 TRAINERS: dict[str, type[TrainerBase]] = {
     "cmc": CMCTrainer,
+    "any2seg": Any2SegTrainer,
 }
 #: trainers that register themselves when their module is imported (kept out of the import of this module)
 _REGISTERED_ON_IMPORT = {"demo": "cmcseg.demo"}

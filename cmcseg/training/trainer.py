@@ -85,6 +85,12 @@ class TrainingRequest:
     shared_encoder: bool = False
     command: str = ""
     max_seconds: float | None = None
+    # ---- Any2Seg (2D) options; None: the trainer's default
+    backbone: str | None = None
+    backbone_weights: Path | None = None
+    teacher: str | None = None
+    teacher_weights: Path | None = None
+    modality_dropout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -439,6 +445,7 @@ class TrainerBase:
         with self.autocast():
             losses = self.compute_losses(batch)
         self.grad_scaler.scale(losses["loss"]).backward()
+        self.on_after_backward()
         self.grad_scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
         self.grad_scaler.step(self.optimizer)
@@ -453,6 +460,10 @@ class TrainerBase:
         under ``"weight/<name>"``.
         """
         raise NotImplementedError
+
+    def on_after_backward(self) -> None:
+        """Hook: after the backward pass, before clipping and the step (e.g. averaging gradients of modules
+        outside the DDP-wrapped network)."""
 
     def on_after_optimizer_step(self) -> None:
         """Hook: after every optimizer step (e.g. an EMA teacher update)."""
@@ -587,8 +598,12 @@ class TrainerBase:
             "num_epochs": self.num_epochs,
             "init": {"dataset": self.preprocessed_folder.name, "configuration": self.configuration,
                      "fold": self.fold, "labeled_fraction": self.labeled_fraction, "seed": self.seed,
-                     "encoder": self.request.encoder, "shared_encoder": self.request.shared_encoder},
+                     **self.network_options()},
         }
+
+    def network_options(self) -> dict[str, Any]:
+        """Hook: what, besides plans.json, rebuilds this trainer's network (stored as the checkpoint's ``init``)."""
+        return {"encoder": self.request.encoder, "shared_encoder": self.request.shared_encoder}
 
     def extra_state(self) -> dict[str, Any]:
         """Hook: trainer-specific state to checkpoint (e.g. an EMA teacher)."""
@@ -677,11 +692,13 @@ class TrainerBase:
         write_json_atomic(config, path)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The class attributes that are plain values (the trainer's knobs), for the record."""
+        """The class attributes that are plain values (the trainer's knobs), for the record, with the values this
+        run uses (a request may override some, e.g. ``--epochs`` or ``--modality-dropout``)."""
         out: dict[str, Any] = {}
         for cls in reversed(type(self).__mro__):
             for key, value in vars(cls).items():
                 if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple, type(None))):
+                    value = vars(self).get(key, value)
                     out[key] = list(value) if isinstance(value, tuple) else value
         for key in ("num_epochs", "iterations_per_epoch", "val_iterations", "num_workers", "max_seconds"):
             out[key] = getattr(self, key)

@@ -1,0 +1,303 @@
+"""The Any2Seg trainer (2D): one model that segments from any non-empty subset of the modalities.
+
+It shares everything with :class:`~cmcseg.training.cmc_trainer.CMCTrainer` through
+:class:`~cmcseg.training.trainer.TrainerBase` (plans, folds, the two-stream loader, checkpoints,
+``--continue``, logs, ``progress.png``, validation) and differs in the network, the losses and
+the batch composition:
+
+* **network**: :class:`~cmcseg.any2seg.model.Any2SegModel`, a SegFormer MiT backbone shared by
+  the modalities (stacked in the batch), MFF at every stage, the all-MLP head;
+* **modality dropout**: each row keeps, with probability ``modality_dropout``, a subset drawn
+  uniformly from the non-empty subsets of its available modalities, else all of them
+  (:func:`~cmcseg.any2seg.model.sample_modality_subsets`); a modality whose field of view is
+  empty in the patch is not available;
+* **losses** (weights are attributes, ramp-ups sigmoid over epochs)::
+
+      L = w_seg L_DiceCE(student, y)                       labeled rows only
+        + w_lscd(t) L_LSCD(student, EMA teacher, anchors)  all rows (inter + intra + text alignment)
+        + w_cons(t) L_cons(student, EMA teacher)           all rows
+
+  where the student sees the dropped subset and the EMA teacher (no gradient) sees every
+  available modality, i.e. the full-modality representation. ``L_DiceCE`` is nnU-Net's Dice+CE,
+  ``L_LSCD`` is :class:`~cmcseg.any2seg.distillation.LSCDLoss` with text anchors of the class
+  names from the frozen language teacher (``--teacher minilm``, offline, or ``languagebind``,
+  whose image towers then give the inter-modal target), ``L_cons`` the softmax MSE between the
+  student's and the teacher's class maps. Unlabeled rows (``--labeled F < 1``) train through the
+  last two terms: that is the semi-supervised path;
+* **evaluation across subsets**: after the base trainer's validation (all modalities), every
+  validation case is predicted from every non-empty subset; ``validation/subsets.csv`` and
+  ``validation/subsets.png`` hold mIoU (natural images) or Dice (medical data) per subset.
+
+Optimisation follows SegFormer/Any2Seg: AdamW with the poly schedule; ``initial_lr`` with
+pretrained backbone weights, ``scratch_lr`` without. Driving scenes (PNG/JPEG datasets) are
+augmented upright: small rotations and horizontal mirroring only, and the test-time mirroring
+of ``cmcseg predict`` follows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cmcseg.any2seg.distillation import EMATeacherModel, LSCDLoss
+from cmcseg.any2seg.model import (
+    Any2SegModel, Any2SegProbabilities, fov_presence, modality_images, sample_modality_subsets,
+)
+from cmcseg.any2seg.subsets import evaluate_subsets, subset_metric_for, write_subset_table
+from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
+from cmcseg.errors import CmcsegError
+from cmcseg.image_io import read_json
+from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
+from cmcseg.training import ddp
+from cmcseg.training.augmentation import configure_spatial_augmentation
+from cmcseg.training.data import build_training_loader
+from cmcseg.training.progress import WEIGHT_PREFIX
+from cmcseg.training.trainer import DATASET_FILE, TrainerBase
+from cmcseg.training.validation import VALIDATION_DIR
+
+log = logging.getLogger(__name__)
+
+
+def class_names_by_index(labels: dict[str, Any], num_classes: int) -> list[str]:
+    """Class names ordered by output index ``0..K-1`` (the ``ignore`` label is not a class)."""
+    by_value = {int(v): str(k) for k, v in labels.items() if k != "ignore" and not isinstance(v, (list, tuple))}
+    return [by_value.get(i, f"class {i}") for i in range(num_classes)]
+
+
+class Any2SegTrainer(TrainerBase):
+    """Any2Seg on a 2D configuration (see the module docstring)."""
+
+    #: cmcseg predict may give this model cases with modalities missing
+    accepts_missing_modalities: bool = True
+    deep_supervision: bool = False  # the all-MLP head has one output
+    # ---- network
+    backbone_variant: str = "mit_b0"
+    backbone_in_channels: int = 3
+    decoder_hidden_size: int | None = None  # None: SegFormer's width for the variant
+    fusion_temperature: float = 1.0
+    classifier_dropout: float = 0.1
+    # ---- optimisation (SegFormer / Any2Seg): AdamW, poly decay
+    initial_lr: float = 6e-5  # with pretrained backbone weights
+    scratch_lr: float = 6e-4  # from random initialisation
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    # ---- modality dropout: probability that a row keeps a random non-empty subset instead of all
+    modality_dropout: float = 0.5
+    # ---- supervised term (nnU-Net's Dice + CE)
+    segmentation_weight: float = 1.0
+    # ---- LSCD distillation
+    teacher_name: str = "minilm"
+    text_template: str | None = None  # None: a scene prompt for natural images, a medical prompt otherwise
+    lscd_weight: float = 0.1
+    lscd_rampup_epochs: float = 50.0
+    lscd_temperature: float = 0.1
+    lscd_inter_weight: float = 1.0
+    lscd_intra_weight: float = 1.0
+    lscd_align_weight: float = 1.0
+    lscd_affinity_size: int = 16
+    # ---- consistency of the dropped-subset student with the full-modality EMA teacher
+    consistency_weight: float = 1.0
+    consistency_rampup_epochs: float = 50.0
+    ema_decay: float = 0.99
+    # ---- augmentation of natural scenes (upright): rotation range and mirrored axes of the 2D patch
+    natural_rotation_degrees: float = 10.0
+    natural_mirror_axes: tuple[int, ...] = (1,)
+
+    def __init__(self, request) -> None:
+        super().__init__(request)
+        if request.backbone is not None:
+            self.backbone_variant = request.backbone
+        if request.teacher is not None:
+            self.teacher_name = request.teacher
+        if request.modality_dropout is not None:
+            if not 0.0 <= request.modality_dropout <= 1.0:
+                raise CmcsegError(f"--modality-dropout {request.modality_dropout} is not in [0, 1]. Fix: pass e.g. "
+                                  "0.5 (half of the rows train on a random subset of the modalities).")
+            self.modality_dropout = float(request.modality_dropout)
+        if request.backbone_weights is None:
+            self.initial_lr = self.scratch_lr
+
+    # =================================================================================== building
+    def load_plans_and_fold(self) -> None:
+        """The base's plans and fold, refusing a 3D configuration; then the dataset's kind and modalities."""
+        super().load_plans_and_fold()
+        if len(self.patch_size) != 2:
+            raise CmcsegError(f"the Any2Seg trainer is 2D but configuration {self.configuration!r} has a "
+                              f"{len(self.patch_size)}D patch. Fix: pass -c 2d (plan it with `cmcseg plan -d "
+                              f"{self.request.dataset} -c 2d` if it is missing).")
+        if str(self.plans.get("pairing", "paired")).lower() == "unpaired":
+            raise CmcsegError(f"dataset {self.request.dataset} has unpaired modalities (one per case): Any2Seg fuses "
+                              "modalities of the same scene. Fix: use the cmc trainer for unpaired data.")
+        dataset_json = self.preprocessed_folder / DATASET_FILE
+        ending = read_json(dataset_json).get("file_ending", ".nii.gz") if dataset_json.is_file() else ".nii.gz"
+        self.subset_metric = subset_metric_for(ending)
+        self.natural_scenes = self.subset_metric == "miou"
+        cpm = self.plans["channels_per_modality"]
+        self.channels_per_modality = [int(cpm[k]) for k in sorted(cpm, key=int)]
+        names = self.plans.get("modalities") or {}
+        self.modality_names = [str(names.get(k, names.get(int(k), f"modality {k}")) if isinstance(names, dict)
+                                   else names[int(k)]) for k in sorted(cpm, key=int)]
+        self.class_names = class_names_by_index(self.plans["labels"], self.labels.num_classes)
+
+    def build_network(self) -> nn.Module:
+        """The Any2Seg model for the plan's modalities and classes, with the local backbone weights if given."""
+        self.dropout_generator = torch.Generator().manual_seed(self.seed + 104729 * self.dist.rank)
+        return Any2SegModel(num_classes=self.labels.num_classes, num_modalities=len(self.channels_per_modality),
+                            variant=self.backbone_variant, in_channels=self.backbone_in_channels,
+                            backbone_weights=self.request.backbone_weights,
+                            decoder_hidden_size=self.decoder_hidden_size, fusion_temperature=self.fusion_temperature,
+                            dropout=self.classifier_dropout, modality_names=self.modality_names)
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the network (the LSCD projection is added when the losses are built)."""
+        return torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, betas=self.adam_betas,
+                                 weight_decay=self.weight_decay)
+
+    def build_losses(self) -> None:
+        """Dice+CE, the frozen text anchors, LSCD (its projection joins the optimizer), the EMA teacher, ramps."""
+        self.segmentation_loss = DeepSupervisedDiceCELoss(batch_dice=bool(self.config.get("batch_dice", False)),
+                                                          ignore_label=self.labels.ignore_label)
+        template = self.text_template or (DEFAULT_TEMPLATE if self.natural_scenes else MEDICAL_TEMPLATE)
+        self.teacher = build_teacher(self.teacher_name, self.request.teacher_weights, templates=(template,))
+        self.anchors = self.teacher.class_text_embeddings(self.class_names).to(self.device)
+        log.info("LSCD: %s teacher, %d class anchors of dimension %d (%r)%s", self.teacher_name, len(self.class_names),
+                 self.anchors.shape[1], template, "; its image towers give the inter-modal target"
+                 if self.teacher.has_image_encoder else "; the EMA full-modality representation is the visual target")
+        model = ddp.unwrap_model(self.network)
+        self.lscd = LSCDLoss.for_model(model, int(self.anchors.shape[1]), temperature=self.lscd_temperature,
+                                       inter_weight=self.lscd_inter_weight, intra_weight=self.lscd_intra_weight,
+                                       align_weight=self.lscd_align_weight,
+                                       affinity_size=self.lscd_affinity_size).to(self.device)
+        self.optimizer.add_param_group({"params": list(self.lscd.parameters())})
+        self.ema_teacher = EMATeacherModel(model, self.ema_decay).to(self.device)
+        self.lscd_ramp = RampUp(self.lscd_weight, self.lscd_rampup_epochs, "sigmoid", "epoch")
+        self.consistency_ramp = RampUp(self.consistency_weight, self.consistency_rampup_epochs, "sigmoid", "epoch")
+        if max(self.lscd_rampup_epochs, self.consistency_rampup_epochs) > self.num_epochs:
+            log.warning("ramp-ups of up to %g epochs are longer than the %d epochs of training: the distillation "
+                        "terms never reach their full weight", max(self.lscd_rampup_epochs,
+                                                                    self.consistency_rampup_epochs), self.num_epochs)
+
+    def spatial_augmentation(self):
+        """nnU-Net's rule for medical slices; upright small rotations and horizontal mirroring for scenes."""
+        augmentation = configure_spatial_augmentation(self.patch_size)
+        if not self.natural_scenes:
+            return augmentation
+        angle = math.radians(self.natural_rotation_degrees)
+        return dataclasses.replace(augmentation, rotation=(-angle, angle),
+                                   mirror_axes=tuple(int(a) for a in self.natural_mirror_axes))
+
+    def build_dataloader(self) -> Iterator[dict]:
+        """The base's two-stream loader with this trainer's spatial augmentation."""
+        return build_training_loader(
+            self.preprocessed_folder, self.plans, self.configuration, self.cases.labeled, self.cases.unlabeled,
+            self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=False,
+            oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
+            seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment,
+            spatial_augmentation=self.spatial_augmentation())
+
+    def network_options(self) -> dict[str, Any]:
+        """Backbone variant and input channels rebuild the network; the mirror axes steer test-time mirroring."""
+        return {"backbone": self.backbone_variant, "in_channels": self.backbone_in_channels,
+                "decoder_hidden_size": self.decoder_hidden_size, "fusion_temperature": self.fusion_temperature,
+                "mirror_axes": list(self.spatial_augmentation().mirror_axes)}
+
+    # =================================================================================== losses
+    def split_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``(B, M, C, H, W)`` and the ``(B, M)`` modalities in view of each row."""
+        return modality_images(x, self.channels_per_modality, self.backbone_in_channels), \
+            fov_presence(x, self.channels_per_modality)
+
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        """Dice+CE on labeled rows of the dropped-subset student; LSCD and consistency with the EMA teacher."""
+        x = batch["data"]
+        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+        labeled = batch["labeled"].to(x.device).bool()
+        images, available = self.split_batch(x)
+        present = sample_modality_subsets(available, self.modality_dropout, self.dropout_generator).to(x.device)
+        student = self.network(images, present)
+        with torch.no_grad():
+            teacher = self.ema_teacher(images, available)
+        losses: dict[str, Tensor] = {}
+        if bool(labeled.any()):
+            losses["segmentation"] = self.segmentation_loss(student.logits[labeled], target[labeled])
+        else:
+            losses["segmentation"] = student.logits.sum() * 0.0
+        embeddings = None
+        if self.teacher.has_image_encoder:
+            embeddings = self.teacher.full_modality_embedding(images, self.modality_names, available).to(x.device)
+        align_labels = target[:, 0].long()
+        if self.labels.ignore_label is not None:
+            align_labels = torch.where(align_labels == self.labels.ignore_label, -1, align_labels)
+        terms = self.lscd(student, teacher, self.anchors, labels=align_labels, teacher_embeddings=embeddings)
+        losses.update({"lscd_inter": terms.inter, "lscd_intra": terms.intra, "lscd_align": terms.align})
+        losses["consistency"] = mean_teacher_consistency_loss(student.logits, teacher.logits)
+        step = self.epoch_progress
+        weights = {"lscd": self.lscd_ramp(step), "consistency": self.consistency_ramp(step)}
+        total = (self.segmentation_weight * losses["segmentation"] + weights["lscd"] * terms.total
+                 + weights["consistency"] * losses["consistency"])
+        losses["modalities_per_row"] = present.float().sum(1).mean()
+        return {"loss": total, **losses, **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+
+    def on_after_backward(self) -> None:
+        """The LSCD projection lives outside the DDP wrapper: average its gradients over ranks."""
+        ddp.average_gradients(self.lscd, self.dist)
+
+    def on_after_optimizer_step(self) -> None:
+        """Move the EMA teacher towards the student."""
+        self.ema_teacher.update(ddp.unwrap_model(self.network), self.global_step)
+
+    # =================================================================================== prediction
+    def probabilities_network(self, subset: Sequence[int] | None = None) -> Any2SegProbabilities:
+        """The probability wrapper (the one ``cmcseg predict`` rebuilds), optionally restricted to ``subset``."""
+        return Any2SegProbabilities(self.inference_network(), self.channels_per_modality, subset).to(self.device)
+
+    def predict_probabilities(self, x: Tensor) -> Tensor:
+        """Softmax of the model on the modalities in view of each window."""
+        return self.probabilities_network()(x)
+
+    def on_train_end(self) -> None:
+        """The base's final checkpoint and validation, then the table over every modality subset (rank 0)."""
+        super().on_train_end()
+        if self.is_main and self.cases.validation:
+            self.run_subset_evaluation()
+        ddp.barrier(self.dist)
+
+    def run_subset_evaluation(self):
+        """Predict the validation cases from each non-empty subset; write ``validation/subsets.{csv,png}``."""
+        network = self.inference_network()
+        network.eval()
+
+        def predictor_for(subset: tuple[int, ...]):
+            wrapper = self.probabilities_network(subset)
+
+            def predict(x: Tensor) -> Tensor:
+                with self.autocast():
+                    return wrapper(x).float()
+            return predict
+
+        folder = self.preprocessed_folder / self.config["data_identifier"]
+        table = evaluate_subsets(predictor_for, folder, self.cases.validation, self.patch_size, self.labels,
+                                 self.modality_names, self.device, self.subset_metric, self.sliding_window_overlap,
+                                 self.sliding_window_batch_size)
+        title = (f"{self.name} {self.preprocessed_folder.name} fold {self.fold}: "
+                 f"{'mIoU' if self.subset_metric == 'miou' else 'Dice'} per modality subset")
+        csv_path, png_path = write_subset_table(table, self.output_folder / VALIDATION_DIR, self.subset_metric, title)
+        log.info("subset table (%d subsets, %s): mean over subsets %.4f, all modalities %.4f -> %s, %s", len(table),
+                 self.subset_metric, table["mean"].mean(), table["mean"].iloc[-1], csv_path, png_path)
+        return table
+
+    # =================================================================================== state
+    def extra_state(self) -> dict[str, Any]:
+        """The EMA teacher and the LSCD projection."""
+        return {"ema_teacher": self.ema_teacher.model.state_dict(), "lscd": self.lscd.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the EMA teacher and the LSCD projection."""
+        if "ema_teacher" in state:
+            self.ema_teacher.model.load_state_dict(state["ema_teacher"])
+        if "lscd" in state:
+            self.lscd.load_state_dict(state["lscd"])

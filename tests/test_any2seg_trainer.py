@@ -1,0 +1,263 @@
+"""Any2Seg trainer tests: batch plumbing, the subset table, learning from every single modality,
+the CLI run that writes the table, --continue, and prediction with a modality missing.
+
+They train on the tiny DELIVER phantom (2D scenes, RGB/depth/event/lidar, 64 x 64), planned
+once per module, with :class:`TinyAny2SegTrainer`: the real trainer on the unpublished ``tiny``
+MiT (an iteration is a few hundredths of a second). Subprocess-free CLI runs load it as
+``--trainer test_any2seg_trainer:TinyAny2SegTrainer`` (this folder is on sys.path under pytest).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities, fov_presence, modality_images
+from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, write_subset_table
+from cmcseg.cli.main import main as cli_main
+from cmcseg.errors import CmcsegError
+from cmcseg.image_io import read_json
+from cmcseg.paths import WorkRoots
+from cmcseg.prediction.model import build_inference_networks, load_trained_model
+from cmcseg.preprocessing.storage import load_case
+from cmcseg.training.any2seg_trainer import Any2SegTrainer
+from cmcseg.training.checkpoint import load_checkpoint
+from cmcseg.training.registry import get_trainer_class
+from cmcseg.training.trainer import TrainingRequest
+from cmcseg.training.validation import LabelInfo, predict_case
+
+DATASET = "Dataset505_DELIVER"
+MODALITIES = ("RGB", "depth", "event", "lidar")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class TinyAny2SegTrainer(Any2SegTrainer):
+    """Any2SegTrainer with the tiny MiT, in-process data loading and short ramp-ups."""
+
+    num_workers = 0
+    backbone_variant = "tiny"
+    scratch_lr = 1e-3
+    lscd_rampup_epochs = 5.0
+    consistency_rampup_epochs = 5.0
+    lscd_affinity_size = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: tiny networks are overhead-bound on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> WorkRoots:
+    """The tiny DELIVER phantom, synthesised and planned (2d) once for this module."""
+    base = tmp_path_factory.mktemp("any2seg_roots")
+    roots = WorkRoots(base / "raw", base / "preprocessed", base / "results")
+    assert cli_main(["synth", "-d", "DELIVER", "--size", "tiny", *flags(roots)]) == 0
+    assert cli_main(["plan", "-d", "DELIVER", "-c", "2d", "-np", "1", *flags(roots)]) == 0
+    return roots
+
+
+def flags(roots: WorkRoots) -> list[str]:
+    return ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(roots.results)]
+
+
+def request(roots: WorkRoots, tmp_path: Path, **kwargs) -> TrainingRequest:
+    own = WorkRoots(roots.raw, roots.preprocessed, tmp_path / "results")
+    defaults = dict(configuration="2d", num_epochs=2, iterations_per_epoch=2, val_iterations=1, device="cpu",
+                    num_workers=0)
+    defaults.update(kwargs)
+    return TrainingRequest("DELIVER", 0, 1.0, roots=own, **defaults)
+
+
+def validation_folder(roots: WorkRoots) -> tuple[Path, list[str]]:
+    splits = read_json(roots.preprocessed / DATASET / "splits.json")
+    return roots.preprocessed / DATASET / "2d", list(splits["folds"][0]["val"])
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def test_pipeline_input_becomes_modality_images_and_presence_follows_the_fov() -> None:
+    rgb, depth = torch.rand(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    fov = torch.ones(2, 2, 8, 8)
+    fov[1, 1] = 0                                                               # row 1: depth out of view
+    x = torch.cat([rgb, depth, fov], dim=1)
+    images = modality_images(x, [3, 1], in_channels=3)
+    assert images.shape == (2, 2, 3, 8, 8)
+    assert torch.equal(images[:, 0], rgb) and torch.equal(images[:, 1], depth.expand(-1, 3, -1, -1))
+    assert fov_presence(x, [3, 1]).tolist() == [[True, True], [True, False]]
+    x[:, 4:] = 0                                                                # nothing in view: all count
+    assert fov_presence(x, [3, 1]).all()
+
+
+def test_probabilities_restricted_to_a_subset_ignore_the_other_modalities() -> None:
+    torch.manual_seed(0)
+    model = Any2SegModel(num_classes=3, num_modalities=2, variant="tiny").eval()
+    wrapper = Any2SegProbabilities(model, [3, 1], subset=[1])
+    x = torch.cat([torch.rand(1, 4, 32, 32), torch.ones(1, 2, 32, 32)], dim=1)
+    with torch.no_grad():
+        expected = torch.softmax(model(modality_images(x, [3, 1], 3), torch.tensor([[False, True]])).logits, 1)
+        got = wrapper(x)
+        x[:, :3] = torch.rand(1, 3, 32, 32)                                     # change RGB: no effect
+        assert torch.allclose(wrapper(x), got, atol=1e-6)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ subset table
+def test_subset_table_has_one_row_per_subset_and_scores_what_each_subset_sees(planned: WorkRoots,
+                                                                              tmp_path: Path) -> None:
+    """A stand-in network that is perfect when RGB is in the subset and predicts background otherwise."""
+    folder, val_ids = validation_folder(planned)
+    labels = LabelInfo.from_plans(read_json(planned.preprocessed / DATASET / "plans.json"))
+    references = {case_id: torch.from_numpy(np.asarray(load_case(folder, case_id)[1][:], dtype=np.int64))
+                  for case_id in val_ids}
+
+    def predictor_for(subset):
+        def predict(x):
+            reference = next(r for r in references.values() if r.shape[-2:] == x.shape[-2:])
+            index = reference[0, :1].expand(x.shape[0], -1, -1)[:, None] if 0 in subset else \
+                torch.zeros(x.shape[0], 1, *x.shape[-2:], dtype=torch.int64)
+            return torch.zeros(x.shape[0], labels.num_classes, *x.shape[-2:]).scatter_(1, index, 1.0)
+        return predict
+
+    table = evaluate_subsets(predictor_for, folder, val_ids[:1], [64, 64], labels, MODALITIES, torch.device("cpu"),
+                             "miou")
+    assert len(table) == 15 and table["subset"].is_unique
+    assert table["num_modalities"].value_counts().sort_index().tolist() == [4, 6, 4, 1]
+    with_rgb = table["subset"].str.split("+").map(lambda names: "RGB" in names)
+    assert np.allclose(table.loc[with_rgb, "mean"], 1.0) and np.allclose(table.loc[~with_rgb, "mean"], 0.0)
+    csv_path, png_path = write_subset_table(table, tmp_path, "miou")
+    assert pd.read_csv(csv_path).shape == (15, 3 + len(labels.names))
+    assert png_path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_miou_sums_counts_over_cases_and_dice_averages_cases() -> None:
+    labels = LabelInfo(("a",), (1,), 2, None)
+    reference = [np.array([[[1, 1, 0, 0]]]), np.array([[[1, 0, 0, 0]]])]
+    predicted = [torch.tensor([[[1, 0, 0, 0]]]), torch.tensor([[[1, 0, 0, 0]]])]
+    scores = {metric: SubsetScores(labels, metric) for metric in ("miou", "dice")}
+    for ref, pred in zip(reference, predicted):
+        onehot = torch.nn.functional.one_hot(pred, 2).movedim(-1, 0).float()
+        for s in scores.values():
+            s.add(onehot, ref)
+    assert scores["miou"].scores()["a"] == pytest.approx(2 / 3)                 # TP 2, FN 1 over both cases
+    assert scores["dice"].scores()["a"] == pytest.approx((2 / 3 + 1.0) / 2)     # per case, then the mean
+
+
+# ------------------------------------------------------------------------------------------ learning
+def test_with_modality_dropout_every_single_modality_scores_clearly_above_chance(planned: WorkRoots,
+                                                                                 tmp_path: Path) -> None:
+    trainer = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=10, iterations_per_epoch=10, seed=0))
+    output = trainer.run()
+    table = pd.read_csv(output / "validation" / "subsets.csv")
+    assert len(table) == 15
+    # chance: a seeded uniform-random prediction scored the same way on the same cases
+    folder, val_ids = validation_folder(planned)
+    chance = SubsetScores(trainer.labels, "miou")
+    generator = torch.Generator().manual_seed(0)
+    for case_id in val_ids:
+        seg = load_case(folder, case_id)[1][:]
+        guess = torch.randint(trainer.labels.num_classes, seg.shape, generator=generator)
+        chance.add(torch.nn.functional.one_hot(guess[0], trainer.labels.num_classes).movedim(-1, 0).float(), seg)
+    chance_miou = float(np.nanmean(list(chance.scores().values())))
+    singles = table[table["num_modalities"] == 1].set_index("subset")["mean"]
+    assert list(singles.index) == list(MODALITIES)
+    assert (singles > 2 * chance_miou).all() and (singles > chance_miou + 0.08).all(), (singles, chance_miou)
+
+
+# ------------------------------------------------------------------------------------------ CLI, resume, predict
+def test_cli_train_writes_the_subset_table_and_predict_handles_missing_modalities(planned: WorkRoots,
+                                                                                tmp_path: Path) -> None:
+    roots = WorkRoots(planned.raw, planned.preprocessed, tmp_path / "results")
+    assert cli_main(["train", "-d", "DELIVER", "-f", "0", "-c", "2d", "--trainer",
+                     "test_any2seg_trainer:TinyAny2SegTrainer", "--epochs", "2", "--iters-per-epoch", "2",
+                     "--modality-dropout", "0.7", "--device", "cpu", "-np", "0", *flags(roots)]) == 0
+    model = roots.results / DATASET / "TinyAny2SegTrainer__2d__labeled1.0"
+    fold = model / "fold_0"
+    for name in ("checkpoint_final.pt", "progress.png", "log.txt", "validation/summary.json",
+                 "validation/subsets.csv", "validation/subsets.png"):
+        assert (fold / name).is_file(), name
+    assert len(pd.read_csv(fold / "validation" / "subsets.csv")) == 15
+    state = load_checkpoint(fold / "checkpoint_final.pt")
+    assert state["init"]["backbone"] == "tiny" and state["init"]["mirror_axes"] == [1]  # scenes stay upright
+    assert read_json(fold / "training_config.json")["hyperparameters"]["modality_dropout"] == 0.7
+
+    # predict: scene0001 with RGB only, scene0002 complete
+    images = tmp_path / "input"
+    images.mkdir()
+    raw = roots.raw / DATASET / "imagesTr"
+    shutil.copy(raw / "scene0001_0000.png", images)
+    for c in range(4):
+        shutil.copy(raw / f"scene0002_{c:04d}.png", images)
+    out = tmp_path / "out"
+    assert cli_main(["predict", "-i", str(images), "-o", str(out), "-m", str(model), "--no-tta", "--device", "cpu",
+                     *flags(roots)]) == 0
+    for case_id in ("scene0001", "scene0002"):
+        written = sitk.ReadImage(str(out / f"{case_id}.png"))
+        assert written.GetSize() == sitk.ReadImage(str(raw / f"{case_id}_0000.png")).GetSize()
+    # the RGB-only case is segmented as the model restricted to RGB segments the preprocessed case
+    loaded = build_inference_networks(load_trained_model(model), torch.device("cpu"))[0]
+    rgb_only = Any2SegProbabilities(loaded.network, loaded.channels_per_modality, subset=[0])
+    data, _, fov, _ = load_case(planned.preprocessed / DATASET / "2d", "scene0001")
+    with torch.no_grad():
+        expected = predict_case(rgb_only, data[:], fov[:], [64, 64], torch.device("cpu")).argmax(0)[0].numpy()
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "scene0001.png")))
+    assert got.shape == expected.shape and (got == expected).mean() > 0.99
+
+
+def test_continue_restores_the_ema_teacher_and_the_lscd_projection(planned: WorkRoots, tmp_path: Path) -> None:
+    first = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=1))
+    first.run()
+    saved = load_checkpoint(first.output_folder / "checkpoint_final.pt")
+    resumed = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=2, continue_training=True))
+    resumed.initialize()
+    try:
+        assert resumed.current_epoch == 1
+        assert torch.equal(resumed.lscd.projection.weight.cpu(), saved["extra"]["lscd"]["projection.weight"])
+        for key, value in saved["extra"]["ema_teacher"].items():
+            assert torch.equal(resumed.ema_teacher.model.state_dict()[key].cpu(), value), key
+        assert len(resumed.optimizer.param_groups) == 2                         # the network and the projection
+    finally:
+        resumed.close()
+
+
+def test_any2seg_is_registered_and_refuses_a_3d_configuration(tmp_path: Path) -> None:
+    assert get_trainer_class("any2seg") is Any2SegTrainer
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    roots = WorkRoots(raw, pre, tmp_path / "results")
+    assert cli_main(["synth", "-d", "TAO", "--size", "tiny", *flags(roots)]) == 0
+    assert cli_main(["plan", "-d", "TAO", "-c", "3d_fullres", "-np", "1", *flags(roots)]) == 0
+    trainer = TinyAny2SegTrainer(TrainingRequest("TAO", 0, 1.0, configuration="3d_fullres", roots=roots,
+                                                 device="cpu"))
+    with pytest.raises(CmcsegError, match="-c 2d"):
+        trainer.initialize()
+    trainer.close()
+
+
+def test_a_local_languagebind_teacher_gives_the_inter_modal_target(planned: WorkRoots, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_any2seg_model import _tiny_clip_folder
+
+    _tiny_clip_folder(tmp_path / "lb" / "LanguageBind_Image")
+    _tiny_clip_folder(tmp_path / "lb" / "LanguageBind_Depth")
+    trainer = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=1, iterations_per_epoch=1,
+                                         teacher="languagebind", teacher_weights=tmp_path / "lb"))
+    trainer.initialize()
+    try:
+        assert trainer.teacher.has_image_encoder and tuple(trainer.anchors.shape) == (6, 12)
+        targets = []
+        original = trainer.lscd.embedding_log_probs
+        monkeypatch.setattr(trainer.lscd, "embedding_log_probs",
+                            lambda *a, **k: targets.append(original(*a, **k)) or targets[-1])
+        losses = trainer.train_step(next(trainer.dataloader))
+        assert len(targets) == 1 and targets[0].shape == (trainer.labeled_batch_size, 6)
+        assert np.isfinite(losses["lscd_inter"]) and losses["lscd_inter"] > 0
+    finally:
+        trainer.close()
