@@ -17,7 +17,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities, fov_presence, modality_images
+from cmcseg.any2seg.model import (
+    Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images,
+)
 from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, write_subset_table
 from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
@@ -261,3 +263,22 @@ def test_a_local_languagebind_teacher_gives_the_inter_modal_target(planned: Work
         assert np.isfinite(losses["lscd_inter"]) and losses["lscd_inter"] > 0
     finally:
         trainer.close()
+
+
+def test_all_subsets_in_one_pass_equal_each_subset_alone(planned: WorkRoots) -> None:
+    torch.manual_seed(1)
+    model = Any2SegModel(num_classes=6, num_modalities=4, variant="tiny").eval()
+    folder, val_ids = validation_folder(planned)
+    labels = LabelInfo.from_plans(read_json(planned.preprocessed / DATASET / "plans.json"))
+    cpm = [3, 1, 1, 1]
+    args = (folder, val_ids[:1], [64, 64], labels, MODALITIES, torch.device("cpu"), "miou")
+    alone = evaluate_subsets(lambda s: Any2SegProbabilities(model, cpm, s), *args)
+    joint = evaluate_subsets(None, *args, joint_predictor_for=lambda group: SubsetProbabilities(model, cpm, group),
+                             max_bytes=3 * 4 * 6 * 64 * 64)                  # groups of 3 subsets
+    pd.testing.assert_frame_equal(alone, joint, atol=1e-6)
+    x = torch.cat([torch.rand(2, 6, 64, 64), torch.ones(2, 4, 64, 64)], dim=1)
+    x[1, 6 + 1] = 0                                                             # depth out of view in row 1
+    with torch.no_grad():
+        stacked = SubsetProbabilities(model, cpm, [(0,), (1,), (0, 1, 2, 3)])(x).split(6, dim=1)
+        for subset, got in zip([(0,), (1,), (0, 1, 2, 3)], stacked):
+            assert torch.allclose(got, Any2SegProbabilities(model, cpm, subset)(x), atol=1e-6)

@@ -77,15 +77,27 @@ class SubsetScores:
         return {name: nanmean([case[name] for case in self.per_case]) for name in self.labels.names}
 
 
+def _subset_groups(subsets: Sequence[tuple[int, ...]], num_classes: int, voxels: int,
+                   max_bytes: float) -> list[list[tuple[int, ...]]]:
+    """Subsets in groups whose stacked float32 probabilities of one case fit in ``max_bytes``."""
+    size = max(1, int(max_bytes // max(1, 4 * num_classes * voxels)))
+    return [list(subsets[i:i + size]) for i in range(0, len(subsets), size)]
+
+
 def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor], folder: Path, case_ids: Sequence[str],
                      patch_size: Sequence[int], labels: LabelInfo, modality_names: Sequence[str],
-                     device: torch.device, metric: str, overlap: float = 0.5,
-                     sw_batch_size: int = 1) -> pd.DataFrame:
+                     device: torch.device, metric: str, overlap: float = 0.5, sw_batch_size: int = 1,
+                     joint_predictor_for: Callable[[Sequence[tuple[int, ...]]], Predictor] | None = None,
+                     max_bytes: float = 2e9) -> pd.DataFrame:
     """The subset table: for each non-empty subset, every labeled case of ``case_ids`` predicted from it.
 
     ``predictor_for(subset)`` returns the probability function of the network restricted to
-    that subset of modality indices. Returns one row per subset with columns ``subset``,
-    ``num_modalities``, one per class, and ``mean`` (the mean over classes that occur).
+    that subset of modality indices. ``joint_predictor_for(subsets)``, when given, returns one
+    function whose output stacks the subsets' probabilities (``(B, S * K, ...)``, e.g.
+    :class:`~cmcseg.any2seg.model.SubsetProbabilities`), so that one sliding window per case
+    (per group of subsets whose probabilities fit in ``max_bytes``) scores them all. Returns one
+    row per subset with columns ``subset``, ``num_modalities``, one per class, and ``mean`` (the
+    mean over classes that occur).
     """
     subsets = non_empty_subsets(len(modality_names))
     scores = {s: SubsetScores(labels, metric) for s in subsets}
@@ -95,11 +107,19 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor], fold
             log.warning("subset evaluation: case %s has no label in %s; skipped", case_id, folder)
             continue
         data, seg, fov = data[:], seg[:], fov[:]
-        for subset in subsets:
+        if joint_predictor_for is None:
+            for subset in subsets:
+                with torch.no_grad():
+                    probabilities = predict_case(predictor_for(subset), data, fov, patch_size, device, overlap,
+                                                 sw_batch_size)
+                scores[subset].add(probabilities, seg)
+            continue
+        for group in _subset_groups(subsets, labels.num_classes, int(np.prod(seg.shape)), max_bytes):
             with torch.no_grad():
-                probabilities = predict_case(predictor_for(subset), data, fov, patch_size, device, overlap,
-                                             sw_batch_size)
-            scores[subset].add(probabilities, seg)
+                stacked = predict_case(joint_predictor_for(group), data, fov, patch_size, device, overlap,
+                                       sw_batch_size)
+            for subset, probabilities in zip(group, stacked.split(labels.num_classes, dim=0)):
+                scores[subset].add(probabilities, seg)
     rows = []
     for subset in subsets:
         per_class = scores[subset].scores()

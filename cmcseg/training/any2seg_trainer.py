@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from cmcseg.any2seg.distillation import EMATeacherModel, LSCDLoss
 from cmcseg.any2seg.model import (
-    Any2SegModel, Any2SegProbabilities, fov_presence, modality_images, sample_modality_subsets,
+    Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images, sample_modality_subsets,
 )
 from cmcseg.any2seg.subsets import evaluate_subsets, subset_metric_for, write_subset_table
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
@@ -138,9 +138,8 @@ class Any2SegTrainer(TrainerBase):
         self.natural_scenes = self.subset_metric == "miou"
         cpm = self.plans["channels_per_modality"]
         self.channels_per_modality = [int(cpm[k]) for k in sorted(cpm, key=int)]
-        names = self.plans.get("modalities") or {}
-        self.modality_names = [str(names.get(k, names.get(int(k), f"modality {k}")) if isinstance(names, dict)
-                                   else names[int(k)]) for k in sorted(cpm, key=int)]
+        names = list(self.plans.get("modalities") or [])
+        self.modality_names = [names[int(k)] if int(k) < len(names) else f"modality {k}" for k in sorted(cpm, key=int)]
         self.class_names = class_names_by_index(self.plans["labels"], self.labels.num_classes)
 
     def build_network(self) -> nn.Module:
@@ -271,18 +270,22 @@ class Any2SegTrainer(TrainerBase):
         network = self.inference_network()
         network.eval()
 
-        def predictor_for(subset: tuple[int, ...]):
-            wrapper = self.probabilities_network(subset)
-
+        def under_autocast(wrapper: nn.Module):
             def predict(x: Tensor) -> Tensor:
                 with self.autocast():
                     return wrapper(x).float()
             return predict
 
+        def predictor_for(subset: tuple[int, ...]):
+            return under_autocast(self.probabilities_network(subset))
+
+        def joint_predictor_for(subsets: Sequence[tuple[int, ...]]):
+            return under_autocast(SubsetProbabilities(network, self.channels_per_modality, subsets).to(self.device))
+
         folder = self.preprocessed_folder / self.config["data_identifier"]
         table = evaluate_subsets(predictor_for, folder, self.cases.validation, self.patch_size, self.labels,
                                  self.modality_names, self.device, self.subset_metric, self.sliding_window_overlap,
-                                 self.sliding_window_batch_size)
+                                 self.sliding_window_batch_size, joint_predictor_for=joint_predictor_for)
         title = (f"{self.name} {self.preprocessed_folder.name} fold {self.fold}: "
                  f"{'mIoU' if self.subset_metric == 'miou' else 'Dice'} per modality subset")
         csv_path, png_path = write_subset_table(table, self.output_folder / VALIDATION_DIR, self.subset_metric, title)
