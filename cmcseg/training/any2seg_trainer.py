@@ -74,6 +74,7 @@ class Any2SegTrainer(TrainerBase):
     #: cmcseg predict may give this model cases with modalities missing
     accepts_missing_modalities: bool = True
     deep_supervision: bool = False  # the all-MLP head has one output
+    ddp_find_unused_parameters: bool = False  # every parameter takes part in every step
     # ---- network
     backbone_variant: str = "mit_b0"
     backbone_in_channels: int = 3
@@ -145,11 +146,16 @@ class Any2SegTrainer(TrainerBase):
     def build_network(self) -> nn.Module:
         """The Any2Seg model for the plan's modalities and classes, with the local backbone weights if given."""
         self.dropout_generator = torch.Generator().manual_seed(self.seed + 104729 * self.dist.rank)
-        return Any2SegModel(num_classes=self.labels.num_classes, num_modalities=len(self.channels_per_modality),
+        model = Any2SegModel(num_classes=self.labels.num_classes, num_modalities=len(self.channels_per_modality),
                             variant=self.backbone_variant, in_channels=self.backbone_in_channels,
                             backbone_weights=self.request.backbone_weights,
                             decoder_hidden_size=self.decoder_hidden_size, fusion_temperature=self.fusion_temperature,
                             dropout=self.classifier_dropout, modality_names=self.modality_names)
+        if self.dist.enabled and self.device.type == "cuda":
+            # the decoder's BatchNorm sees every rank's batch, as SegFormer trains (CPU/gloo has no SyncBatchNorm:
+            # there each rank keeps its own running statistics and rank 0's are saved)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the network (the LSCD projection is added when the losses are built)."""
