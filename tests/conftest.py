@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import write_tiny_dataset
 
@@ -11,3 +12,14 @@ from helpers import write_tiny_dataset
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_tiny_dataset(tmp_path / "Dataset900_Tiny", unlabeled=("case02",))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: tiny networks are overhead-bound, and on a busy 2-core machine two
+    threads that wait for each other make each forward pass up to 25 times slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

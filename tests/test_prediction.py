@@ -46,12 +46,7 @@ LABELS = {"background": 0, "blob": 1}
 ORIGINAL = {"background": 0, "blob": 255}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -76,14 +76,7 @@ class RecordingTinyCMCTrainer(TinyCMCTrainer):
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: the tiny network is overhead-bound, and on a busy 2-core machine two threads
-    that wait for each other make each forward pass up to 25 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="session")
