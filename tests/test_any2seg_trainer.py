@@ -20,7 +20,7 @@ import torch
 from cmcseg.any2seg.model import (
     Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images,
 )
-from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, write_subset_table
+from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, scored_classes, write_subset_table
 from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
@@ -150,22 +150,24 @@ def test_miou_sums_counts_over_cases_and_dice_averages_cases() -> None:
 # ------------------------------------------------------------------------------------------ learning
 def test_with_modality_dropout_every_single_modality_scores_clearly_above_chance(planned: WorkRoots,
                                                                                  tmp_path: Path) -> None:
-    trainer = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=10, iterations_per_epoch=10, seed=0))
+    trainer = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=15, iterations_per_epoch=10, seed=0))
     output = trainer.run()
     table = pd.read_csv(output / "validation" / "subsets.csv")
     assert len(table) == 15
     # chance: a seeded uniform-random prediction scored the same way on the same cases
     folder, val_ids = validation_folder(planned)
-    chance = SubsetScores(trainer.labels, "miou")
+    classes = scored_classes(trainer.plans, "miou")
+    assert list(table.columns[2:-1]) == ["background", "road", "sidewalk", "building", "car", "pedestrian"]
+    chance = SubsetScores(classes, "miou")
     generator = torch.Generator().manual_seed(0)
     for case_id in val_ids:
         seg = load_case(folder, case_id)[1][:]
-        guess = torch.randint(trainer.labels.num_classes, seg.shape, generator=generator)
-        chance.add(torch.nn.functional.one_hot(guess[0], trainer.labels.num_classes).movedim(-1, 0).float(), seg)
+        guess = torch.randint(classes.num_classes, seg.shape, generator=generator)
+        chance.add(torch.nn.functional.one_hot(guess[0], classes.num_classes).movedim(-1, 0).float(), seg)
     chance_miou = float(np.nanmean(list(chance.scores().values())))
     singles = table[table["num_modalities"] == 1].set_index("subset")["mean"]
     assert list(singles.index) == list(MODALITIES)
-    assert (singles > 2 * chance_miou).all() and (singles > chance_miou + 0.08).all(), (singles, chance_miou)
+    assert (singles > 2 * chance_miou).all() and (singles > chance_miou + 0.1).all(), (singles, chance_miou)
 
 
 # ------------------------------------------------------------------------------------------ CLI, resume, predict

@@ -10,8 +10,9 @@ validation case predicted from that subset alone. Two scores, as the two communi
   ``compute_dice`` through :func:`cmcseg.training.validation.case_dice`), then the mean over
   cases (NaN where a class is absent from both), then over classes.
 
-Classes are the plan's foreground labels (nnU-Net's convention; an ``ignore`` label is never
-scored). The table is written as ``subsets.csv`` (a row per subset, a column per class, the
+Classes (:func:`scored_classes`): for ``miou`` every class, 0 included (in DELIVER class 0 is
+Building, and a scene benchmark's mIoU averages all classes); for ``dice`` the foreground labels
+(nnU-Net's convention). An ``ignore`` label is never scored. The table is written as ``subsets.csv`` (a row per subset, a column per class, the
 mean last) and ``subsets.png`` (the same numbers as a heat map), both atomically.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,11 @@ NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp")
 def subset_metric_for(file_ending: str) -> str:
     """``miou`` for datasets of natural images (PNG/JPEG), ``dice`` for medical volumes."""
     return "miou" if str(file_ending).lower() in NATURAL_IMAGE_ENDINGS else "dice"
+
+
+def scored_classes(plans: Mapping, metric: str) -> LabelInfo:
+    """The classes the subset table scores: every class for ``miou``, the foreground for ``dice``."""
+    return LabelInfo.every_class(plans) if metric == "miou" else LabelInfo.from_plans(plans)
 
 
 def subset_name(subset: Sequence[int], modality_names: Sequence[str]) -> str:

@@ -47,7 +47,7 @@ from cmcseg.any2seg.distillation import EMATeacherModel, LSCDLoss
 from cmcseg.any2seg.model import (
     Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images, sample_modality_subsets,
 )
-from cmcseg.any2seg.subsets import evaluate_subsets, subset_metric_for, write_subset_table
+from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes, subset_metric_for, write_subset_table
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
@@ -289,7 +289,8 @@ class Any2SegTrainer(TrainerBase):
             return under_autocast(SubsetProbabilities(network, self.channels_per_modality, subsets).to(self.device))
 
         folder = self.preprocessed_folder / self.config["data_identifier"]
-        table = evaluate_subsets(predictor_for, folder, self.cases.validation, self.patch_size, self.labels,
+        table = evaluate_subsets(predictor_for, folder, self.cases.validation, self.patch_size,
+                                 scored_classes(self.plans, self.subset_metric),
                                  self.modality_names, self.device, self.subset_metric, self.sliding_window_overlap,
                                  self.sliding_window_batch_size, joint_predictor_for=joint_predictor_for)
         title = (f"{self.name} {self.preprocessed_folder.name} fold {self.fold}: "

@@ -64,6 +64,14 @@ class LabelInfo:
         return cls(tuple(by_value.get(v, str(v)) for v in values), values, manager.num_segmentation_heads,
                    manager.ignore_label)
 
+    @classmethod
+    def every_class(cls, plans: Mapping) -> "LabelInfo":
+        """Every class including value 0, as natural-scene benchmarks score mIoU (in DELIVER, 0 is Building)."""
+        info = cls.from_plans(plans)
+        by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
+        values = tuple(range(info.num_classes))
+        return cls(tuple(by_value.get(v, str(v)) for v in values), values, info.num_classes, info.ignore_label)
+
 
 def patch_counts(probabilities: Tensor, target: Tensor, labels: LabelInfo) -> np.ndarray:
     """``(3, n_foreground)`` TP, FP, FN summed over a batch, from probabilities and a ``(B, 1, *)`` label map."""
