@@ -36,13 +36,12 @@ log = logging.getLogger(__name__)
 SUBSET_TABLE_CSV = "subsets.csv"
 SUBSET_TABLE_PNG = "subsets.png"
 METRICS = ("miou", "dice")
-#: file endings of natural 2D images: their datasets are scored by mIoU, everything else by Dice
-NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def subset_metric_for(file_ending: str) -> str:
-    """``miou`` for datasets of natural images (PNG/JPEG), ``dice`` for medical volumes."""
-    return "miou" if str(file_ending).lower() in NATURAL_IMAGE_ENDINGS else "dice"
+def subset_metric_for(plans: Mapping) -> str:
+    """``miou`` for datasets of 2D images (natural scenes: DELIVER, MCubeS), ``dice`` for 3D medical volumes,
+    also when those are trained on their ``2d`` configuration."""
+    return "miou" if str(plans.get("dimensionality", "3d")).lower() == "2d" else "dice"
 
 
 def scored_classes(plans: Mapping, metric: str) -> LabelInfo:

@@ -26,10 +26,10 @@ the batch composition:
   last two terms: that is the semi-supervised path;
 * **evaluation across subsets**: after the base trainer's validation (all modalities), every
   validation case is predicted from every non-empty subset; ``validation/subsets.csv`` and
-  ``validation/subsets.png`` hold mIoU (natural images) or Dice (medical data) per subset.
+  ``validation/subsets.png`` hold mIoU (2D datasets: scenes) or Dice (3D medical data) per subset.
 
 Optimisation follows SegFormer/Any2Seg: AdamW with the poly schedule; ``initial_lr`` with
-pretrained backbone weights, ``scratch_lr`` without. Driving scenes (PNG/JPEG datasets) are
+pretrained backbone weights, ``scratch_lr`` without. Scenes (datasets of 2D images) are
 augmented upright: small rotations and horizontal mirroring only, and the test-time mirroring
 of ``cmcseg predict`` follows.
 """
@@ -50,13 +50,12 @@ from cmcseg.any2seg.model import (
 from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes, subset_metric_for, write_subset_table
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import read_json
 from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader
 from cmcseg.training.progress import WEIGHT_PREFIX
-from cmcseg.training.trainer import DATASET_FILE, TrainerBase
+from cmcseg.training.trainer import TrainerBase
 from cmcseg.training.validation import VALIDATION_DIR
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class Any2SegTrainer(TrainerBase):
     segmentation_weight: float = 1.0
     # ---- LSCD distillation
     teacher_name: str = "minilm"
-    text_template: str | None = None  # None: a scene prompt for natural images, a medical prompt otherwise
+    text_template: str | None = None  # None: a scene prompt for 2D datasets, a medical prompt for 3D ones
     lscd_weight: float = 0.1
     lscd_rampup_epochs: float = 50.0
     lscd_temperature: float = 0.1
@@ -104,7 +103,9 @@ class Any2SegTrainer(TrainerBase):
     consistency_weight: float = 1.0
     consistency_rampup_epochs: float = 50.0
     ema_decay: float = 0.99
-    # ---- augmentation of natural scenes (upright): rotation range and mirrored axes of the 2D patch
+    # ---- subset table: "miou", "dice" or None (mIoU for datasets of 2D images, Dice for 3D volumes)
+    subset_metric: str | None = None
+    # ---- augmentation of natural scenes (datasets of 2D images, kept upright): rotation range, mirrored axes
     natural_rotation_degrees: float = 10.0
     natural_mirror_axes: tuple[int, ...] = (1,)
 
@@ -133,10 +134,8 @@ class Any2SegTrainer(TrainerBase):
         if str(self.plans.get("pairing", "paired")).lower() == "unpaired":
             raise CmcsegError(f"dataset {self.request.dataset} has unpaired modalities (one per case): Any2Seg fuses "
                               "modalities of the same scene. Fix: use the cmc trainer for unpaired data.")
-        dataset_json = self.preprocessed_folder / DATASET_FILE
-        ending = read_json(dataset_json).get("file_ending", ".nii.gz") if dataset_json.is_file() else ".nii.gz"
-        self.subset_metric = subset_metric_for(ending)
-        self.natural_scenes = self.subset_metric == "miou"
+        self.natural_scenes = str(self.plans.get("dimensionality", "3d")).lower() == "2d"
+        self.subset_metric = self.subset_metric or subset_metric_for(self.plans)
         cpm = self.plans["channels_per_modality"]
         self.channels_per_modality = [int(cpm[k]) for k in sorted(cpm, key=int)]
         names = list(self.plans.get("modalities") or [])
