@@ -102,10 +102,11 @@ def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case
     return folder
 
 
-def plan_and_preprocess(dataset_id: int, env: Mapping[str, str], workers: int = 1) -> tuple[dict, float]:
-    """``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres``; returns (nnU-Net's plans, wall seconds)."""
+def plan_and_preprocess(dataset_id: int, env: Mapping[str, str], workers: int = 1,
+                        configuration: str = CONFIGURATION) -> tuple[dict, float]:
+    """``nnUNetv2_plan_and_preprocess -d ID -c CONFIGURATION``; returns (nnU-Net's plans, wall seconds)."""
     start = time.perf_counter()
-    cmd = [str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", CONFIGURATION,
+    cmd = [str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
            "-np", str(workers), "-npfp", str(workers)]
     proc = subprocess.run(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -187,3 +188,36 @@ def predict_files(trainer, inputs: Sequence[Sequence[str]], outputs_truncated: S
                                     trainer.inference_allowed_mirroring_axes)
     predictor.predict_from_files_sequential([list(x) for x in inputs], list(outputs_truncated),
                                             save_probabilities=False, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------ worker processes
+def add_worker_arguments(parser, workers: Sequence[str]) -> None:
+    """The hidden ``--worker NAME --spec FILE --result FILE`` options of a benchmark that runs arms as processes."""
+    import argparse
+
+    parser.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
+    for option in ("--spec", "--result"):
+        parser.add_argument(option, type=Path, help=argparse.SUPPRESS)
+
+
+def serve_worker(spec_file: Path, result_file: Path, function) -> None:
+    """Worker side: ``function(spec)`` on the JSON spec, its result written as JSON."""
+    Path(result_file).write_text(json.dumps(function(json.loads(Path(spec_file).read_text()))))
+
+
+def run_worker(script: Path, worker: str, spec: Mapping[str, Any], work: Path, env: Mapping[str, str]) -> dict:
+    """Parent side: ``script --worker WORKER`` on ``spec`` in a measured process of its own (``env``); its result
+    plus process wall time, peak RSS of the process tree and the load averages before and after."""
+    from measure import run_measured
+
+    spec_file, result_file = Path(work) / f"spec_{worker}.json", Path(work) / f"result_{worker}.json"
+    spec_file.write_text(json.dumps(dict(spec)))
+    result_file.unlink(missing_ok=True)
+    before = os.getloadavg()
+    m = run_measured([sys.executable, str(script), "--worker", worker, "--spec", str(spec_file),
+                      "--result", str(result_file)], env=env)
+    if m.returncode != 0 or not result_file.is_file():
+        raise SystemExit(f"worker {worker} of {Path(script).name} failed ({m.returncode}):\n{m.output_tail}")
+    return {**json.loads(result_file.read_text()), "process_wall_s": m.wall_s,
+            "peak_tree_rss_gb": m.peak_tree_rss_gb, "loadavg_before": [round(x, 2) for x in before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}

@@ -66,7 +66,7 @@ class LabelInfo:
 
     @classmethod
     def every_class(cls, plans: Mapping) -> "LabelInfo":
-        """Every class including value 0, as natural-scene benchmarks score mIoU (in DELIVER, 0 is Building)."""
+        """Every class including value 0, as scene benchmarks score mIoU (in the DELIVER release class 0 is Building)."""
         info = cls.from_plans(plans)
         by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
         values = tuple(range(info.num_classes))
