@@ -213,6 +213,19 @@ def _parse_channel_names(meta: dict, djson: str, problems: list[Problem]) -> dic
     return out
 
 
+def nnunet_label_dict(labels: Mapping[str, Any]) -> dict[str, Any]:
+    """``labels`` as nnU-Net's ``LabelManager`` accepts them: value 0 named ``background``.
+
+    cmcseg keeps a dataset's own name for class 0 (DELIVER's ``Building``, MCubeS' ``asphalt``:
+    scene datasets have no background class); nnU-Net refuses a label dict without the name
+    ``background``. Only that key is renamed; values, order and the ``ignore`` label stay.
+    """
+    if "background" in labels:
+        return dict(labels)
+    return {("background" if not isinstance(v, (list, tuple)) and int(v) == 0 and k != "ignore" else k): v
+            for k, v in labels.items()}
+
+
 def _parse_labels(meta: dict, djson: str, problems: list[Problem]) -> dict[str, int]:
     raw = meta.get("labels")
     if not isinstance(raw, dict) or not raw:

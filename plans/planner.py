@@ -147,22 +147,37 @@ def default_memory_gb() -> float:
 
 
 # ---------------------------------------------------------------------------------------- channels
-def normalization_channel_name(modality: str, components: int) -> str:
+#: largest value nnU-Net's ``RGBTo01Normalization`` accepts (it divides by 255 and asserts 8-bit input)
+RGB_8BIT_MAX = 255.0
+
+
+def normalization_channel_name(modality: str, components: int, max_value: float | None = None) -> str:
     """The name nnU-Net's ``get_normalization_scheme`` sees for each input channel of a modality.
 
     nnU-Net maps channel names (CT -> CTNormalization, others -> ZScoreNormalization). Departs
-    from nnU-Net: the components of an RGB modality map to its ``rgb_to_0_1`` scheme.
+    from nnU-Net: the components of an RGB modality map to its ``rgb_to_0_1`` scheme, unless the
+    fingerprint saw values above 255 (16-bit colour, e.g. MCubeS): those are z-scored, since
+    ``RGBTo01Normalization`` refuses them.
     """
     if components > 1 and "rgb" in modality.casefold():
-        return "rgb_to_0_1"
+        if max_value is None or max_value <= RGB_8BIT_MAX:
+            return "rgb_to_0_1"
+        log.info("%s holds values up to %g (not 8-bit colour): z-score normalisation instead of rgb_to_0_1",
+                 modality, max_value)
     return modality
 
 
-def nnunet_dataset_json(dataset: Dataset, channels_per_modality: Mapping[str, int], num_training: int) -> dict:
-    """The dataset.json nnU-Net's planner reads, with one channel name per *input* channel."""
+def nnunet_dataset_json(dataset: Dataset, channels_per_modality: Mapping[str, int], num_training: int,
+                        intensity_properties: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+    """The dataset.json nnU-Net's planner reads, with one channel name per *input* channel.
+
+    ``intensity_properties``: the fingerprint's ``foreground_intensity_properties_per_channel``
+    (per input channel), which decides whether an RGB modality is 8-bit."""
     modality_of = input_channel_modalities(channels_per_modality)
-    names = [normalization_channel_name(dataset.channel_names[m], int(channels_per_modality[str(m)]))
-             for m in modality_of]
+    props = intensity_properties or {}
+    names = [normalization_channel_name(dataset.channel_names[m], int(channels_per_modality[str(m)]),
+                                        props.get(str(i), {}).get("max"))
+             for i, m in enumerate(modality_of)]
     return {"name": dataset.name, "channel_names": {str(i): n for i, n in enumerate(names)},
             "labels": dict(dataset.labels), "numTraining": int(num_training), "file_ending": dataset.file_ending}
 
@@ -268,8 +283,9 @@ def plan_experiment(
     per_branch = memory / branches
     num_training = len(fingerprint["spacings"])
     channels_per_modality = fingerprint["channels_per_modality"]
-    planner = PLANNERS[topology](fingerprint, nnunet_dataset_json(dataset, channels_per_modality, num_training),
-                                 per_branch)
+    dataset_json = nnunet_dataset_json(dataset, channels_per_modality, num_training,
+                                       fingerprint.get("foreground_intensity_properties_per_channel"))
+    planner = PLANNERS[topology](fingerprint, dataset_json, per_branch)
     planned = plan_configurations(planner, configurations, num_training)
     plans = {
         "schema_version": SCHEMA_VERSION,

@@ -278,3 +278,44 @@ def test_all_subsets_in_one_pass_equal_each_subset_alone(planned: WorkRoots) -> 
         stacked = SubsetProbabilities(model, cpm, [(0,), (1,), (0, 1, 2, 3)])(x).split(6, dim=1)
         for subset, got in zip([(0,), (1,), (0, 1, 2, 3)], stacked):
             assert torch.allclose(got, Any2SegProbabilities(model, cpm, subset)(x), atol=1e-6)
+
+
+
+def test_an_mcubes_release_converts_plans_trains_and_predicts(tmp_path: Path) -> None:
+    """Real-layout 2D data: 16-bit RGB, polarisation .npy, NIR, class 0 a material (no background), ignore 255."""
+    from test_converters import _png
+
+    source, rng = tmp_path / "multimodal_dataset", np.random.default_rng(0)
+    names = {"train": [f"outscene{i:04d}_1_0000000150" for i in range(4)], "val": ["outscene9999_1_0000000180"]}
+    for split, split_names in names.items():
+        for name in split_names:
+            gt = np.full((48, 40), 255, np.uint8)
+            gt[:20], gt[20:], gt[30:40, 10:20] = 19, 0, 7                       # sky, asphalt, plastic
+            _png(source / "polL_color" / f"{name}.png",
+                 (rng.integers(0, 9000, (48, 40, 3)) + 20000 * (gt[..., None] == 19)).astype(np.uint16))
+            for folder in ("polL_aolp_sin", "polL_aolp_cos", "polL_dolp"):
+                (source / folder).mkdir(parents=True, exist_ok=True)
+                np.save(source / folder / f"{name}.npy", (rng.random((48, 40)) + (gt == 7)).astype(np.float32))
+            _png(source / "NIR_warped" / f"{name}.png", (rng.integers(0, 100, (48, 40)) + 100 * (gt == 0)).astype(np.uint8))
+            _png(source / "GT" / f"{name}.png", gt)
+        (source / "list_folder").mkdir(exist_ok=True)
+        (source / "list_folder" / f"{split}.txt").write_text("\n".join(split_names) + "\n")
+    (source / "list_folder" / "test.txt").write_text("")
+    roots = WorkRoots(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
+    assert cli_main(["convert", "--from", "mcubes", str(source), "-d", "MCUBES", *flags(roots)]) == 0
+    assert cli_main(["plan", "-d", "MCUBES", "-np", "1", *flags(roots)]) == 0
+    plans = read_json(roots.preprocessed / "Dataset506_MCUBES" / "plans.json")
+    assert plans["configurations"]["2d"]["normalization_schemes"][:3] == ["ZScoreNormalization"] * 3  # 16-bit RGB
+    assert cli_main(["train", "-d", "MCUBES", "-f", "0", "-c", "2d", "--trainer",
+                     "test_any2seg_trainer:TinyAny2SegTrainer", "--epochs", "1", "--iters-per-epoch", "2",
+                     "--device", "cpu", "-np", "0", *flags(roots)]) == 0
+    table = pd.read_csv(roots.results / "Dataset506_MCUBES" / "TinyAny2SegTrainer__2d__labeled1.0" / "fold_0"
+                        / "validation" / "subsets.csv")
+    assert len(table) == 15 and "asphalt" in table.columns                    # class 0 scored by mIoU
+    images = tmp_path / "input"
+    images.mkdir()
+    for path in sorted((roots.raw / "Dataset506_MCUBES" / "imagesTr").glob("outscene0000_*_000[03].nii.gz")):
+        shutil.copy(path, images)                                               # RGB and NIR only
+    assert cli_main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "-d", "MCUBES", "--device", "cpu",
+                     *flags(roots)]) == 0
+    assert (tmp_path / "out" / "outscene0000_1_0000000150.nii.gz").is_file()

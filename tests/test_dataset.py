@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cmcseg.dataset import Dataset, image_file, label_file, write_dataset_json
+from cmcseg.dataset import Dataset, image_file, label_file, nnunet_label_dict, write_dataset_json
 from cmcseg.errors import DatasetError
 from cmcseg.image_io import write_image
 from cmcseg.paths import dataset_folder_for_new, find_dataset_folder, resolve_roots
@@ -228,3 +228,14 @@ def test_dataset_spec_by_name_id_or_folder(tmp_path: Path):
     assert find_dataset_folder(tmp_path, "AMOS") is None
     assert dataset_folder_for_new(tmp_path, "AMOS") == "Dataset503_AMOS"
     assert dataset_folder_for_new(tmp_path, "MyData") == "Dataset601_MyData"
+
+
+def test_scene_labels_without_background_are_named_for_nnunet_without_changing_values() -> None:
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    scene = {"asphalt": 0, "concrete": 1, "sky": 2, "ignore": 3}
+    renamed = nnunet_label_dict(scene)
+    assert renamed == {"background": 0, "concrete": 1, "sky": 2, "ignore": 3}
+    assert LabelManager(renamed, None).num_segmentation_heads == 3 and LabelManager(renamed, None).ignore_label == 3
+    cardiac = {"background": 0, "LV": 1}
+    assert nnunet_label_dict(cardiac) == cardiac

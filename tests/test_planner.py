@@ -19,6 +19,7 @@ from cmcseg.plans.planner import (
     ResEncMPlanner,
     default_memory_gb,
     load_plans,
+    normalization_channel_name,
     plan_experiment,
     write_plans,
 )
@@ -261,3 +262,11 @@ def test_unknown_topology_and_register_are_clear_errors(nnunet_run) -> None:
         plan_experiment(nnunet_run["fingerprint"], nnunet_run["dataset"], memory_gb=8, topology="ViT")
     with pytest.raises(CmcsegError, match="register"):
         plan_experiment(nnunet_run["fingerprint"], nnunet_run["dataset"], memory_gb=8, register="affine")
+
+
+def test_rgb_is_scaled_to_0_1_only_when_it_is_8_bit() -> None:
+    """nnU-Net's RGBTo01Normalization asserts values <= 255; 16-bit colour (MCubeS) is z-scored instead."""
+    assert normalization_channel_name("RGB", 3, 255.0) == "rgb_to_0_1"
+    assert normalization_channel_name("RGB", 3, None) == "rgb_to_0_1"
+    assert normalization_channel_name("RGB", 3, 40000.0) == "RGB"             # -> ZScoreNormalization
+    assert normalization_channel_name("RGB", 1, 200.0) == "RGB"               # one component is not colour

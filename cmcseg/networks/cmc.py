@@ -23,6 +23,7 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from torch import Tensor, nn
 
+from cmcseg.dataset import nnunet_label_dict
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.encoders import ModalityEncoder, build_encoder
 from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
@@ -184,7 +185,7 @@ def plan_num_classes(plans: Mapping[str, Any]) -> int:
     """Output channels, by nnU-Net's ``LabelManager`` (an ``ignore`` label is not predicted; regions count as heads)."""
     if "labels" not in plans:
         raise CmcsegError("plans.json has no labels. Fix: rerun `cmcseg plan`.")
-    return LabelManager(dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
+    return LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
 
 
 def plan_configuration(plans: Mapping[str, Any], configuration: str) -> dict:

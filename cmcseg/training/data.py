@@ -35,6 +35,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Sampler
 
+from cmcseg.dataset import nnunet_label_dict
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.cmc import plan_configuration
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
@@ -73,7 +74,7 @@ def input_channels(plans: Mapping[str, Any]) -> int:
 
 def num_classes(plans: Mapping[str, Any]) -> int:
     """Output channels: the labels without an ``ignore`` label (nnU-Net's ``LabelManager``; regions count as heads)."""
-    return LabelManager(dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
+    return LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
 
 
 def plan_deep_supervision_scales(plans: Mapping[str, Any], configuration: str) -> list[list[float]]:

@@ -31,6 +31,7 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from torch import Tensor
 
+from cmcseg.dataset import nnunet_label_dict
 from cmcseg.image_io import write_json_atomic
 from cmcseg.preprocessing.storage import load_case
 from cmcseg.training.progress import DICE_PREFIX
@@ -56,7 +57,7 @@ class LabelInfo:
     @classmethod
     def from_plans(cls, plans: Mapping) -> "LabelInfo":
         """From ``plans["labels"]`` via nnU-Net's ``LabelManager`` (region-based labels are not supported here)."""
-        manager = LabelManager(dict(plans["labels"]), plans.get("regions_class_order"))
+        manager = LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order"))
         if manager.has_regions:
             raise NotImplementedError("region-based labels are not supported by cmcseg's validation")
         by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
