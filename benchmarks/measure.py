@@ -17,6 +17,14 @@ from typing import Mapping, Sequence
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (empty where the system has none): how busy the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
 @dataclass
 class Measurement:
     command: str

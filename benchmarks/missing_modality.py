@@ -70,7 +70,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,7 +78,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import nnunet_driver as nd  # noqa: E402
-from semi_supervised_gain import BudgetSpent, budget_clock, loadavg, small_architecture  # noqa: E402
+from measure import loadavg  # noqa: E402
+from semi_supervised_gain import BudgetSpent, budget_clock, small_architecture  # noqa: E402
 
 FOLD = 0
 CONFIGURATION = "2d"
@@ -365,21 +365,9 @@ def worker_nnunet(spec: dict) -> dict:
 
 
 # ============================================================================================ orchestration
-def uniform_spacing(preprocessed_dataset: Path, plans: dict, case_ids: list[str]) -> list[float]:
-    """The (z, y, x) spacing shared by the cases' preprocessed arrays (a 2d plan lists only y, x)."""
-    from cmcseg.preprocessing.storage import load_case
-
-    folder = preprocessed_dataset / plans["configurations"][CONFIGURATION]["data_identifier"]
-    spacings = {tuple(round(float(s), 6) for s in load_case(folder, c)[3]["spacing_after_resampling"])
-                for c in case_ids}
-    if len(spacings) != 1:
-        raise SystemExit(f"the preprocessed cases have different spacings {sorted(spacings)}; one NIfTI spacing "
-                         "per dataset is assumed")
-    return list(spacings.pop())
-
-
 def prepare(key: str, work: Path, args) -> dict:
     """Phantom, cmcseg plan (2d), the nnU-Net raw dataset of the aligned arrays, nnU-Net's plan and preprocessing."""
+    from cmcseg.networks.cmc import plan_channels_per_modality
     from cmcseg.phantoms import synthesize
     from cmcseg.plans.splits import labeled_subset, load_splits
 
@@ -387,24 +375,15 @@ def prepare(key: str, work: Path, args) -> dict:
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
     t0 = time.perf_counter()
     synthesize(d["phantom"], raw / d["dataset"], cases=args.cases, seed=args.seed, size=args.size)
-    plan = subprocess.run([str(nd.BIN / "cmcseg"), "plan", "-d", d["dataset"], "-c", CONFIGURATION, "-np", "2",
-                           "--raw", str(raw), "--preprocessed", str(pre)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if plan.returncode != 0:
-        raise SystemExit(f"cmcseg plan failed:\n{plan.stdout[-3000:]}")
-    plans = json.loads((pre / d["dataset"] / "plans.json").read_text())
+    plans = nd.plan_with_cmcseg(d["dataset"], raw, pre, CONFIGURATION)
     config = plans["configurations"][CONFIGURATION]
     splits = load_splits(pre / d["dataset"] / "splits.json")
     train = labeled_subset(splits, FOLD, 1.0)
     validation = list(splits["folds"][FOLD]["val"])
-    cpm = plans["channels_per_modality"]
-    channels_per_modality = [int(cpm[k]) for k in sorted(cpm, key=int)]
+    channels_per_modality = plan_channels_per_modality(plans)
 
     env = nd.nnunet_env(work, data_workers=args.workers, threads=args.threads)
-    raw_plans = copy.deepcopy(plans)  # write_aligned_raw takes the NIfTI spacing from the plan: give it z too
-    raw_plans["configurations"][CONFIGURATION]["spacing"] = uniform_spacing(pre / d["dataset"], plans,
-                                                                            train + validation)
-    raw_folder = nd.write_aligned_raw(pre / d["dataset"], raw_plans, train + validation, Path(env["nnUNet_raw"]),
+    raw_folder = nd.write_aligned_raw(pre / d["dataset"], plans, train + validation, Path(env["nnUNet_raw"]),
                                       d["nnunet_id"], d["nnunet_name"], configuration=CONFIGURATION)
     native, nn_plan_s = nd.plan_and_preprocess(d["nnunet_id"], env, workers=2, configuration=CONFIGURATION)
     nd.write_splits(env, d["nnunet_id"], train, validation)

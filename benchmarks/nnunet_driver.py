@@ -68,9 +68,9 @@ def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case
                       dataset_id: int, name: str, configuration: str = CONFIGURATION) -> Path:
     """cmcseg's preprocessed (aligned, co-registered) cases -> an nnU-Net raw dataset; returns its folder.
 
-    One NIfTI per modality channel on the preprocessed grid (the plan's target spacing, origin 0,
-    identity direction), the label where cmcseg has one. Cases without a label are skipped
-    (nnU-Net trains on labeled cases only).
+    One NIfTI per modality channel on the preprocessed grid (the case's spacing after resampling,
+    which keeps the slice spacing in a 2d configuration; origin 0, identity direction), the label
+    where cmcseg has one. Cases without a label are skipped (nnU-Net trains on labeled cases only).
     """
     from cmcseg.dataset import image_file, label_file, write_dataset_json
     from cmcseg.image_io import array_to_image, write_image
@@ -80,12 +80,12 @@ def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case
     config = plan_configuration(plans, configuration)
     folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
     data_folder = Path(preprocessed_dataset) / config["data_identifier"]
-    spacing_xyz = [float(s) for s in config["spacing"]][::-1]
     written = 0
     for case_id in case_ids:
-        data, seg, _fov, _props = load_case(data_folder, case_id)
+        data, seg, _fov, props = load_case(data_folder, case_id)
         if seg is None:
             continue
+        spacing_xyz = [float(s) for s in props["spacing_after_resampling"]][::-1]
         for c in range(data.shape[0]):
             write_image(array_to_image(np.asarray(data[c], dtype=np.float32), spacing_xyz),
                         image_file(folder, case_id, c))
@@ -100,6 +100,17 @@ def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case
     write_dataset_json(folder, name=name, channel_names=channels, labels=labels, num_training=written,
                        description="cmcseg-aligned volumes (preprocessed grid) for nnU-Net")
     return folder
+
+
+def plan_with_cmcseg(dataset: str, raw: Path, preprocessed: Path, configuration: str,
+                     extra: Sequence[str] = ()) -> dict:
+    """``cmcseg plan -d DATASET -c CONFIGURATION -np 2 [extra]`` in a process of its own; returns cmcseg's plans."""
+    proc = subprocess.run([str(BIN / "cmcseg"), "plan", "-d", dataset, "-c", configuration, "-np", "2", *extra,
+                           "--raw", str(raw), "--preprocessed", str(preprocessed)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"cmcseg plan failed:\n{proc.stdout[-3000:]}")
+    return json.loads((Path(preprocessed) / dataset / "plans.json").read_text())
 
 
 def plan_and_preprocess(dataset_id: int, env: Mapping[str, str], workers: int = 1,
@@ -207,17 +218,18 @@ def serve_worker(spec_file: Path, result_file: Path, function) -> None:
 
 def run_worker(script: Path, worker: str, spec: Mapping[str, Any], work: Path, env: Mapping[str, str]) -> dict:
     """Parent side: ``script --worker WORKER`` on ``spec`` in a measured process of its own (``env``); its result
-    plus process wall time, peak RSS of the process tree and the load averages before and after."""
-    from measure import run_measured
+    plus process wall time, peak RSS of the process tree and of the main process, and the load averages before
+    and after."""
+    from measure import loadavg, run_measured
 
     spec_file, result_file = Path(work) / f"spec_{worker}.json", Path(work) / f"result_{worker}.json"
     spec_file.write_text(json.dumps(dict(spec)))
     result_file.unlink(missing_ok=True)
-    before = os.getloadavg()
+    before = loadavg()
     m = run_measured([sys.executable, str(script), "--worker", worker, "--spec", str(spec_file),
                       "--result", str(result_file)], env=env)
     if m.returncode != 0 or not result_file.is_file():
         raise SystemExit(f"worker {worker} of {Path(script).name} failed ({m.returncode}):\n{m.output_tail}")
     return {**json.loads(result_file.read_text()), "process_wall_s": m.wall_s,
-            "peak_tree_rss_gb": m.peak_tree_rss_gb, "loadavg_before": [round(x, 2) for x in before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+            "peak_tree_rss_gb": m.peak_tree_rss_gb, "peak_main_rss_gb": m.peak_main_rss_gb,
+            "loadavg_before": before, "loadavg_after": loadavg()}

@@ -25,7 +25,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import Measurement, run_measured  # noqa: E402
+from measure import run_measured  # noqa: E402
 
 from cmcseg.dataset import image_file, label_file, write_dataset_json  # noqa: E402
 from cmcseg.image_io import write_image  # noqa: E402

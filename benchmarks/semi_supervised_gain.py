@@ -47,7 +47,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import nnunet_driver as nd  # noqa: E402
-from measure import run_measured  # noqa: E402
+from measure import loadavg  # noqa: E402
 
 DATASET = "Dataset501_MSCMR"
 NNUNET_ID = 912
@@ -312,13 +311,7 @@ def prepare(work: Path, args) -> dict:
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
     t0 = time.perf_counter()
     synthesize("MSCMR", raw / DATASET, cases=args.cases, seed=args.seed, size=args.size)
-    plan = subprocess.run([str(nd.BIN / "cmcseg"), "plan", "-d", DATASET, "-c", "3d_fullres", "-np", "2",
-                           "--memory-gb", str(args.memory_gb), "--raw", str(raw), "--preprocessed", str(pre)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if plan.returncode != 0:
-        raise SystemExit(f"cmcseg plan failed:\n{plan.stdout[-3000:]}")
-    plans = json.loads((pre / DATASET / "plans.json").read_text())
+    plans = nd.plan_with_cmcseg(DATASET, raw, pre, "3d_fullres", ["--memory-gb", str(args.memory_gb)])
     splits = load_splits(pre / DATASET / "splits.json")
     labeled = labeled_subset(splits, FOLD, args.labeled)
     validation = list(splits["folds"][FOLD]["val"])
@@ -348,30 +341,12 @@ def prepare(work: Path, args) -> dict:
     }
 
 
-def run_arm(arm: str, setup: dict, args, work: Path) -> dict:
+def run_arm(arm: str, setup: dict, args) -> dict:
     spec = {k: setup[k] for k in ("work", "raw", "preprocessed", "results", "nnunet_plans", "nnunet_raw_dataset",
                                    "nnunet_dataset_json", "validation")}
     spec.update(arm=arm, budget_s=args.budget_minutes * 60.0, clock=args.clock, features=args.features,
                 labeled=args.labeled, threads=args.threads, workers=args.workers, device=args.device, seed=args.seed)
-    spec_file, out_file = work / f"spec_{arm}.json", work / f"result_{arm}.json"
-    spec_file.write_text(json.dumps(spec))
-    out_file.unlink(missing_ok=True)
-    load_before = loadavg()
-    m = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--spec", str(spec_file),
-                      "--result", str(out_file)], env=setup["env"])
-    if m.returncode != 0 or not out_file.is_file():
-        raise SystemExit(f"arm {arm} failed ({m.returncode}):\n{m.output_tail}")
-    result = json.loads(out_file.read_text())
-    result.update(process_wall_s=m.wall_s, peak_tree_rss_gb=m.peak_tree_rss_gb, loadavg_before=load_before,
-                  loadavg_after=loadavg())
-    return result
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+    return nd.run_worker(Path(__file__).resolve(), arm, spec, Path(setup["work"]), setup["env"])
 
 
 def main() -> None:
@@ -394,15 +369,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "out")
-    ap.add_argument("--worker", choices=ARMS + ABLATIONS, help=argparse.SUPPRESS)
-    ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    nd.add_worker_arguments(ap, ARMS + ABLATIONS)
     args = ap.parse_args()
 
     if args.worker:
-        spec = json.loads(args.spec.read_text())
-        result = (worker_nnunet if args.worker == "nnunet" else worker_ours)(spec)
-        args.result.write_text(json.dumps(result))
+        nd.serve_worker(args.spec, args.result, worker_nnunet if args.worker == "nnunet" else worker_ours)
         return
 
     arms = [a for a in args.arms.split(",") if a]
@@ -419,7 +390,7 @@ def main() -> None:
         report["setup"] = {k: v for k, v in setup.items() if k not in ("env", "work")}
         print(f"setup (synth, cmcseg plan, nnU-Net plan and preprocess): {setup['setup_s']:.0f} s", flush=True)
         for arm in arms:
-            report["arms"][arm] = run_arm(arm, setup, args, work)
+            report["arms"][arm] = run_arm(arm, setup, args)
             print(f"{ARM_TITLES[arm]}: {report['arms'][arm]['iterations']} iterations, process "
                   f"{report['arms'][arm]['process_wall_s']:.0f} s, Dice "
                   f"{ {k: round(v, 4) for k, v in report['arms'][arm]['dice_mean'].items()} }", flush=True)

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import nnunet_driver as nd  # noqa: E402
-from measure import run_measured  # noqa: E402
+from measure import loadavg  # noqa: E402
 
 DATASET = "Dataset501_MSCMR"
 NNUNET_ID = 911
@@ -224,13 +223,7 @@ def prepare(work: Path, args) -> dict:
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
     t0 = time.perf_counter()
     synthesize("MSCMR", raw / DATASET, cases=args.cases, seed=0, size=args.size)
-    plan = subprocess.run([str(nd.BIN / "cmcseg"), "plan", "-d", DATASET, "-c", "3d_fullres", "-np", "2",
-                           "--memory-gb", str(args.memory_gb), "--raw", str(raw), "--preprocessed", str(pre)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if plan.returncode != 0:
-        raise SystemExit(f"cmcseg plan failed:\n{plan.stdout[-3000:]}")
-    plans = json.loads((pre / DATASET / "plans.json").read_text())
+    plans = nd.plan_with_cmcseg(DATASET, raw, pre, "3d_fullres", ["--memory-gb", str(args.memory_gb)])
     splits = load_splits(pre / DATASET / "splits.json")
     fold = splits["folds"][FOLD]
     # every labeled training case of the fold (ours: 2 of them labeled, the rest trained on without labels)
@@ -259,18 +252,7 @@ def prepare(work: Path, args) -> dict:
 def run_worker(kind: str, setup: dict, device: str, args, work: Path) -> dict:
     spec = {k: setup[k] for k in ("raw", "preprocessed", "results", "nnunet_plans", "nnunet_dataset_json")}
     spec.update(device=device, warmup=args.warmup, iters=args.iters, threads=args.threads, workers=args.workers)
-    spec_file = work / f"spec_{kind}.json"
-    out_file = work / f"result_{kind}.json"
-    out_file.unlink(missing_ok=True)
-    spec_file.write_text(json.dumps(spec))
-    env = dict(setup["env"])
-    m = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_file),
-                      "--result", str(out_file)], env=env)
-    if m.returncode != 0 or not out_file.is_file():
-        raise SystemExit(f"{kind} worker failed ({m.returncode}):\n{m.output_tail}")
-    result = json.loads(out_file.read_text())
-    result.update(process_wall_s=m.wall_s, peak_tree_rss_gb=m.peak_tree_rss_gb, peak_main_rss_gb=m.peak_main_rss_gb)
-    return result
+    return nd.run_worker(Path(__file__).resolve(), kind, spec, work, setup["env"])
 
 
 def summarize_runs(runs: list[dict]) -> dict:
@@ -298,13 +280,6 @@ def summarize_runs(runs: list[dict]) -> dict:
     }
 
 
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small", choices=("tiny", "small", "default"))
@@ -318,15 +293,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="data-augmentation processes of each trainer")
     ap.add_argument("--devices", default="auto", help="auto (cpu, plus cuda when available), cpu or cuda")
     ap.add_argument("--out", type=Path, default=HERE / "out")
-    ap.add_argument("--worker", choices=("ours", "nnunet"), help=argparse.SUPPRESS)
-    ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    nd.add_worker_arguments(ap, ("ours", "nnunet"))
     args = ap.parse_args()
 
     if args.worker:
-        spec = json.loads(args.spec.read_text())
-        result = (worker_ours if args.worker == "ours" else worker_nnunet)(spec)
-        args.result.write_text(json.dumps(result))
+        nd.serve_worker(args.spec, args.result, worker_ours if args.worker == "ours" else worker_nnunet)
         return
 
     import torch
