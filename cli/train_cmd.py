@@ -76,6 +76,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # imported here: torch and the networks load only when training is asked for
+    from cmcseg.any2seg.subsets import SUBSET_TABLE_CSV, SUBSET_TABLE_PNG
     from cmcseg.training.ddp import launched_by_torchrun
     from cmcseg.training.registry import get_trainer_class
     from cmcseg.training.trainer import TrainingRequest
@@ -103,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"validation Dice ({summary['num_cases']} cases): {means}; foreground mean "
               f"{_fmt(summary['foreground_mean'])}")
     ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
-    subsets_path = output_folder / VALIDATION_DIR / "subsets.csv"
+    subsets_path = output_folder / VALIDATION_DIR / SUBSET_TABLE_CSV
     if subsets_path.is_file():
-        print(f"scores per modality subset: {subsets_path} (heat map: {subsets_path.with_suffix('.png')})")
+        print(f"scores per modality subset: {subsets_path} (heat map: {subsets_path.parent / SUBSET_TABLE_PNG})")
     print(f"trained {trainer.name} fold {args.fold} at --labeled {args.labeled}{ddp_note}: {output_folder}")
     return 0

@@ -1,7 +1,6 @@
 """The raw dataset model, the work roots, and every bad input named in the foundation issue."""
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path

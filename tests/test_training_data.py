@@ -10,10 +10,11 @@ import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
+from cmcseg.networks.cmc import plan_num_classes
 from cmcseg.preprocessing.storage import write_case
 from cmcseg.training.augmentation import configure_spatial_augmentation, deep_supervision_scales, training_transforms
 from cmcseg.training.data import (
-    IGNORE_VALUE, build_training_loader, build_validation_patches, input_channels, num_classes,
+    IGNORE_VALUE, build_training_loader, build_validation_patches, input_channels,
     plan_deep_supervision_scales,
 )
 from cmcseg.training.sampler import TwoStreamBatchSampler
@@ -179,8 +180,8 @@ def test_full_augmentation_keeps_fov_binary_and_masks_channels() -> None:
 def test_plan_helpers(preprocessed) -> None:
     _, plans = preprocessed
     assert input_channels(plans) == 4
-    assert num_classes(plans) == 3
-    assert num_classes({**plans, "labels": {**plans["labels"], "ignore": 3}}) == 3
+    assert plan_num_classes(plans) == 3
+    assert plan_num_classes({**plans, "labels": {**plans["labels"], "ignore": 3}}) == 3
     assert plan_deep_supervision_scales(plans, "3d_fullres") == [[1, 1, 1], [1, 0.5, 0.5]]  # bottleneck dropped
 
 

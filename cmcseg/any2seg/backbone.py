@@ -161,22 +161,42 @@ def build_mit_backbone(variant: str = "mit_b0", in_channels: int = 3, weights: P
 
 
 # ------------------------------------------------------------------------------- weight loading
-#: ordered (pattern, replacement) rules from the transformers 4 key layout to transformers 5's
-_HF4_RULES: tuple[tuple[str, str], ...] = (
+#: stage-level rules from the transformers 4 key layout to transformers 5's (regular expressions)
+_HF4_STAGE_RULES: tuple[tuple[str, str], ...] = (
     (r"^encoder\.patch_embeddings\.(\d+)\.", r"stages.\1.patch_embeddings."),
     (r"^encoder\.block\.(\d+)\.", r"stages.\1.blocks."),
     (r"^encoder\.layer_norm\.(\d+)\.", r"stages.\1.layer_norm."),
-    (r"attention\.self\.query\.", "attention.q_proj."),
-    (r"attention\.self\.key\.", "attention.k_proj."),
-    (r"attention\.self\.value\.", "attention.v_proj."),
-    (r"attention\.self\.sr\.", "attention.sequence_reduction.sequence_reduction."),
-    (r"attention\.self\.layer_norm\.", "attention.sequence_reduction.layer_norm."),
-    (r"attention\.output\.dense\.", "attention.o_proj."),
-    (r"mlp\.dense1\.", "mlp.fc1."),
-    (r"mlp\.dense2\.", "mlp.fc2."),
-    (r"\.layer_norm_1\.", ".layernorm_before."),
-    (r"\.layer_norm_2\.", ".layernorm_after."),
 )
+#: the inverse stage rules, transformers 5 -> 4
+_HF5_STAGE_RULES: tuple[tuple[str, str], ...] = (
+    (r"^stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
+    (r"^stages\.(\d+)\.blocks\.", r"encoder.block.\1."),
+    (r"^stages\.(\d+)\.layer_norm\.", r"encoder.layer_norm.\1."),
+)
+#: (transformers 4, transformers 5) names inside a block, applied in order in either direction
+_HF4_HF5_BLOCK_NAMES: tuple[tuple[str, str], ...] = (
+    ("attention.self.query.", "attention.q_proj."),
+    ("attention.self.key.", "attention.k_proj."),
+    ("attention.self.value.", "attention.v_proj."),
+    ("attention.self.sr.", "attention.sequence_reduction.sequence_reduction."),
+    ("attention.self.layer_norm.", "attention.sequence_reduction.layer_norm."),
+    ("attention.output.dense.", "attention.o_proj."),
+    ("mlp.dense1.", "mlp.fc1."),
+    ("mlp.dense2.", "mlp.fc2."),
+    (".layer_norm_1.", ".layernorm_before."),
+    (".layer_norm_2.", ".layernorm_after."),
+)
+
+
+def _rename_transformers_key(key: str, to_version: int) -> str:
+    """A MiT key in transformers 4's layout renamed to 5's (``to_version=5``), or back (``to_version=4``)."""
+    stage_rules = _HF4_STAGE_RULES if to_version == 5 else _HF5_STAGE_RULES
+    for pattern, repl in stage_rules:
+        key = re.sub(pattern, repl, key)
+    for old, new in _HF4_HF5_BLOCK_NAMES:
+        key = key.replace(old, new) if to_version == 5 else key.replace(new, old)
+    return key
+
 
 #: ordered rules from the original NVlabs / mmsegmentation MiT layout (``kv`` is split separately)
 _NVLABS_RULES: tuple[tuple[str, str], ...] = (
@@ -231,8 +251,7 @@ def convert_mit_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key.startswith(_HEAD_PREFIXES):
             continue
         if key.startswith("encoder."):
-            for pattern, repl in _HF4_RULES:
-                key = re.sub(pattern, repl, key)
+            key = _rename_transformers_key(key, to_version=5)
         elif re.match(r"^(patch_embed\d|block\d|norm\d)\.", key):
             kv = re.match(r"^block(\d)\.(\d+)\.attn\.kv\.(weight|bias)$", key)
             if kv:
@@ -247,32 +266,9 @@ def convert_mit_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-#: ordered rules from transformers 5's key layout back to transformers 4's (for transformers < 5)
-_HF5_TO_HF4_RULES: tuple[tuple[str, str], ...] = (
-    (r"^stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
-    (r"^stages\.(\d+)\.blocks\.", r"encoder.block.\1."),
-    (r"^stages\.(\d+)\.layer_norm\.", r"encoder.layer_norm.\1."),
-    (r"attention\.q_proj\.", "attention.self.query."),
-    (r"attention\.k_proj\.", "attention.self.key."),
-    (r"attention\.v_proj\.", "attention.self.value."),
-    (r"attention\.sequence_reduction\.sequence_reduction\.", "attention.self.sr."),
-    (r"attention\.sequence_reduction\.layer_norm\.", "attention.self.layer_norm."),
-    (r"attention\.o_proj\.", "attention.output.dense."),
-    (r"mlp\.fc1\.", "mlp.dense1."),
-    (r"mlp\.fc2\.", "mlp.dense2."),
-    (r"\.layernorm_before\.", ".layer_norm_1."),
-    (r"\.layernorm_after\.", ".layer_norm_2."),
-)
-
-
 def to_transformers4_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A transformers-5-layout MiT state dict in transformers 4's layout (``encoder.block.N.M...``)."""
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _HF5_TO_HF4_RULES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return {_rename_transformers_key(key, to_version=4): value for key, value in state.items()}
 
 
 def _read_weights_file(path: Path) -> tuple[dict[str, Tensor], Path]:

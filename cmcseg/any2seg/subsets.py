@@ -38,10 +38,15 @@ SUBSET_TABLE_PNG = "subsets.png"
 METRICS = ("miou", "dice")
 
 
+def is_scene_dataset(plans: Mapping) -> bool:
+    """A dataset of 2D images (natural scenes: DELIVER, MCubeS), as opposed to 3D medical volumes (also when those
+    are trained on their ``2d`` configuration)."""
+    return str(plans.get("dimensionality", "3d")).lower() == "2d"
+
+
 def subset_metric_for(plans: Mapping) -> str:
-    """``miou`` for datasets of 2D images (natural scenes: DELIVER, MCubeS), ``dice`` for 3D medical volumes,
-    also when those are trained on their ``2d`` configuration."""
-    return "miou" if str(plans.get("dimensionality", "3d")).lower() == "2d" else "dice"
+    """``miou`` for scene datasets, ``dice`` for medical volumes."""
+    return "miou" if is_scene_dataset(plans) else "dice"
 
 
 def scored_classes(plans: Mapping, metric: str) -> LabelInfo:
@@ -89,7 +94,7 @@ def _subset_groups(subsets: Sequence[tuple[int, ...]], num_classes: int, voxels:
     return [list(subsets[i:i + size]) for i in range(0, len(subsets), size)]
 
 
-def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor], folder: Path, case_ids: Sequence[str],
+def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | None, folder: Path, case_ids: Sequence[str],
                      patch_size: Sequence[int], labels: LabelInfo, modality_names: Sequence[str],
                      device: torch.device, metric: str, overlap: float = 0.5, sw_batch_size: int = 1,
                      joint_predictor_for: Callable[[Sequence[tuple[int, ...]]], Predictor] | None = None,
@@ -97,13 +102,15 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor], fold
     """The subset table: for each non-empty subset, every labeled case of ``case_ids`` predicted from it.
 
     ``predictor_for(subset)`` returns the probability function of the network restricted to
-    that subset of modality indices. ``joint_predictor_for(subsets)``, when given, returns one
+    that subset of modality indices. ``joint_predictor_for(subsets)``, given instead, returns one
     function whose output stacks the subsets' probabilities (``(B, S * K, ...)``, e.g.
     :class:`~cmcseg.any2seg.model.SubsetProbabilities`), so that one sliding window per case
     (per group of subsets whose probabilities fit in ``max_bytes``) scores them all. Returns one
     row per subset with columns ``subset``, ``num_modalities``, one per class, and ``mean`` (the
     mean over classes that occur).
     """
+    if (predictor_for is None) == (joint_predictor_for is None):
+        raise ValueError("pass exactly one of predictor_for and joint_predictor_for")
     subsets = non_empty_subsets(len(modality_names))
     scores = {s: SubsetScores(labels, metric) for s in subsets}
     for case_id in case_ids:

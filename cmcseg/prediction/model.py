@@ -35,7 +35,7 @@ from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
-from cmcseg.networks.cmc import build_cmc_network, plan_configuration
+from cmcseg.networks.cmc import build_cmc_network, plan_channels_per_modality, plan_configuration, plan_num_classes
 from cmcseg.paths import find_dataset_folder, parse_folder_name
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training.any2seg_trainer import Any2SegTrainer
@@ -43,7 +43,6 @@ from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.checkpoint import CHECKPOINT_KINDS, load_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer, as_scales, fov_weighted_ensemble
 from cmcseg.training.trainer import TRAINING_CONFIG_FILE, TrainerBase, plans_hash
-from cmcseg.training.validation import LabelInfo
 
 log = logging.getLogger(__name__)
 
@@ -347,15 +346,15 @@ register_inference_builder(CMCTrainer, build_cmc_inference)
 def build_any2seg_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
     """The Any2Seg model of the checkpoint's backbone options, as probabilities from the present modalities."""
     init, hp = model.init, model.hyperparameters
-    cpm = model.plans["channels_per_modality"]
+    channels_per_modality = plan_channels_per_modality(model.plans)
     network = Any2SegModel(
-        num_classes=LabelInfo.from_plans(model.plans).num_classes, num_modalities=len(cpm),
+        num_classes=plan_num_classes(model.plans), num_modalities=len(channels_per_modality),
         variant=str(init.get("backbone", hp.get("backbone_variant", "mit_b0"))),
         in_channels=int(init.get("in_channels", hp.get("backbone_in_channels", 3))),
         decoder_hidden_size=init.get("decoder_hidden_size"),
         fusion_temperature=float(init.get("fusion_temperature", 1.0)))
     network.load_state_dict(weights)
-    return Any2SegProbabilities(network, [int(cpm[k]) for k in sorted(cpm, key=int)])
+    return Any2SegProbabilities(network, channels_per_modality)
 
 
 register_inference_builder(Any2SegTrainer, build_any2seg_inference)

@@ -47,10 +47,13 @@ from cmcseg.any2seg.distillation import EMATeacherModel, LSCDLoss
 from cmcseg.any2seg.model import (
     Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images, sample_modality_subsets,
 )
-from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes, subset_metric_for, write_subset_table
+from cmcseg.any2seg.subsets import (
+    evaluate_subsets, is_scene_dataset, scored_classes, subset_metric_for, write_subset_table,
+)
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.errors import CmcsegError
 from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
+from cmcseg.networks.cmc import plan_channels_per_modality
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader
@@ -134,12 +137,12 @@ class Any2SegTrainer(TrainerBase):
         if str(self.plans.get("pairing", "paired")).lower() == "unpaired":
             raise CmcsegError(f"dataset {self.request.dataset} has unpaired modalities (one per case): Any2Seg fuses "
                               "modalities of the same scene. Fix: use the cmc trainer for unpaired data.")
-        self.natural_scenes = str(self.plans.get("dimensionality", "3d")).lower() == "2d"
+        self.natural_scenes = is_scene_dataset(self.plans)
         self.subset_metric = self.subset_metric or subset_metric_for(self.plans)
-        cpm = self.plans["channels_per_modality"]
-        self.channels_per_modality = [int(cpm[k]) for k in sorted(cpm, key=int)]
+        self.channels_per_modality = plan_channels_per_modality(self.plans)
         names = list(self.plans.get("modalities") or [])
-        self.modality_names = [names[int(k)] if int(k) < len(names) else f"modality {k}" for k in sorted(cpm, key=int)]
+        self.modality_names = [names[m] if m < len(names) else f"modality {m}"
+                               for m in range(len(self.channels_per_modality))]
         self.class_names = class_names_by_index(self.plans["labels"], self.labels.num_classes)
 
     def build_network(self) -> nn.Module:
@@ -275,20 +278,16 @@ class Any2SegTrainer(TrainerBase):
         network = self.inference_network()
         network.eval()
 
-        def under_autocast(wrapper: nn.Module):
+        def joint_predictor_for(subsets: Sequence[tuple[int, ...]]):
+            wrapper = SubsetProbabilities(network, self.channels_per_modality, subsets).to(self.device)
+
             def predict(x: Tensor) -> Tensor:
                 with self.autocast():
                     return wrapper(x).float()
             return predict
 
-        def predictor_for(subset: tuple[int, ...]):
-            return under_autocast(self.probabilities_network(subset))
-
-        def joint_predictor_for(subsets: Sequence[tuple[int, ...]]):
-            return under_autocast(SubsetProbabilities(network, self.channels_per_modality, subsets).to(self.device))
-
         folder = self.preprocessed_folder / self.config["data_identifier"]
-        table = evaluate_subsets(predictor_for, folder, self.cases.validation, self.patch_size,
+        table = evaluate_subsets(None, folder, self.cases.validation, self.patch_size,
                                  scored_classes(self.plans, self.subset_metric),
                                  self.modality_names, self.device, self.subset_metric, self.sliding_window_overlap,
                                  self.sliding_window_batch_size, joint_predictor_for=joint_predictor_for)

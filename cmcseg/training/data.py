@@ -31,11 +31,9 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Sampler
 
-from cmcseg.dataset import nnunet_label_dict
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.cmc import plan_configuration
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
@@ -48,7 +46,7 @@ from cmcseg.training.sampler import TwoStreamBatchSampler, endless_batches
 
 __all__ = [
     "IGNORE_VALUE", "BatchBuilder", "PatchCropper", "TrainingBatches", "build_training_loader",
-    "build_validation_patches", "input_channels", "num_classes", "plan_deep_supervision_scales",
+    "build_validation_patches", "input_channels", "plan_deep_supervision_scales",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,11 +68,6 @@ def _modalities(plans: Mapping[str, Any]) -> list[int]:
 def input_channels(plans: Mapping[str, Any]) -> int:
     """Network input channels: every modality's components, then one FOV mask per modality."""
     return sum(int(v) for v in plans["channels_per_modality"].values()) + len(_modalities(plans))
-
-
-def num_classes(plans: Mapping[str, Any]) -> int:
-    """Output channels: the labels without an ``ignore`` label (nnU-Net's ``LabelManager``; regions count as heads)."""
-    return LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
 
 
 def plan_deep_supervision_scales(plans: Mapping[str, Any], configuration: str) -> list[list[float]]:
