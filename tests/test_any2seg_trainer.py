@@ -222,6 +222,8 @@ def test_continue_restores_the_ema_teacher_and_the_lscd_projection(planned: Work
         for key, value in saved["extra"]["ema_teacher"].items():
             assert torch.equal(resumed.ema_teacher.model.state_dict()[key].cpu(), value), key
         assert len(resumed.optimizer.param_groups) == 2                         # the network and the projection
+        assert torch.equal(resumed.dropout_generator.get_state(), saved["extra"]["dropout_rng"])
+        assert not torch.equal(saved["extra"]["dropout_rng"], torch.Generator().manual_seed(resumed.seed).get_state())
     finally:
         resumed.close()
 

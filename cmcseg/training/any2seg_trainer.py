@@ -300,12 +300,16 @@ class Any2SegTrainer(TrainerBase):
 
     # =================================================================================== state
     def extra_state(self) -> dict[str, Any]:
-        """The EMA teacher and the LSCD projection."""
-        return {"ema_teacher": self.ema_teacher.model.state_dict(), "lscd": self.lscd.state_dict()}
+        """The EMA teacher, the LSCD projection and the modality-dropout generator (a resumed run goes on drawing
+        where it stopped instead of repeating the first epoch's subsets)."""
+        return {"ema_teacher": self.ema_teacher.model.state_dict(), "lscd": self.lscd.state_dict(),
+                "dropout_rng": self.dropout_generator.get_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the EMA teacher and the LSCD projection."""
+        """Restore the EMA teacher, the LSCD projection and the modality-dropout generator."""
         if "ema_teacher" in state:
             self.ema_teacher.model.load_state_dict(state["ema_teacher"])
         if "lscd" in state:
             self.lscd.load_state_dict(state["lscd"])
+        if "dropout_rng" in state:
+            self.dropout_generator.set_state(state["dropout_rng"])
