@@ -211,6 +211,53 @@ def test_myops_release(tmp_path: Path) -> None:
     assert any("gdencrypt" in n for n in report.notes)
 
 
+def _myops_folder_case(root: Path, case: str, label: bool = True, sequences=("C0", "LGE", "T2")) -> None:
+    """A case in per-case folder layout: ``CaseNNNN/CaseNNNN_{C0,LGE,T2}[_gd].nii.gz``, one grid."""
+    for i, seq in enumerate(sequences):
+        _volume(root / case / f"{case}_{seq}.nii.gz", _noise(_LGE_SHAPE, i), (0.75, 0.75, 12.0), (1.0, 2.0, 3.0))
+    if label:
+        _volume(root / case / f"{case}_gd.nii.gz", _label_array(_LGE_SHAPE, [0, 200, 500, 600, 1220, 2221]),
+                (0.75, 0.75, 12.0), (1.0, 2.0, 3.0))
+
+
+def test_myops_case_folders(tmp_path: Path) -> None:
+    source = tmp_path / "myops_dev"
+    _myops_folder_case(source / "labeled", "Case3026")
+    _myops_folder_case(source / "unlabeled", "Case4001", label=False)
+    out = tmp_path / "out"
+    report = convert("myops", source, out, "MYOPSDEV")
+
+    ds = Dataset.load(out)
+    assert ds.modalities == ["bSSFP", "LGE", "T2"] and ds.reference_modality == "LGE"
+    assert [c.case_id for c in ds.labeled_cases] == ["Case3026"]
+    assert [c.case_id for c in ds.unlabeled_cases] == ["Case4001"] and not ds.test_cases
+    assert report.num_training == 2 and report.num_labeled == 1
+    assert ds.original_label_values == {"background": 0, "myocardium": 200, "LV": 500, "RV": 600,
+                                        "edema": 1220, "scar": 2221}
+    assert ds.labels == {"background": 0, "myocardium": 1, "LV": 2, "RV": 3, "edema": 4, "scar": 5}
+    assert _meta(out)["official_split"] == {"Case3026": "labeled", "Case4001": "unlabeled"}
+    for ch, seq in enumerate(("C0", "LGE", "T2")):  # LGE (not DE) is the LGE channel; bytes untouched
+        written = image_file(out, "Case3026", ch)
+        assert written.read_bytes() == (source / "labeled" / "Case3026" / f"Case3026_{seq}.nii.gz").read_bytes()
+    src_label = source / "labeled" / "Case3026" / "Case3026_gd.nii.gz"
+    _assert_same_geometry(label_file(out, "Case3026"), src_label)
+    mapped, original = _array(label_file(out, "Case3026")), _array(src_label)
+    for name, value in ds.labels.items():
+        np.testing.assert_array_equal(mapped == value, original == ds.original_label_values[name])
+
+
+def test_myops_case_folder_missing_a_sequence_is_named(tmp_path: Path) -> None:
+    source = tmp_path / "myops_dev"
+    _myops_folder_case(source / "labeled", "Case3026")
+    _myops_folder_case(source / "unlabeled", "Case4001", label=False, sequences=("C0", "T2"))
+    with pytest.raises(DatasetError) as err:
+        convert("myops", source, tmp_path / "out", "MYOPSDEV")
+    assert [(p.case, p.file) for p in err.value.problems] == [
+        ("Case4001", str(source / "unlabeled" / "Case4001" / "Case4001_LGE.nii.gz"))]
+    assert "LGE image is missing" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------- AMOS
 def test_amos_is_unpaired_by_id(tmp_path: Path) -> None:
     source = tmp_path / "amos22"
@@ -454,3 +501,26 @@ def test_real_mscmr_lge_copy(tmp_path: Path) -> None:
     split = _meta(out)["official_split"][first.case_id]
     original = _array(source / split / "labels" / f"{first.case_id}_DE_manual.nii.gz")
     np.testing.assert_array_equal(_array(first.label) == ds.labels["RV"], original == 1)
+
+
+@pytest.mark.realdata
+def test_real_myops_dev_case_folders(tmp_path: Path) -> None:
+    source = require_shared_data("myops_dev")
+    out = tmp_path / "Dataset502_MYOPSDEV"
+    report = convert("myops", source, out, "MYOPSDEV")
+    ds = Dataset.load(out)
+    assert len(ds.cases) == 45 and len(ds.labeled_cases) == 20 and not ds.test_cases
+    assert report.num_training == 45 and report.num_labeled == 20
+    assert [c.case_id for c in ds.labeled_cases] == [f"Case{n}" for n in range(3026, 3046)]
+    assert [c.case_id for c in ds.unlabeled_cases] == [f"Case{n}" for n in range(4001, 4026)]
+    assert ds.modalities == ["bSSFP", "LGE", "T2"] and ds.reference_modality == "LGE"
+    assert ds.original_label_values == {"background": 0, "myocardium": 200, "LV": 500, "RV": 600,
+                                        "edema": 1220, "scar": 2221}
+    for case in ds.labeled_cases:
+        src_label = source / "labeled" / case.case_id / f"{case.case_id}_gd.nii.gz"
+        _assert_same_geometry(case.label, src_label)
+        _assert_same_geometry(case.images[1], source / "labeled" / case.case_id / f"{case.case_id}_LGE.nii.gz")
+        assert set(np.unique(_array(case.label)).tolist()) <= set(ds.labels.values())
+    first = ds.labeled_cases[0]
+    original = _array(source / "labeled" / first.case_id / f"{first.case_id}_gd.nii.gz")
+    np.testing.assert_array_equal(_array(first.label) == ds.labels["scar"], original == 2221)

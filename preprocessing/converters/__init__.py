@@ -4,16 +4,16 @@
 module that records the official file naming it reads (and where that naming was found);
 the shared steps (checks, writing, dataset.json, report) are in :mod:`.pipeline`.
 
-=========  =============  ===========================================================
+=========  =============  ==================================================================
 format     dataset        source
-=========  =============  ===========================================================
+=========  =============  ==================================================================
 mscmr      MSCMR          MS-CMRSeg 2019 (official tree, or the LGE-only CycleMix copy)
-myops      MYOPS          MyoPS 2020
+myops      MYOPS          MyoPS 2020 (official tree, or ``CaseNNNN/`` folders as in myops_dev)
 amos       AMOS           AMOS22 (CT and MRI, unpaired)
 tao        TAO            cmcseg's own layout for the private TAO orbit MRI data
 deliver    DELIVER        DELIVER (2D, ``.png``)
 mcubes     MCUBES         MCubeS (2D, ``.nii.gz`` because AoLP/DoLP are floats)
-=========  =============  ===========================================================
+=========  =============  ==================================================================
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class NamedSequenceConverter(Converter, ABC):
       label on its own grid, ``seq``. Without ``seq`` one label serves every (co-registered) sequence.
     * ``ignored_pattern`` matches files of the release that are deliberately not converted,
       described by ``ignored_what`` in the report.
-    * ``default_tokens`` names the file a missing sequence was expected at.
+    * ``default_tokens`` names the file a missing sequence was expected at (see :meth:`sequence_token`).
     """
 
     image_pattern: ClassVar[re.Pattern[str]]
@@ -46,6 +46,10 @@ class NamedSequenceConverter(Converter, ABC):
     def is_test(self, case_id: str) -> bool:
         """Whether a case belongs to the release's test split (goes to imagesTs)."""
         return False
+
+    def sequence_token(self, case_id: str, modality: str) -> str:
+        """The sequence token of a file name a missing ``modality`` of ``case_id`` was expected under."""
+        return self.default_tokens[modality]
 
     def find_cases(self, source: Path) -> SourceScan:
         images: _Found = defaultdict(lambda: defaultdict(list))
@@ -83,7 +87,7 @@ class NamedSequenceConverter(Converter, ABC):
         """Where a sequence missing from a case would be: beside a sequence it has, same naming style."""
         m = self.image_pattern.match(example.name)
         assert m is not None
-        token = self.default_tokens[modality]
+        token = self.sequence_token(m["case"], modality)
         return example.with_name(example.name[: m.start("seq")] + token + example.name[m.end("seq"):])
 
 
