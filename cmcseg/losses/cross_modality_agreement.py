@@ -133,3 +133,28 @@ class CrossModalityAgreementLoss(nn.Module):
             smooth=self.smooth,
             check_probabilities=self.check_probabilities,
         )
+
+
+def masked_agreement_loss(head_probabilities: Sequence[Tensor], target: Tensor, head_fov: Tensor | None = None,
+                          smooth: float = 1e-5) -> Tensor:
+    """The restricted CAC that cmcseg keeps as an option: each head against a DETACHED target, foreground only,
+    inside the head's field of view.
+
+        L = 1/M sum_m (1 - Dice_fg(p_m * fov_m, q * fov_m)),   q = target.detach()
+
+    ``head_probabilities``: M ``(B, K, *)`` softmax maps of the student heads; ``target``: ``(B, K, *)``
+    probabilities (e.g. the fused EMA teacher); ``head_fov``: ``(B, M, *)`` masks. Unlike
+    :func:`cross_modality_agreement_loss` no head is pulled towards another head's mistakes (the target gets
+    no gradient), background is left out, and voxels outside a modality's view do not count.
+    """
+    if len(head_probabilities) < 1:
+        raise ValueError("masked agreement needs at least one head")
+    goal = target.detach().float()
+    losses = []
+    for m, probabilities in enumerate(head_probabilities):
+        if probabilities.shape != goal.shape:
+            raise ValueError(f"head {m} has shape {tuple(probabilities.shape)}, the target {tuple(goal.shape)}")
+        mask = head_fov[:, m:m + 1].float() if head_fov is not None else 1.0
+        losses.append(soft_dice_agreement_loss(probabilities.float() * mask, goal * mask, include_background=False,
+                                               smooth=smooth))
+    return torch.stack(losses).mean()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 RampKind = Literal["sigmoid", "linear", "constant"]
-RampUnit = Literal["iteration", "epoch"]
+RampUnit = Literal["iteration", "epoch", "fraction"]
 
 
 def _progress(current: float, rampup_length: float) -> float:
@@ -40,16 +40,19 @@ def linear_rampup(current: float, rampup_length: float) -> float:
 
 @dataclass(frozen=True)
 class RampUp:
-    """A ramped loss weight: ``weight * ramp(step / length)``.
+    """A ramped loss weight: 0 before ``start``, then ``weight * ramp((step - start) / length)``.
 
-    ``length`` counts ``unit`` (iterations or epochs); the caller passes ``step`` in that same
-    unit. ``unit`` does not change the arithmetic, it records what the trainer must pass.
+    ``start`` (the warm-up) and ``length`` count ``unit``: iterations, epochs, or ``"fraction"``
+    of the whole run (what the trainers use, so that a 5-minute run and a 1000-epoch run follow
+    the same curve). The caller passes ``step`` in that same unit; ``unit`` does not change the
+    arithmetic, it records what the trainer must pass.
     """
 
     weight: float = 1.0
     length: float = 40.0
     kind: RampKind = "sigmoid"
     unit: RampUnit = "epoch"
+    start: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -58,15 +61,19 @@ class RampUp:
             raise ValueError(f"RampUp.length must be >= 0, got {self.length}")
         if self.kind not in ("sigmoid", "linear", "constant"):
             raise ValueError(f"RampUp.kind must be 'sigmoid', 'linear' or 'constant', got {self.kind!r}")
-        if self.unit not in ("iteration", "epoch"):
-            raise ValueError(f"RampUp.unit must be 'iteration' or 'epoch', got {self.unit!r}")
+        if self.unit not in ("iteration", "epoch", "fraction"):
+            raise ValueError(f"RampUp.unit must be 'iteration', 'epoch' or 'fraction', got {self.unit!r}")
+        if self.start < 0:
+            raise ValueError(f"RampUp.start must be >= 0, got {self.start}")
 
     def factor(self, step: float) -> float:
-        """The ramp value in [0, 1] at ``step`` (without the weight)."""
+        """The ramp value in [0, 1] at ``step`` (without the weight); exactly 0 during the warm-up."""
+        if step < self.start:
+            return 0.0
         if self.kind == "sigmoid":
-            return sigmoid_rampup(step, self.length)
+            return sigmoid_rampup(step - self.start, self.length)
         if self.kind == "linear":
-            return linear_rampup(step, self.length)
+            return linear_rampup(step - self.start, self.length)
         return 1.0
 
     def __call__(self, step: float) -> float:

@@ -44,6 +44,42 @@ class CMCOutput(NamedTuple):
     bottlenecks: list[Tensor]
 
 
+def as_scales(output: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """One head's output as a list over deep-supervision scales (full resolution first)."""
+    return [output] if isinstance(output, Tensor) else list(output)
+
+
+def head_probabilities(output: "CMCOutput") -> list[Tensor]:
+    """Each head's full-resolution softmax ``(B, K, *)`` (float32) of a network output."""
+    return [torch.softmax(as_scales(h)[0].float(), dim=1) for h in output.logits]
+
+
+def fov_weighted_ensemble(head_probabilities: Sequence[Tensor], fov: Tensor,
+                          reliability: Tensor | None = None) -> Tensor:
+    """The fused prediction: voxel-wise weighted mean of M heads' ``(B, K, *)`` probabilities.
+
+    Head m's weight at voxel x for class k is ``fov[b, m, x] * reliability[m, k]``: a head votes only
+    inside its modality's field of view, and (with ``reliability``, ``(M, K)``, e.g. each head's Dice
+    on labeled data) a head that segments class k badly has less say on class k. With reliability
+    weights the result is renormalised over classes. Where no modality is in view (e.g.
+    sliding-window padding) the plain mean is used. One head is returned as it is.
+    """
+    probabilities = torch.stack([p.float() for p in head_probabilities])  # (M, B, K, *)
+    n_heads, num_classes = probabilities.shape[0], probabilities.shape[2]
+    if n_heads == 1:
+        return probabilities[0]
+    weights = fov[:, :n_heads].float().transpose(0, 1).unsqueeze(2)  # (M, B, 1, *)
+    if reliability is not None:
+        per_class = reliability.to(probabilities).reshape(n_heads, 1, num_classes, *[1] * (probabilities.ndim - 3))
+        weights = weights * per_class
+    weight_sum = weights.sum(0)
+    weighted = (weights * probabilities).sum(0) / weight_sum.clamp_min(1e-6)
+    fused = torch.where(weight_sum > 0, weighted, probabilities.mean(0))
+    if reliability is not None:
+        fused = fused / fused.sum(1, keepdim=True).clamp_min(1e-6)
+    return fused
+
+
 def split_modalities(x: Tensor, channels_per_modality: Sequence[int], pad_to: int | None = None) -> list[Tensor]:
     """Cut ``x`` into one input per modality: its channels (zero-padded to ``pad_to``) then its FOV mask.
 
@@ -117,6 +153,9 @@ class CMCNetwork(nn.Module):
         self.attention = nn.ModuleList(ChannelAttention(first.spatial_dims, bottleneck)
                                        for _ in range(self.n_branches)) if self.use_attention else None
         self.fusion = UnifiedFusion(first.spatial_dims, bottleneck, self.n_branches) if self.use_fusion else None
+        # per-head, per-class vote in the fused prediction; the trainer sets it from the labeled data, and it
+        # travels in the state dict (checkpoints), so prediction fuses the heads as training did
+        self.register_buffer("head_reliability", torch.ones(self.n_branches, self.num_classes))
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -133,6 +172,19 @@ class CMCNetwork(nn.Module):
         return self.encoders[0].deep_supervision_scales()
 
     # --------------------------------------------------------------------------------- forward
+    def fuse(self, head_probabilities: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The fused prediction of the heads' probabilities for input ``x`` (FOV masks from ``x``), weighted
+        by :attr:`head_reliability` (see :func:`fov_weighted_ensemble`)."""
+        n_mod = len(self.channels_per_modality)
+        fov = x[:, x.shape[1] - n_mod:]
+        return fov_weighted_ensemble(head_probabilities, fov, self.head_reliability)
+
+    def head_fov(self, x: Tensor) -> Tensor:
+        """``(B, n_branches, *)`` field-of-view mask of each head: its modality's mask (one branch: their union)."""
+        n_mod = len(self.channels_per_modality)
+        fov = x[:, x.shape[1] - n_mod:]
+        return fov.amax(1, keepdim=True) if self.single_branch else fov
+
     def branch_inputs(self, x: Tensor) -> list[Tensor]:
         """The input of each branch (see :func:`split_modalities`)."""
         if self.single_branch:

@@ -1,0 +1,79 @@
+"""Cross-modality teaching by confident pseudo-labels: the prediction-level unlabeled term of CMC.
+
+An EMA teacher of the whole multi-branch network sees a weakly augmented patch. Its heads'
+probabilities are fused (field-of-view weighted, with per-head, per-class reliability weights;
+:func:`cmcseg.networks.cmc.fov_weighted_ensemble`), and the fused map gives hard pseudo-labels
+where it is confident. Every student head, run on a strongly augmented copy of the same patch,
+learns those labels inside its own field of view:
+
+    y_hat(x)  = argmax_k p_T(k | x)                   (fused teacher)
+    keep(x)   = max_k p_T(k | x) >= tau[y_hat(x)]     (per-class thresholds: thin classes may need a lower one)
+    L_pl      = 1/M sum_m [ CE + foreground soft Dice ](z_m, y_hat) over {x : keep(x) and fov_m(x)}
+
+The teacher is a detached target, so the good head (e.g. LGE, on the label grid) is never
+pulled towards a weak one; the fused target already carries the strong heads' votes. Hard
+labels reward confidence, unlike the symmetric soft-Dice agreement this replaces, which two
+identical flat maps satisfy perfectly. The loss is nnU-Net's own ``DC_and_CE_loss`` with an
+ignore value for the voxels that are not kept; it supervises each head's full-resolution output
+(the coarse deep-supervision outputs learn from the labeled rows).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from cmcseg.losses.supervised import DeepSupervisedDiceCELoss
+
+
+def class_thresholds(threshold: float | Sequence[float], num_classes: int, device: torch.device | None = None
+                     ) -> Tensor:
+    """A ``(K,)`` tensor of confidence thresholds: one value for every class, or one per class."""
+    if isinstance(threshold, (int, float)):
+        values = [float(threshold)] * num_classes
+    else:
+        values = [float(t) for t in threshold]
+        if len(values) != num_classes:
+            raise ValueError(f"{len(values)} pseudo-label thresholds for {num_classes} classes; give one per class "
+                             "(background first) or a single value")
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"pseudo-label thresholds must lie in [0, 1], got {values}")
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def confident_pseudo_labels(probabilities: Tensor, thresholds: Tensor, ignore_value: int) -> tuple[Tensor, Tensor]:
+    """Hard labels ``(B, 1, *)`` of ``(B, K, *)`` probabilities, ``ignore_value`` where the confidence is below
+    the threshold of the predicted class; also the boolean keep mask ``(B, 1, *)``."""
+    confidence, label = probabilities.detach().float().max(dim=1, keepdim=True)
+    keep = confidence >= thresholds.to(probabilities.device)[label]
+    return torch.where(keep, label, torch.full_like(label, ignore_value)), keep
+
+
+class PseudoLabelLoss(DeepSupervisedDiceCELoss):
+    """CE + foreground soft Dice of each student head against the fused teacher's confident hard labels.
+
+    ``ignore_value`` must be a value no class uses (the trainer passes the number of classes, or the
+    plan's ignore label). The target of head m is ``ignore_value`` wherever the voxel is not kept or
+    lies outside modality m's field of view, so those voxels send no gradient. A head with no kept
+    voxel in its field of view contributes nothing; with none for any head the loss is 0 (attached).
+    """
+
+    def __init__(self, ignore_value: int, batch_dice: bool = False) -> None:
+        super().__init__(batch_dice=batch_dice, ignore_label=int(ignore_value))
+
+    def forward(self, head_logits: Sequence[Tensor], pseudo_labels: Tensor,  # type: ignore[override]
+                head_fov: Tensor | None = None) -> Tensor:
+        """``head_logits``: M full-resolution ``(B, K, *)`` logits; ``pseudo_labels``: ``(B, 1, *)`` from
+        :func:`confident_pseudo_labels`; ``head_fov``: ``(B, M, *)`` masks (None: every voxel in view)."""
+        ignore = int(self.ignore_label)  # type: ignore[arg-type]
+        losses = []
+        for m, logits in enumerate(head_logits):
+            target = pseudo_labels
+            if head_fov is not None:
+                target = torch.where(head_fov[:, m:m + 1] > 0.5, target, torch.full_like(target, ignore))
+            if bool((target != ignore).any()):
+                losses.append(super().forward([logits], [target]))
+        if not losses:
+            return sum(logits.sum() * 0.0 for logits in head_logits)
+        return torch.stack(losses).mean()
