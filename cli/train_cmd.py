@@ -45,6 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches")
+    p.add_argument("--unlabeled-weight", type=float, default=None, metavar="W",
+                   help="scales every unlabeled loss term (pseudo-labels, CSC, CAC; default 1). 0 trains the same "
+                        "network on the same batches and schedule with the labels alone: the supervised baseline")
     any2seg = p.add_argument_group("Any2Seg (--trainer any2seg -c 2d)")
     any2seg.add_argument("--backbone", default=None, metavar="mit_b0..mit_b5",
                          help="SegFormer MiT backbone shared by the modalities (default mit_b0)")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
         backbone=args.backbone, backbone_weights=args.backbone_weights, teacher=args.teacher,
         teacher_weights=args.teacher_weights, modality_dropout=args.modality_dropout,
+        unlabeled_weight=args.unlabeled_weight,
     )
     trainer = trainer_class(request)
     output_folder = trainer.run()
@@ -103,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         means = ", ".join(f"{k} {_fmt(v)}" for k, v in summary["mean"].items())
         print(f"validation Dice ({summary['num_cases']} cases): {means}; foreground mean "
               f"{_fmt(summary['foreground_mean'])}")
+        for head, scores in summary.get("per_head", {}).items():
+            print(f"   head {head} alone: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scores["mean"].items()))
     ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
     subsets_path = output_folder / VALIDATION_DIR / SUBSET_TABLE_CSV
     if subsets_path.is_file():

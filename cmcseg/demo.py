@@ -61,9 +61,6 @@ class DemoCMCTrainer(CMCTrainer):
     iterations_per_epoch = 25
     val_iterations = 2
     num_epochs = 1000
-    csc_rampup_epochs = 10.0
-    cac_rampup_epochs = 10.0
-    mean_teacher_rampup_epochs = 10.0
 
     def configure_plans(self, plans: dict) -> dict:
         """The planned network with fewer features and one block per stage (same patch, same topology)."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
-from cmcseg.losses import RampUp
+from cmcseg.losses import RampUp, class_thresholds
 from cmcseg.paths import WorkRoots
 from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
@@ -142,11 +142,13 @@ def assert_same_optimizer_state(loaded: dict, saved: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- fast unit tests
-def test_batch_composition_half_unlabeled_at_least_one_labeled():
-    assert batch_composition(4, True, 0.5, 1) == (2, 2)
-    assert batch_composition(5, True, 0.5, 1) == (3, 2)
-    assert batch_composition(1, True, 0.5, 1) == (1, 1)
-    assert batch_composition(2, False, 0.5, 1) == (2, 0)
+def test_batch_composition_keeps_the_labeled_batch_and_adds_unlabeled_rows_on_top():
+    """The semi-supervised arm sees as many labeled rows as the supervised one (the plan's batch)."""
+    assert batch_composition(4, True, 0.5, 1) == (4, 2)
+    assert batch_composition(5, True, 1.0, 1) == (5, 5)
+    assert batch_composition(1, True, 0.5, 1) == (1, 1)  # at least one unlabeled row
+    assert batch_composition(2, False, 1.0, 1) == (2, 0)
+    assert batch_composition(2, True, 0.0, 1) == (2, 0)
 
 
 def test_select_fold_cases_supervised_at_full_fraction():
@@ -205,18 +207,25 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
         "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"}
     log_text = (folder / "log.txt").read_text()
     assert "epoch 1" in log_text and "pseudo-Dice" in log_text
+    # a collapse is visible as it happens: every term's weight, each head's foreground mass, each head's Dice
+    for needle in ("weight/pseudo_label", "weight/csc", "mass/LGE/RV", "mass/T2/myocardium", "head reliability",
+                   "head T2 alone"):
+        assert needle in log_text, needle
     assert (folder / "progress.png").read_bytes()[:8] == PNG_MAGIC
     with Image.open(folder / "progress.png") as image:
         image.verify()
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert set(summary["mean"]) == {"myocardium", "LV", "RV"}
     assert summary["num_cases"] == len(summary["per_case"]) >= 1
+    assert set(summary["per_head"]) == {"bSSFP", "LGE", "T2"}
+    for head in summary["per_head"].values():
+        assert set(head["per_case"]) == set(summary["per_case"]) and set(head["mean"]) == {"myocardium", "LV", "RV"}
     for per_class in summary["per_case"].values():
         assert set(per_class) == {"myocardium", "LV", "RV"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in per_class.values())  # None: class absent from both
     config = json.loads((folder / "training_config.json").read_text())
     assert config["labeled_ids"] == labeled_subset(load_splits(planned.preprocessed / DATASET / "splits.json"), 0, 0.5)
-    assert config["unlabeled_batch_size"] == 2 and config["labeled_batch_size"] == 2
+    assert config["labeled_batch_size"] == 4 and config["unlabeled_batch_size"] == 4  # the plan's batch, ratio 1
     assert len(config["plans_sha256"]) == 64
 
     saved = torch.load(folder / "checkpoint_final.pt", weights_only=False)
@@ -270,17 +279,16 @@ def test_sigkilled_run_leaves_loadable_checkpoints_and_resumes(planned, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("term", ["csc", "cac"])
+@pytest.mark.parametrize("term", ["csc", "pseudo_label", "cac"])
 def test_unlabeled_losses_send_gradient_into_encoders(planned, tmp_path, term):
-    """The public CMC code ran its unlabeled pass under no_grad; here CSC and CAC each train the encoders."""
+    """The public CMC code ran its unlabeled pass under no_grad; here each unlabeled term trains the encoders."""
     trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
     trainer.initialize()
     try:
         trainer.supervised_weight = 0.0
-        if term == "csc":
-            trainer.cac_ramp = RampUp(0.0, 1.0)
-        else:
-            trainer.csc_ramp = RampUp(0.0, 1.0)
+        trainer.ramps = {name: RampUp(1.0 if name == term else 0.0, 0.0, "constant", "fraction")
+                         for name in trainer.ramps}
+        trainer.pseudo_label_thresholds = class_thresholds(0.0, trainer.labels.num_classes)  # every voxel counts
         batch = next(trainer.dataloader)
         batch["labeled"][:] = False  # an unlabeled-only batch
         for target in batch["target"]:
@@ -316,7 +324,7 @@ def test_ddp_two_processes_keep_identical_parameters(planned, tmp_path):
         assert torch.equal(rank0[key], rank1[key]), f"ranks differ in {key}"
         assert torch.equal(rank0[key], final[key])
     config = json.loads((folder / "training_config.json").read_text())
-    assert config["world_size"] == 2 and config["labeled_batch_size"] == 1 and config["unlabeled_batch_size"] == 1
+    assert config["world_size"] == 2 and config["labeled_batch_size"] == 2 and config["unlabeled_batch_size"] == 2
     assert (folder / "validation" / "summary.json").is_file()
     assert "(2 processes)" in result.stdout
 
@@ -344,6 +352,7 @@ def test_unpaired_dataset_trains_with_mean_teacher_that_reaches_the_encoders(pla
     try:
         assert not trainer.cross_modality and trainer.teacher is not None
         trainer.supervised_weight = 0.0
+        trainer.ramps["mean_teacher"] = RampUp(0.1, 0.0, "constant", "fraction")  # past the warm-up
         batch = next(trainer.dataloader)
         batch["labeled"][:] = False
         for target in batch["target"]:

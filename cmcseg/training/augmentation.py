@@ -27,13 +27,16 @@ from typing import Sequence
 import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 __all__ = [
-    "FOVToImageTransform", "SpatialAugmentation", "configure_spatial_augmentation", "deep_supervision_scales",
+    "FOVToImageTransform", "ShortAxisSafeGaussianBlur", "SpatialAugmentation", "StrongIntensityAugmentation",
+    "configure_spatial_augmentation",
+    "deep_supervision_scales",
     "training_transforms", "validation_transforms",
 ]
 
@@ -101,6 +104,38 @@ class FOVToImageTransform(BasicTransform):
         return data_dict
 
 
+class ShortAxisSafeGaussianBlur(GaussianBlurTransform):
+    """nnU-Net's Gaussian blur, with each axis's sigma capped to what reflect padding allows on that axis.
+
+    batchgeneratorsv2 pads by half its kernel (``nearest odd(6 sigma + 0.5)``) with reflection, which needs
+    fewer padded voxels than the axis has. Thick-slice cardiac MRI plans patches of 2-3 slices, where a sigma
+    of 0.7-1 would raise; the cap keeps the blur (weaker) instead. Axes long enough are blurred exactly as
+    nnU-Net does.
+    """
+
+    def _benchmark_wrapper(self, img: torch.Tensor, sigma: float, dim_to_blur: int) -> torch.Tensor:
+        size = int(img.shape[dim_to_blur + 1])
+        if size < 2:
+            return img
+        return super()._benchmark_wrapper(img, min(float(sigma), (2 * size - 1) / 6.0), dim_to_blur)
+
+    @classmethod
+    def replacing(cls, blur: GaussianBlurTransform) -> "ShortAxisSafeGaussianBlur":
+        """The same transform (same settings) with the cap."""
+        safe = cls.__new__(cls)
+        safe.__dict__.update(blur.__dict__)
+        return safe
+
+
+def _safe_blur(steps: Sequence[BasicTransform]) -> list[BasicTransform]:
+    """nnU-Net's steps with its Gaussian blur replaced by :class:`ShortAxisSafeGaussianBlur`."""
+    for step in steps:
+        inner = getattr(step, "transform", None)
+        if isinstance(inner, GaussianBlurTransform) and not isinstance(inner, ShortAxisSafeGaussianBlur):
+            step.transform = ShortAxisSafeGaussianBlur.replacing(inner)
+    return list(steps)
+
+
 def _fov_and_deep_supervision(channel_modalities: Sequence[int], ds_scales: Sequence[Sequence[float]] | None,
                               zero_outside_fov: bool) -> list[BasicTransform]:
     """The tail cmcseg appends to nnU-Net's pipelines: FOV masks to the image, then deep-supervision targets."""
@@ -129,7 +164,7 @@ def training_transforms(
     nnunet = nnUNetTrainer.get_training_transforms(
         list(augmentation.patch_size), augmentation.rotation, None, augmentation.mirror_axes,
         augmentation.do_dummy_2d, use_mask_for_norm=list(use_mask_for_norm) if use_mask_for_norm else None)
-    steps = list(nnunet.transforms)
+    steps = _safe_blur(nnunet.transforms)
     if spatial_only:  # nnU-Net wraps every intensity transform (and only those) in a RandomTransform
         steps = [t for t in steps if not isinstance(t, RandomTransform)]
     return ComposeTransforms(steps + _fov_and_deep_supervision(channel_modalities, ds_scales, zero_outside_fov))
@@ -141,3 +176,58 @@ def validation_transforms(ds_scales: Sequence[Sequence[float]] | None, channel_m
     nnunet = nnUNetTrainer.get_validation_transforms(None)
     return ComposeTransforms(list(nnunet.transforms)
                              + _fov_and_deep_supervision(channel_modalities, ds_scales, zero_outside_fov))
+
+
+@dataclass(frozen=True)
+class StrongIntensityAugmentation:
+    """The student's strong view of a batch in the weak/strong pair of the semi-supervised objective.
+
+    It works on the network input ``(B, C + M, *)`` (modality channels, then FOV masks) as the
+    loader delivers it, on the training device, and changes intensities only, so the student and
+    the teacher see the same spatial transform (a voxel-wise pseudo-label stays valid). Each
+    modality of each row gets its own random perturbation, inside its field of view:
+    contrast (scaling around the mean), brightness (shift), gamma (on the patch's min-max range,
+    as nnU-Net's ``GammaTransform``), then Gaussian noise. With ``drop_modality`` a row loses one of
+    its present modalities (image channels and FOV mask zeroed) with that probability, if it has
+    at least two. The per-row tensor work replaces batchgenerators' per-sample numpy transforms,
+    which would run on the CPU between the teacher's and the student's forward passes.
+    """
+
+    contrast: tuple[float, float] = (0.65, 1.5)
+    brightness: float = 0.25
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.1
+    drop_modality: float = 0.0
+
+    def __call__(self, x: torch.Tensor, channel_modalities: Sequence[int], num_modalities: int) -> torch.Tensor:
+        n_channels = len(channel_modalities)
+        image, fov = x[:, :n_channels].float(), x[:, n_channels:n_channels + num_modalities].float()
+        batch, shape = x.shape[0], (x.shape[0], num_modalities) + (1,) * (x.ndim - 2)
+        index = torch.as_tensor(list(channel_modalities), device=x.device, dtype=torch.long)
+
+        def per_modality(low: float, high: float) -> torch.Tensor:
+            return torch.empty(shape, device=x.device).uniform_(low, high)[:, index]
+
+        mask = fov[:, index]
+        inside = mask.flatten(2).sum(2).clamp_min(1.0).reshape(batch, n_channels, *[1] * (x.ndim - 2))
+        mean = (image * mask).flatten(2).sum(2).reshape(inside.shape) / inside
+        out = (image - mean) * per_modality(*self.contrast) + mean
+        out = out + per_modality(-self.brightness, self.brightness)
+        low = torch.where(mask > 0, out, torch.full_like(out, float("inf"))).flatten(2).amin(2)
+        high = torch.where(mask > 0, out, torch.full_like(out, float("-inf"))).flatten(2).amax(2)
+        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low)).reshape(inside.shape)
+        high = torch.where(torch.isfinite(high), high, torch.ones_like(high)).reshape(inside.shape)
+        span = (high - low).clamp_min(1e-6)
+        out = ((out - low) / span).clamp(0, 1).pow(per_modality(*self.gamma)) * span + low
+        out = out + torch.randn_like(out) * self.noise_std
+        out = out * mask
+        if self.drop_modality > 0 and num_modalities > 1:
+            fov = fov.clone()
+            present = fov.flatten(2).amax(2) > 0.5  # (B, M)
+            for b in range(batch):
+                candidates = torch.nonzero(present[b]).flatten()
+                if len(candidates) > 1 and float(torch.rand(())) < self.drop_modality:
+                    m = int(candidates[int(torch.randint(len(candidates), ()))])
+                    fov[b, m] = 0
+                    out[b, index == m] = 0
+        return torch.cat([out.to(x.dtype), fov.to(x.dtype), x[:, n_channels + num_modalities:]], dim=1)

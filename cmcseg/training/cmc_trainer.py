@@ -3,85 +3,79 @@
 What it adds to :class:`~cmcseg.training.trainer.TrainerBase`: the CMC network
 (:func:`cmcseg.networks.build_cmc_network`), its losses, and how a batch feeds them.
 
-A batch holds labeled rows first and unlabeled rows after (``batch["labeled"]``). One forward
-pass of the whole batch WITH gradient gives every modality head's logits and every branch's
-bottleneck. Then, for paired datasets (every modality of a case on one grid):
+A batch holds the plan's batch of labeled rows first and, with unlabeled cases, unlabeled rows
+on top (``batch["labeled"]``). For paired datasets (every modality of a case on one grid):
 
 * **supervised**: nnU-Net's Dice+CE with deep supervision per modality head, on the labeled
-  rows only (the unlabeled rows' targets are -1 and never reach the loss);
-* **CSC** (channel-wise semantic consistency) on the bottlenecks of ALL rows;
-* **CAC** (cross-modality agreement, ``1 - soft Dice``) on the heads' softmax PROBABILITIES
-  of ALL rows, labeled and unlabeled;
+  rows, each head only inside its modality's field of view (voxels outside are ignored);
+* **pseudo-label** (cross-modality teaching, :mod:`cmcseg.losses.pseudo_label`): an EMA teacher
+  of the whole network sees the unlabeled rows as loaded (the weak view); its heads are fused
+  with FOV and per-head, per-class reliability weights, and its confident argmax teaches every
+  student head, which sees a strongly augmented copy (same spatial transform, per-modality
+  intensity perturbations, optionally one modality dropped), inside the head's field of view;
+* **CSC** (channel-wise semantic consistency) on the bottlenecks of all rows;
+* **CAC** (optional, weight 0 by default): each head's foreground probabilities against the
+  fused teacher's, detached, inside the head's field of view, on unlabeled rows;
 
-    L = w_sup L_sup + w_csc(t) L_csc + w_cac(t) L_cac
+    L = w_sup L_sup + u [w_pl(t) L_pl + w_csc(t) L_csc + w_cac(t) L_cac]
 
-with sigmoid ramp-ups ``w(t) = w exp(-5 (1 - t / T)^2)`` over ``T`` epochs. The public code
-of the CMC paper ran the unlabeled pass under ``torch.no_grad()``, so its semi-supervised
-terms never trained anything; here they back-propagate into encoders, fusion and decoders
-(tests/test_trainer.py proves it).
+``u`` is ``--unlabeled-weight`` (0: the supervised-only arm with the same batches and schedule),
+and every ramp is 0 for the first ``unlabeled_warmup`` of the run, then a sigmoid ramp-up over
+``unlabeled_rampup``, both as fractions of the run (:attr:`TrainerBase.run_fraction`), so a short
+run and a long one follow the same curve. The public code of the CMC paper ran the unlabeled
+pass under ``torch.no_grad()``; here the unlabeled terms back-propagate into encoders, fusion
+and decoders (tests/test_trainer.py proves it).
+
+Reliability: every step, each head's argmax on the labeled rows is compared with the label
+(inside its field of view); an EMA of the TP/FP/FN counts gives a Dice per head and class, which
+becomes the network's ``head_reliability`` buffer. The teacher's fusion, validation and
+``cmcseg predict`` weight the heads by it (it is saved with the weights).
 
 **Unpaired datasets** (``"pairing": "unpaired"`` in the plans, e.g. AMOS CT vs MRI from
 different patients): a case has one modality, the others are zeros with an empty field of
-view. Two heads never see the same anatomy, so CAC is meaningless and is replaced by a
-mean-teacher consistency within each modality: an EMA copy of the network (the teacher) sees
-the clean input, the student sees it with Gaussian noise (inside each modality's field of
-view), and each head m is pulled towards the teacher's head m on the rows where modality m
-is present. CSC is skipped: there are no paired channels to contrast. The same mean-teacher
-term is used for a network with a single branch. Each head is supervised only on the rows
-where its modality is present (for paired data: every row).
-
-Prediction (validation, and the predictor) averages the heads' probabilities voxel by voxel,
-weighted by each modality's field-of-view mask, so a head outside its modality's field of
-view (or of an absent modality) does not vote.
+view. Two heads never see the same anatomy, so the cross-modality terms are replaced by a
+mean-teacher consistency within each modality: the EMA teacher sees the clean input, the student
+sees it with Gaussian noise (inside each modality's field of view), and each head m is pulled
+towards the teacher's head m on the rows where modality m is present. The same term is used for
+a network with a single branch.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmcseg.losses import (
     ChannelSemanticConsistencyLoss,
-    CrossModalityAgreementLoss,
+    PseudoLabelLoss,
     RampUp,
     SupervisedDiceCELoss,
+    class_thresholds,
+    confident_pseudo_labels,
     create_ema_teacher,
+    masked_agreement_loss,
     mean_teacher_consistency_loss,
     update_ema_teacher,
 )
 from cmcseg.networks import build_cmc_network
+from cmcseg.networks.cmc import as_scales, fov_weighted_ensemble, head_probabilities
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training import ddp
-from cmcseg.training.progress import WEIGHT_PREFIX
+from cmcseg.training.augmentation import StrongIntensityAugmentation
+from cmcseg.training.progress import MASS_PREFIX, WEIGHT_PREFIX
 from cmcseg.training.trainer import TrainerBase
 
 log = logging.getLogger(__name__)
 
-
-def as_scales(output: Tensor | Sequence[Tensor]) -> list[Tensor]:
-    """One head's output as a list over deep-supervision scales (full resolution first)."""
-    return [output] if isinstance(output, Tensor) else list(output)
-
-
-def fov_weighted_ensemble(head_probabilities: Sequence[Tensor], fov: Tensor) -> Tensor:
-    """Voxel-wise mean of M heads' ``(B, K, *)`` probabilities weighted by the ``(B, M, *)`` FOV masks.
-
-    A head votes only inside its modality's field of view; where no modality is in view (e.g.
-    sliding-window padding) the plain mean is used. One head is returned as it is.
-    """
-    probabilities = torch.stack([p.float() for p in head_probabilities])  # (M, B, K, *)
-    if probabilities.shape[0] == 1:
-        return probabilities[0]
-    weights = fov[:, :probabilities.shape[0]].float().transpose(0, 1).unsqueeze(2)  # (M, B, 1, *)
-    weight_sum = weights.sum(0)
-    weighted = (weights * probabilities).sum(0) / weight_sum.clamp_min(1e-6)
-    return torch.where(weight_sum > 0, weighted, probabilities.mean(0))
+__all__ = ["CMCTrainer", "as_scales", "fov_weighted_ensemble"]
 
 
 class CMCTrainer(TrainerBase):
-    """The CMC method: M modality branches, supervised Dice+CE per head, CSC and CAC on all rows."""
+    """The CMC method: M modality branches; supervised Dice+CE per head, confident cross-modality pseudo-labels
+    from an EMA teacher, and CSC on the unlabeled side."""
 
     # ---- network
     shared_decoder: bool = False
@@ -89,19 +83,28 @@ class CMCTrainer(TrainerBase):
     channel_attention: bool | None = None
     # ---- supervised term
     supervised_weight: float = 1.0
-    # ---- channel-wise semantic consistency (paired)
+    # ---- the unlabeled objective (paired); every term is scaled by unlabeled_weight (--unlabeled-weight)
+    unlabeled_weight: float = 1.0
+    unlabeled_warmup: float = 0.1  # fraction of the run before any unlabeled term counts
+    unlabeled_rampup: float = 0.2  # fraction of the run over which the terms rise (sigmoid) to full weight
+    pseudo_label_weight: float = 1.0
+    #: confidence a fused teacher voxel needs to become a pseudo-label: one value, or one per class (background
+    #: first), e.g. lower for thin classes
+    pseudo_label_threshold: float | tuple[float, ...] = 0.8
     csc_weight: float = 0.1
-    csc_rampup_epochs: float = 100.0
     csc_temperature: float = 0.1
-    # ---- cross-modality agreement (paired)
-    cac_weight: float = 1.0
-    cac_rampup_epochs: float = 100.0
-    cac_include_background: bool = True
-    cac_detach_modality: int | None = None
+    cac_weight: float = 0.0  # the restricted agreement term (foreground, detached fused target, FOV-masked)
+    ema_alpha: float = 0.99
+    reliability_momentum: float = 0.98
+    reliability_floor: float = 0.05
+    # ---- the student's strong view of the unlabeled rows
+    strong_contrast: tuple[float, float] = (0.65, 1.5)
+    strong_brightness: float = 0.25
+    strong_gamma: tuple[float, float] = (0.7, 1.5)
+    strong_noise_std: float = 0.1
+    strong_drop_modality: float = 0.0
     # ---- mean teacher (unpaired, or a single branch)
     mean_teacher_weight: float = 0.1
-    mean_teacher_rampup_epochs: float = 100.0
-    ema_alpha: float = 0.99
     student_noise_std: float = 0.1
     student_noise_clip: float = 0.2
 
@@ -119,32 +122,50 @@ class CMCTrainer(TrainerBase):
         self.cross_modality = paired and network.n_branches > 1
         if not self.cross_modality:
             why = "unpaired modalities" if not paired else "a single branch"
-            log.info("CMC with %s: mean-teacher consistency within each modality replaces CAC; CSC is off", why)
+            log.info("CMC with %s: mean-teacher consistency within each modality replaces the cross-modality "
+                     "terms; CSC is off", why)
         return network
 
     def build_losses(self) -> None:
-        """Loss modules and ramp-ups from the class attributes; the EMA teacher when needed."""
-        self.supervised_loss = SupervisedDiceCELoss(batch_dice=bool(self.config.get("batch_dice", False)),
-                                                    ignore_label=self.labels.ignore_label)
+        """Loss modules, the ramps and the EMA teacher, from the class attributes."""
+        if self.request.unlabeled_weight is not None:
+            self.unlabeled_weight = float(self.request.unlabeled_weight)
+        # labeled voxels outside a head's field of view, and unconfident pseudo-label voxels, get this target
+        self.ignore_value = self.labels.ignore_label if self.labels.ignore_label is not None \
+            else self.labels.num_classes
+        batch_dice = bool(self.config.get("batch_dice", False))
+        self.supervised_loss = SupervisedDiceCELoss(batch_dice=batch_dice, ignore_label=self.ignore_value)
+        self.pseudo_label_loss = PseudoLabelLoss(self.ignore_value, batch_dice=batch_dice)
+        self.pseudo_label_thresholds = class_thresholds(self.pseudo_label_threshold, self.labels.num_classes)
         self.csc_loss = ChannelSemanticConsistencyLoss(self.csc_temperature)
-        self.cac_loss = CrossModalityAgreementLoss(include_background=self.cac_include_background,
-                                                   detach_modality=self.cac_detach_modality)
-        self.csc_ramp = RampUp(self.csc_weight, self.csc_rampup_epochs, "sigmoid", "epoch")
-        self.cac_ramp = RampUp(self.cac_weight, self.cac_rampup_epochs, "sigmoid", "epoch")
-        self.mean_teacher_ramp = RampUp(self.mean_teacher_weight, self.mean_teacher_rampup_epochs, "sigmoid", "epoch")
-        self.teacher: nn.Module | None = None
-        if not self.cross_modality:
-            self.teacher = create_ema_teacher(ddp.unwrap_model(self.network))
-        longest = max(self.csc_rampup_epochs, self.cac_rampup_epochs, self.mean_teacher_rampup_epochs)
-        if longest > self.num_epochs:
-            log.warning("ramp-ups of up to %g epochs are longer than the %d epochs of training: the unlabeled "
-                        "terms never reach their full weight", longest, self.num_epochs)
+        self.ramps = self.build_ramps()
+        self.strong_view = StrongIntensityAugmentation(self.strong_contrast, self.strong_brightness, self.strong_gamma,
+                                                       self.strong_noise_std, self.strong_drop_modality)
+        student = ddp.unwrap_model(self.network)
+        self.teacher: nn.Module = create_ema_teacher(student)
+        self.teacher.set_deep_supervision(False)  # the teacher's targets are full resolution only
+        self.reliability_counts = torch.zeros(3, student.n_branches, self.labels.num_classes, dtype=torch.float64)
+
+    def build_ramps(self) -> dict[str, RampUp]:
+        """One ramp per unlabeled term: 0 during ``unlabeled_warmup``, then a sigmoid over ``unlabeled_rampup``,
+        both as fractions of the run."""
+        return {name: RampUp(weight, self.unlabeled_rampup, "sigmoid", "fraction", self.unlabeled_warmup)
+                for name, weight in (("pseudo_label", self.pseudo_label_weight), ("csc", self.csc_weight),
+                                     ("cac", self.cac_weight), ("mean_teacher", self.mean_teacher_weight))}
 
     # =================================================================================== batch helpers
     @property
     def num_image_channels(self) -> int:
         """Modality channels at the front of the input; the FOV masks follow."""
         return len(self.channel_modalities)
+
+    @property
+    def head_names(self) -> list[str]:
+        """One name per head: the modality names (a single branch: ``all``)."""
+        names = [str(n) for n in self.plans.get("modalities", [])]
+        if ddp.unwrap_model(self.network).n_branches == 1:
+            return ["all"]
+        return names if len(names) == self.num_modalities else [str(m) for m in range(self.num_modalities)]
 
     def modality_presence(self, x: Tensor) -> Tensor:
         """``(B, M)`` bool: True where the row's modality m has a non-empty field of view."""
@@ -159,49 +180,148 @@ class CMCTrainer(TrainerBase):
         fov = x[:, [n + m for m in self.channel_modalities]]
         return torch.cat([x[:, :n] + noise * fov, x[:, n:]], dim=1)
 
+    def unlabeled_weights(self) -> dict[str, float]:
+        """The current weight of each unlabeled term: ramp at this fraction of the run, times ``unlabeled_weight``."""
+        t = self.run_fraction
+        names = ("pseudo_label", "csc", "cac") if self.cross_modality else ("mean_teacher",)
+        return {name: self.unlabeled_weight * self.ramps[name](t) for name in names}
+
     # =================================================================================== losses
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
-        """Supervised term on labeled rows; CSC + CAC (paired) or mean teacher (unpaired) on all rows."""
+        """Supervised term on labeled rows; the unlabeled objective (paired) or the mean teacher (unpaired)."""
         x = batch["data"]
         labeled = batch["labeled"].to(x.device).bool()
         targets = as_scales(batch["target"])
-        present = self.modality_presence(x)
-        student_input = x if self.cross_modality else self.noisy_student_input(x)
+        network = ddp.unwrap_model(self.network)
+        weights = self.unlabeled_weights()
+        if not self.cross_modality:
+            return self.mean_teacher_losses(x, labeled, targets, weights)
+        if not any(w > 0 for w in weights.values()) and bool(labeled.any()) and not bool(labeled.all()):
+            # warm-up, or --unlabeled-weight 0: the unlabeled rows would add nothing to the loss (every norm is per
+            # row), so they are not run at all: an identical loss at the labeled rows' cost
+            x, labeled, targets = x[labeled], labeled[labeled], [t[labeled] for t in targets]
+        unlabeled = ~labeled
+        teach = bool(unlabeled.any()) and (weights["pseudo_label"] > 0 or weights["cac"] > 0)
+        student_input = x
+        if teach:
+            student_input = x.clone()
+            student_input[unlabeled] = self.strong_view(x[unlabeled], self.channel_modalities, self.num_modalities)
         output = self.network(student_input)
         heads = [as_scales(h) for h in output.logits]
-        losses: dict[str, Tensor] = {"supervised": self.supervised_term(heads, targets, labeled, present)}
+        head_fov = network.head_fov(x)
+        losses: dict[str, Tensor] = {"supervised": self.supervised_term(heads, targets, labeled, head_fov)}
+        self.update_reliability(heads, targets[0], labeled, head_fov)
+        losses["csc"] = self.csc_loss(output.bottlenecks) if weights["csc"] > 0 else x.new_zeros(())
+        losses["pseudo_label"] = losses["cac"] = x.new_zeros(())
+        diagnostics: dict[str, Tensor] = {}
+        if teach:
+            fused = self.teacher_prediction(x[unlabeled])
+            pseudo, keep = confident_pseudo_labels(fused, self.pseudo_label_thresholds, self.ignore_value)
+            student_logits = [h[0][unlabeled] for h in heads]
+            if weights["pseudo_label"] > 0:
+                losses["pseudo_label"] = self.pseudo_label_loss(student_logits, pseudo, head_fov[unlabeled])
+            if weights["cac"] > 0:
+                losses["cac"] = masked_agreement_loss([torch.softmax(z.float(), 1) for z in student_logits], fused,
+                                                      head_fov[unlabeled])
+            diagnostics["pseudo_label_kept"] = keep.float().mean()
         total = self.supervised_weight * losses["supervised"]
-        step = self.epoch_progress
-        if self.cross_modality:
-            probabilities = [torch.softmax(h[0].float(), dim=1) for h in heads]
-            losses["csc"] = self.csc_loss(output.bottlenecks)
-            losses["cac"] = self.cac_loss(probabilities)
-            weights = {"csc": self.csc_ramp(step), "cac": self.cac_ramp(step)}
-        else:
-            losses["mean_teacher"] = self.mean_teacher_term(x, heads, present)
-            weights = {"mean_teacher": self.mean_teacher_ramp(step)}
         for key, weight in weights.items():
             total = total + weight * losses[key]
-        return {"loss": total, **losses, **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+        mass_rows = unlabeled if bool(unlabeled.any()) else labeled
+        diagnostics.update(self.foreground_mass(heads, head_fov, mass_rows))
+        return {"loss": total, **losses, **diagnostics,
+                **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+
+    def head_targets(self, target: Tensor, head_fov: Tensor, m: int) -> Tensor:
+        """The label map with ``ignore_value`` outside head m's field of view (FOV resized to the target's grid)."""
+        fov = head_fov[:, m:m + 1].float()
+        if fov.shape[2:] != target.shape[2:]:
+            fov = F.interpolate(fov, size=tuple(target.shape[2:]), mode="nearest-exact")
+        return torch.where(fov > 0.5, target, torch.full_like(target, self.ignore_value))
 
     def supervised_term(self, heads: list[list[Tensor]], targets: list[Tensor], labeled: Tensor,
-                        present: Tensor) -> Tensor:
-        """Mean over heads of Dice+CE on the labeled rows where the head's modality is present.
+                        head_fov: Tensor) -> Tensor:
+        """Mean over heads of Dice+CE on the labeled rows, each head only inside its modality's field of view.
 
-        Zero (still attached to the graph) when no head has such a row, e.g. an unlabeled-only batch.
+        Zero (still attached to the graph) when no head has a labeled voxel in view, e.g. an unlabeled-only batch.
         """
         per_head = []
         for m, scales in enumerate(heads):
-            rows = (labeled & present[:, m]) if len(heads) > 1 else labeled
-            if bool(rows.any()):
-                per_head.append(self.supervised_loss([[s[rows] for s in scales]], [t[rows] for t in targets]))
+            head_targets = [self.head_targets(t[labeled], head_fov[labeled], m) for t in targets]
+            if bool((head_targets[0] != self.ignore_value).any()):
+                per_head.append(self.supervised_loss([[s[labeled] for s in scales]], head_targets))
         if not per_head:
             return sum(scales[0].sum() * 0.0 for scales in heads)
         return torch.stack(per_head).mean()
 
+    @torch.no_grad()
+    def teacher_prediction(self, x: Tensor) -> Tensor:
+        """The EMA teacher's fused probabilities ``(B, K, *)`` of the weak view ``x`` (FOV- and reliability-weighted)."""
+        self.teacher.eval()
+        with self.autocast():
+            output = self.teacher(x)
+        return self.teacher.fuse(head_probabilities(output), x)
+
+    @torch.no_grad()
+    def update_reliability(self, heads: list[list[Tensor]], target: Tensor, labeled: Tensor, head_fov: Tensor) -> None:
+        """Fold this batch's TP/FP/FN of each head (labeled rows, inside its FOV) into the EMA counts, and set the
+        network's ``head_reliability`` to the resulting Dice per head and class (classes never seen keep 1)."""
+        if not bool(labeled.any()):
+            return
+        k = self.labels.num_classes
+        counts = torch.zeros_like(self.reliability_counts)
+        for m, scales in enumerate(heads):
+            reference = self.head_targets(target[labeled], head_fov[labeled], m).long().flatten()
+            prediction = scales[0][labeled].argmax(1).flatten()
+            valid = (reference >= 0) & (reference < k)
+            reference, prediction = reference[valid], prediction[valid]
+            predicted = torch.bincount(prediction, minlength=k).double().cpu()
+            actual = torch.bincount(reference, minlength=k).double().cpu()
+            tp = torch.bincount(reference[prediction == reference], minlength=k).double().cpu()
+            counts[:, m] = torch.stack([tp, predicted - tp, actual - tp])
+        if self.dist.enabled:  # every rank keeps the same counts, so the ranks' networks stay identical
+            counts = torch.from_numpy(ddp.sum_over_ranks(counts.numpy(), self.dist, self.device))
+        momentum = self.reliability_momentum if self.reliability_counts.any() else 0.0
+        self.reliability_counts = momentum * self.reliability_counts + (1 - momentum) * counts
+        tp, fp, fn = self.reliability_counts
+        denominator = 2 * tp + fp + fn
+        dice = torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1e-12), torch.ones_like(tp))
+        network = ddp.unwrap_model(self.network)
+        network.head_reliability.copy_(dice.clamp(self.reliability_floor, 1.0).to(network.head_reliability))
+
+    def foreground_mass(self, heads: list[list[Tensor]], head_fov: Tensor, rows: Tensor) -> dict[str, Tensor]:
+        """Per head and foreground class, the mean predicted probability inside the head's FOV on ``rows``:
+        a head that collapses (never predicts a class) shows a mass falling to 0."""
+        out: dict[str, Tensor] = {}
+        if not bool(rows.any()):
+            return out
+        names = self.head_names
+        with torch.no_grad():
+            for m, scales in enumerate(heads):
+                probabilities = torch.softmax(scales[0][rows].float(), 1)
+                fov = head_fov[rows][:, m:m + 1].float()
+                inside = fov.sum().clamp_min(1.0)
+                for name, value in zip(self.labels.names, self.labels.values):
+                    out[f"{MASS_PREFIX}{names[m]}/{name}"] = (probabilities[:, value:value + 1] * fov).sum() / inside
+        return out
+
+    def mean_teacher_losses(self, x: Tensor, labeled: Tensor, targets: list[Tensor],
+                            weights: dict[str, float]) -> dict[str, Tensor]:
+        """Unpaired data or one branch: supervised term plus softmax-MSE to the EMA teacher's same head."""
+        network = ddp.unwrap_model(self.network)
+        output = self.network(self.noisy_student_input(x))
+        heads = [as_scales(h) for h in output.logits]
+        head_fov = network.head_fov(x)
+        losses = {"supervised": self.supervised_term(heads, targets, labeled, head_fov),
+                  "mean_teacher": self.mean_teacher_term(x, heads, self.modality_presence(x))}
+        self.update_reliability(heads, targets[0], labeled, head_fov)
+        total = self.supervised_weight * losses["supervised"] + weights["mean_teacher"] * losses["mean_teacher"]
+        diagnostics = self.foreground_mass(heads, head_fov, ~labeled if bool((~labeled).any()) else labeled)
+        return {"loss": total, **losses, **diagnostics,
+                **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+
     def mean_teacher_term(self, x: Tensor, student_heads: list[list[Tensor]], present: Tensor) -> Tensor:
         """Softmax-MSE between each student head and the EMA teacher's same head, on rows with that modality."""
-        assert self.teacher is not None
         self.teacher.train(self.network.training)
         with torch.no_grad():
             teacher_heads = [as_scales(h) for h in self.teacher(x).logits]
@@ -215,23 +335,47 @@ class CMCTrainer(TrainerBase):
         return torch.stack(per_head).mean()
 
     def on_after_optimizer_step(self) -> None:
-        """Move the EMA teacher towards the student."""
-        if self.teacher is not None:
-            update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.ema_alpha, self.global_step)
+        """Move the EMA teacher towards the student (its reliability buffer is copied)."""
+        update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.ema_alpha, self.global_step)
 
     # =================================================================================== prediction
     def predict_probabilities(self, x: Tensor) -> Tensor:
-        """Heads' softmax maps averaged voxel-wise with each modality's FOV mask as weight."""
-        output = self.inference_network()(x)
-        heads = [torch.softmax(as_scales(h)[0].float(), dim=1) for h in output.logits]
-        return fov_weighted_ensemble(heads, x[:, self.num_image_channels:])
+        """The heads' softmax maps fused voxel-wise by FOV mask and per-head, per-class reliability."""
+        network = self.inference_network()
+        return network.fuse(head_probabilities(network(x)), x)
+
+    def head_outputs(self) -> tuple[Callable[[Tensor], Tensor], list[str]] | None:
+        """The fused probabilities followed by each head's, in one forward pass, for the per-head Dice of the
+        validation summary; None for a single branch."""
+        network = self.inference_network()
+        if network.n_branches < 2:
+            return None
+
+        def predict_all(x: Tensor) -> Tensor:
+            with self.autocast():
+                heads = head_probabilities(network(x))
+                return torch.cat([network.fuse(heads, x), *heads], dim=1).float()
+
+        return predict_all, self.head_names
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        """The base lines, plus the per-head reliability weights."""
+        super().log_epoch(metrics)
+        reliability = ddp.unwrap_model(self.network).head_reliability.detach().cpu()
+        log.info("epoch %d head reliability (Dice on labeled rows, per class): %s", self.current_epoch, "; ".join(
+            f"{name} " + " ".join(f"{c} {float(reliability[m, v]):.2f}" for c, v in zip(self.labels.names,
+                                                                                      self.labels.values))
+            for m, name in enumerate(self.head_names)))
 
     # =================================================================================== state
     def extra_state(self) -> dict[str, Any]:
-        """The EMA teacher's weights (unpaired datasets)."""
-        return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
+        """The EMA teacher's weights and the reliability counts."""
+        return {"teacher": self.teacher.state_dict(), "reliability_counts": self.reliability_counts.clone()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the EMA teacher."""
-        if self.teacher is not None and "teacher" in state:
+        """Restore the EMA teacher and the reliability counts."""
+        if "teacher" in state:
             self.teacher.load_state_dict(state["teacher"])
+        if "reliability_counts" in state:
+            self.reliability_counts = torch.as_tensor(state["reliability_counts"], dtype=torch.float64)
+

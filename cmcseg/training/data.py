@@ -112,9 +112,15 @@ class PatchCropper:
         self.annotated_classes_key = ()
 
     def force_foreground(self, position: int, n_labeled: int) -> bool:
-        """nnU-Net's ``_oversample_last_XX_percent`` on the labeled stream of a batch: item ``position``
-        of ``n_labeled`` must hold foreground unless it is among the first round(n * (1 - p))."""
-        return not position < round(n_labeled * (1 - self.oversample_foreground_percent))
+        """nnU-Net's ``_oversample_last_XX_percent`` on the labeled stream of a batch: the last
+        ``round(n * p)`` of the ``n_labeled`` items must hold foreground, and at least one when ``p > 0``.
+
+        nnU-Net's own rule forces none in a batch of one (``round(1 * 0.67) = 1`` free item), so a
+        single labeled row would never be sure to see the thin classes."""
+        if self.oversample_foreground_percent <= 0 or n_labeled < 1:
+            return False
+        forced = max(1, int(round(n_labeled * self.oversample_foreground_percent)))
+        return position >= n_labeled - forced
 
     def bbox(self, shape: Sequence[int], force_fg: bool,
              class_locations: Mapping[int, np.ndarray] | None) -> list[list[int]]:

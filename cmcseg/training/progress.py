@@ -5,8 +5,9 @@
 * :class:`MetricsHistory` is one list per metric, one value per epoch; it travels inside the
   checkpoints so that a resumed run continues the same curves.
 * :func:`plot_progress` draws ``progress.png`` with matplotlib's Agg backend (no display
-  needed): losses (total, supervised, each unlabeled term), pseudo-Dice per class with its
-  EMA, the learning rate and the epoch time. The file is written atomically.
+  needed): losses (total, supervised, each unlabeled term), their current weights, pseudo-Dice
+  per class with its EMA, each head's predicted foreground mass per class (a collapsing head
+  shows here first), the learning rate and the epoch time. The file is written atomically.
 * :func:`iteration_bar` is the per-epoch tqdm bar (loss and it/s), silent on ranks other than 0.
 """
 from __future__ import annotations
@@ -27,8 +28,12 @@ PLOT_FILE = "progress.png"
 LOSS_PREFIX = "loss/"
 #: history keys with this prefix are per-class pseudo-Dice values
 DICE_PREFIX = "dice/"
-#: history keys with this prefix are loss weights (ramp-ups); listed in the log, not plotted
+#: history keys with this prefix are loss weights (ramp-ups)
 WEIGHT_PREFIX = "weight/"
+#: history keys with this prefix are a head's mean predicted probability of a class (``mass/<head>/<class>``)
+MASS_PREFIX = "mass/"
+#: training diagnostics that are neither a loss nor a weight (e.g. the share of pseudo-labelled voxels)
+DIAGNOSTIC_KEYS = ("pseudo_label_kept",)
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -106,7 +111,7 @@ def loss_metrics(means: Mapping[str, float]) -> dict[str, float]:
     for key, value in means.items():
         if key == "loss":
             out[f"{LOSS_PREFIX}total"] = value
-        elif key.startswith(WEIGHT_PREFIX):
+        elif key.startswith((WEIGHT_PREFIX, MASS_PREFIX)) or key in DIAGNOSTIC_KEYS:
             out[key] = value
         else:
             out[f"{LOSS_PREFIX}{key}"] = value
@@ -121,23 +126,30 @@ def iteration_bar(iterable: Iterable, total: int, description: str, enabled: boo
 
 def _plot_series(ax, epochs: Sequence[int], history: MetricsHistory, keys: Iterable[str], strip: str = "",
                  **style) -> None:
+    style.setdefault("marker", "o")  # a single epoch is a point, which a line alone does not show
+    style.setdefault("markersize", 3)
     for key in keys:
         ax.plot(epochs, history.values[key], label=key[len(strip):] if strip else key, **style)
 
 
 def plot_progress(history: MetricsHistory, path: Path, title: str = "") -> None:
-    """Draw the four progress panels into ``path`` (PNG, atomic)."""
+    """Draw the progress panels into ``path`` (PNG, atomic)."""
     # the Agg canvas directly, no pyplot: no display needed and no global backend switch
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     epochs = history.epochs
-    fig = Figure(figsize=(12, 14))
+    fig = Figure(figsize=(12, 22))
     FigureCanvasAgg(fig)
-    ax_loss, ax_dice, ax_lr, ax_time = fig.subplots(4, 1)
+    ax_loss, ax_weight, ax_dice, ax_mass, ax_lr, ax_time = fig.subplots(6, 1)
     _plot_series(ax_loss, epochs, history, history.keys_with_prefix(LOSS_PREFIX), strip=LOSS_PREFIX)
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title or "training progress")
+    _plot_series(ax_weight, epochs, history, history.keys_with_prefix(WEIGHT_PREFIX), strip=WEIGHT_PREFIX)
+    _plot_series(ax_weight, epochs, history, [k for k in DIAGNOSTIC_KEYS if k in history.values], linestyle=":")
+    ax_weight.set_ylabel("loss weight / share")
+    _plot_series(ax_mass, epochs, history, history.keys_with_prefix(MASS_PREFIX), strip=MASS_PREFIX, linewidth=1)
+    ax_mass.set_ylabel("predicted foreground mass\n(head/class, unlabeled rows)")
     dice_keys = history.keys_with_prefix(DICE_PREFIX)
     _plot_series(ax_dice, epochs, history, dice_keys, strip=DICE_PREFIX, linestyle="--", linewidth=1)
     for key in ("pseudo_dice", "pseudo_dice_ema"):
@@ -152,7 +164,7 @@ def plot_progress(history: MetricsHistory, path: Path, title: str = "") -> None:
         _plot_series(ax_time, epochs, history, ["epoch_time"])
     ax_time.set_ylabel("epoch time (s)")
     ax_time.set_xlabel("epoch")
-    for ax in (ax_loss, ax_dice, ax_lr, ax_time):
+    for ax in (ax_loss, ax_weight, ax_dice, ax_mass, ax_lr, ax_time):
         if ax.lines:
             ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)

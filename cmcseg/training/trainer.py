@@ -14,7 +14,7 @@ A method (``CMCTrainer``, ``Any2SegTrainer``) subclasses it and implements three
 Hyperparameters are plain class attributes, so a variant is a tiny subclass::
 
     class CMCTrainerLongRamp(CMCTrainer):
-        cac_rampup_epochs = 200
+        unlabeled_warmup = 0.3
 
 The work lives in helpers of their own: :mod:`~cmcseg.training.checkpoint` (atomic checkpoints),
 :mod:`~cmcseg.training.progress` (log file, tqdm, history, ``progress.png``),
@@ -33,7 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -49,11 +49,11 @@ from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from cmcseg.training.data import build_training_loader, build_validation_patches
 from cmcseg.training.progress import (
-    DICE_PREFIX, LOSS_PREFIX, PLOT_FILE, WEIGHT_PREFIX, MetricsHistory, attach_log_file, detach_log_file,
+    DIAGNOSTIC_KEYS, DICE_PREFIX, LOSS_PREFIX, MASS_PREFIX, PLOT_FILE, WEIGHT_PREFIX, MetricsHistory, attach_log_file, detach_log_file,
     epoch_means, format_metrics, iteration_bar, loss_metrics, plot_progress,
 )
 from cmcseg.training.validation import (
-    BestTracker, LabelInfo, patch_counts, pseudo_dice_metrics, summarize, validate_cases, write_summary,
+    BestTracker, LabelInfo, patch_counts, pseudo_dice_metrics, summarize, validate_case_outputs, write_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class TrainingRequest:
     teacher: str | None = None
     teacher_weights: Path | None = None
     modality_dropout: float | None = None
+    # ---- semi-supervised: scales every unlabeled loss term (0: supervised only, same batches); None: default
+    unlabeled_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,19 +143,18 @@ def plans_hash(plans: Mapping) -> str:
     return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
 
 
-def batch_composition(batch_size: int, has_unlabeled: bool, unlabeled_fraction: float,
+def batch_composition(batch_size: int, has_unlabeled: bool, unlabeled_ratio: float,
                       min_labeled: int) -> tuple[int, int]:
     """(labeled, unlabeled) items per batch.
 
-    Without unlabeled cases every item is labeled. Otherwise ``round(batch * fraction)``
-    unlabeled items (at least one) and the rest labeled (at least ``min_labeled``); a batch of
-    one therefore grows to 1 + 1 rather than dropping the unlabeled stream.
+    The labeled stream keeps the plan's whole batch (at least ``min_labeled``), so semi-supervised
+    training sees as many labeled rows as supervised training does. With unlabeled cases,
+    ``round(labeled * ratio)`` unlabeled rows (at least one) come on top.
     """
-    if not has_unlabeled or unlabeled_fraction <= 0:
-        return max(batch_size, min_labeled), 0
-    unlabeled = max(1, int(round(batch_size * unlabeled_fraction)))
-    labeled = max(min_labeled, batch_size - unlabeled)
-    return labeled, unlabeled
+    labeled = max(batch_size, min_labeled)
+    if not has_unlabeled or unlabeled_ratio <= 0:
+        return labeled, 0
+    return labeled, max(1, int(round(labeled * unlabeled_ratio)))
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -185,7 +186,7 @@ class TrainerBase:
     # ---- data
     num_workers: int = 1
     oversample_foreground_percent: float = 0.33
-    unlabeled_batch_fraction: float = 0.5
+    unlabeled_batch_ratio: float = 1.0  # unlabeled rows per labeled row, on top of the plan's labeled batch
     min_labeled_batch_size: int = 1
     unlabeled_when_fully_labeled: bool = False
     deep_supervision: bool = True
@@ -242,6 +243,18 @@ class TrainerBase:
     def epoch_progress(self) -> float:
         """Epochs done so far, fractional within the current epoch (for ramp-ups)."""
         return self.current_epoch + self.iteration / max(1, self.iterations_per_epoch)
+
+    @property
+    def run_fraction(self) -> float:
+        """How much of the run is done, in [0, 1]: iterations done over ``num_epochs * iterations_per_epoch``, or,
+        with a time budget (``max_seconds``), the share of the budget spent if that is larger. Ramp-ups and warm-ups
+        count in this unit, so a 5-minute run and a 1000-epoch run follow the same curve."""
+        total = max(1, self.num_epochs * self.iterations_per_epoch)
+        fraction = (self.current_epoch * self.iterations_per_epoch + self.iteration) / total
+        started = getattr(self, "_run_started", None)
+        if self.max_seconds and started is not None:
+            fraction = max(fraction, (time.monotonic() - started) / self.max_seconds)
+        return min(1.0, max(0.0, fraction))
 
     @property
     def use_amp(self) -> bool:
@@ -311,7 +324,7 @@ class TrainerBase:
         self.patch_size = [int(p) for p in self.config["patch_size"]]
         rank_batch = ddp.rank_batch_size(int(self.config["batch_size"]), self.dist)
         self.labeled_batch_size, self.unlabeled_batch_size = batch_composition(
-            rank_batch, bool(self.cases.unlabeled), self.unlabeled_batch_fraction, self.min_labeled_batch_size)
+            rank_batch, bool(self.cases.unlabeled), self.unlabeled_batch_ratio, self.min_labeled_batch_size)
         log.info("fold %d: %d labeled, %d unlabeled, %d validation cases; batch of %d labeled + %d unlabeled "
                  "per process, patch %s", self.fold, len(self.cases.labeled), len(self.cases.unlabeled),
                  len(self.cases.validation), self.labeled_batch_size, self.unlabeled_batch_size, self.patch_size)
@@ -377,6 +390,7 @@ class TrainerBase:
             self.initialize()
             self.on_train_start()
             started, first_epoch = time.monotonic(), self.current_epoch
+            self._run_started = started
             while self.current_epoch < self.num_epochs:
                 self.run_epoch()
                 if self.current_epoch < self.num_epochs and self.time_budget_spent(started, first_epoch):
@@ -516,7 +530,12 @@ class TrainerBase:
                  format_metrics(metrics, [k for k in metrics if k.startswith(LOSS_PREFIX)]))
         weights = [k for k in metrics if k.startswith(WEIGHT_PREFIX)]
         if weights:
-            log.info("epoch %d loss weights: %s", self.current_epoch, format_metrics(metrics, weights))
+            log.info("epoch %d loss weights: %s", self.current_epoch,
+                     format_metrics(metrics, weights + [k for k in DIAGNOSTIC_KEYS if k in metrics]))
+        mass = [k for k in metrics if k.startswith(MASS_PREFIX)]
+        if mass:
+            log.info("epoch %d predicted foreground mass per head/class: %s", self.current_epoch,
+                     format_metrics(metrics, mass))
         if "pseudo_dice" in metrics:
             per_class = [k for k in metrics if k.startswith(DICE_PREFIX)]
             log.info("epoch %d pseudo-Dice %.4f (%s)", self.current_epoch, metrics["pseudo_dice"],
@@ -548,20 +567,36 @@ class TrainerBase:
         network.eval()
         folder = self.preprocessed_folder / self.config["data_identifier"]
         mine = ddp.shard(self.cases.validation, self.dist)
-        per_case = validate_cases(self.predict_probabilities_float, folder, mine, self.patch_size, self.labels,
-                                  self.device, self.sliding_window_overlap, self.sliding_window_batch_size)
-        merged: dict[str, dict[str, float]] = {}
-        for part in ddp.all_gather_objects(per_case, self.dist):
-            merged.update(part)
-        summary = summarize(merged, self.labels, trainer=self.name, configuration=self.configuration,
+        heads = self.head_outputs()
+        if heads is None:
+            predict, names = self.predict_probabilities_float, ["fused"]
+        else:
+            predict, names = heads[0], ["fused", *heads[1]]
+        per_output = validate_case_outputs(predict, names, folder, mine, self.patch_size, self.labels, self.device,
+                                           self.sliding_window_overlap, self.sliding_window_batch_size)
+        merged: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+        for part in ddp.all_gather_objects(per_output, self.dist):
+            for name in names:
+                merged[name].update(part[name])
+        summary = summarize(merged["fused"], self.labels, trainer=self.name, configuration=self.configuration,
                             fold=self.fold, labeled_fraction=self.labeled_fraction, epochs_trained=self.current_epoch,
                             sliding_window={"overlap": self.sliding_window_overlap, "mode": "gaussian",
                                             "roi_size": self.patch_size})
+        if len(names) > 1:
+            summary["per_head"] = {name: summarize(merged[name], self.labels) for name in names[1:]}
         if self.is_main:
             path = write_summary(summary, self.output_folder)
             log.info("validation: mean Dice %s, foreground mean %.4f -> %s",
                      format_metrics(summary["mean"]), summary["foreground_mean"], path)
+            for name, head in summary.get("per_head", {}).items():
+                log.info("validation, head %s alone: mean Dice %s, foreground mean %.4f", name,
+                         format_metrics(head["mean"]), head["foreground_mean"])
         return summary
+
+    def head_outputs(self) -> tuple[Callable[[Tensor], Tensor], list[str]] | None:
+        """Hook: a predictor whose output is the fused probabilities followed by each head's (K channels each),
+        and the head names, so that the validation summary scores every head alone; None: no heads to score."""
+        return None
 
     def predict_probabilities_float(self, x: Tensor) -> Tensor:
         """:meth:`predict_probabilities` under autocast, returned in float32 (the sliding window accumulates

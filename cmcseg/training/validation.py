@@ -187,7 +187,21 @@ def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], pa
                    labels: LabelInfo, device: torch.device, overlap: float = 0.5,
                    sw_batch_size: int = 1) -> dict[str, dict[str, float]]:
     """Dice per class for each case of ``case_ids`` (all must be labeled), by sliding-window prediction."""
-    results: dict[str, dict[str, float]] = {}
+    return validate_case_outputs(predict, ["prediction"], folder, case_ids, patch_size, labels, device, overlap,
+                                 sw_batch_size)["prediction"]
+
+
+def validate_case_outputs(predict: Predictor, names: Sequence[str], folder: Path, case_ids: Sequence[str],
+                          patch_size: Sequence[int], labels: LabelInfo, device: torch.device, overlap: float = 0.5,
+                          sw_batch_size: int = 1) -> dict[str, dict[str, dict[str, float]]]:
+    """Dice per class per case for each of several outputs that one predictor gives side by side.
+
+    ``predict`` returns ``len(names)`` probability maps of K channels each, concatenated along channels
+    (e.g. the fused prediction and every head alone). One sliding window serves them all: the Gaussian
+    weighting is linear, so each output's part equals its own sliding window. The first name is logged.
+    """
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    k = labels.num_classes
     for case_id in case_ids:
         data, seg, fov, _ = load_case(folder, case_id)
         if seg is None:
@@ -195,8 +209,13 @@ def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], pa
             continue
         with torch.no_grad():
             probabilities = predict_case(predict, data[:], fov[:], patch_size, device, overlap, sw_batch_size)
-        results[case_id] = case_dice(probabilities, seg[:], labels)
-        log.info("validation %s: %s", case_id, ", ".join(f"{k} {v:.4f}" for k, v in results[case_id].items()))
+        if probabilities.shape[0] != k * len(names):
+            raise ValueError(f"the predictor gave {probabilities.shape[0]} channels, expected {k} x {len(names)}")
+        reference = seg[:]
+        for index, name in enumerate(names):
+            results[name][case_id] = case_dice(probabilities[index * k:(index + 1) * k], reference, labels)
+        first = results[names[0]][case_id]
+        log.info("validation %s: %s", case_id, ", ".join(f"{c} {v:.4f}" for c, v in first.items()))
     return results
 
 

@@ -1,0 +1,186 @@
+"""The semi-supervised objective's parts, on inputs whose answer is known: pseudo-labels, FOV masking,
+ramps by run fraction, reliability-weighted fusion, the strong view, and forced-foreground rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmcseg.losses import (
+    PseudoLabelLoss, RampUp, SupervisedDiceCELoss, class_thresholds, confident_pseudo_labels, masked_agreement_loss,
+)
+from cmcseg.networks.cmc import fov_weighted_ensemble
+from cmcseg.paths import WorkRoots
+from cmcseg.training.augmentation import StrongIntensityAugmentation
+from cmcseg.training.cmc_trainer import CMCTrainer
+from cmcseg.training.data import PatchCropper
+from cmcseg.training.trainer import TrainingRequest
+
+K = 3
+IGNORE = K
+
+
+def _logits(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+
+
+def test_confident_pseudo_labels_keep_only_voxels_above_their_class_threshold() -> None:
+    probabilities = torch.tensor([[0.95, 0.6, 0.1], [0.03, 0.3, 0.15], [0.02, 0.1, 0.75]])[None, :, :, None]
+    labels, keep = confident_pseudo_labels(probabilities, class_thresholds([0.9, 0.9, 0.7], K), IGNORE)
+    assert labels.flatten().tolist() == [0, IGNORE, 2]  # 0.6 < 0.9; class 2's own threshold 0.7 lets 0.75 in
+    assert keep.flatten().tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="one per class"):
+        class_thresholds([0.9, 0.9], K)
+
+
+def test_pseudo_label_loss_ignores_voxels_outside_fov_and_below_threshold() -> None:
+    """Changing a head's logits where the pseudo-label is unconfident or outside its FOV changes nothing."""
+    loss = PseudoLabelLoss(IGNORE)
+    teacher = torch.softmax(torch.randn(2, K, 4, 6, 6, generator=torch.Generator().manual_seed(1)) * 4, 1)
+    pseudo, keep = confident_pseudo_labels(teacher, class_thresholds(0.8, K), IGNORE)
+    assert 0 < keep.float().mean() < 1, "the test needs kept and dropped voxels"
+    fov = torch.ones(2, 2, 4, 6, 6)
+    fov[:, 1, :2] = 0  # head 1 sees only the second half of the slices
+    heads = [_logits(2, K, 4, 6, 6, seed=2), _logits(2, K, 4, 6, 6, seed=3)]
+    value = loss(heads, pseudo, fov)
+    value.backward()
+    for m, head in enumerate(heads):
+        silent = (~keep).expand_as(head) | (fov[:, m:m + 1] < 0.5).expand_as(head)
+        assert torch.all(head.grad[silent] == 0), f"head {m} gets gradient where it must not"
+        assert head.grad[~silent].abs().sum() > 0
+    changed = [h.detach().clone() for h in heads]
+    changed[0][(~keep).expand_as(changed[0])] += 5.0
+    changed[1][:, :, :2] -= 5.0
+    torch.testing.assert_close(loss(changed, pseudo, fov), value.detach())
+
+
+def test_pseudo_label_loss_is_zero_without_a_kept_voxel_in_view() -> None:
+    heads = [_logits(1, K, 2, 4, 4)]
+    pseudo = torch.full((1, 1, 2, 4, 4), IGNORE)
+    value = PseudoLabelLoss(IGNORE)(heads, pseudo, torch.ones(1, 1, 2, 4, 4))
+    assert value.item() == 0.0 and value.requires_grad
+
+
+def test_supervised_term_ignores_voxels_outside_the_heads_fov() -> None:
+    trainer = object.__new__(CMCTrainer)  # the loss helpers only need these attributes
+    trainer.ignore_value = IGNORE
+    trainer.supervised_loss = SupervisedDiceCELoss(ignore_label=IGNORE)
+    target = torch.randint(0, K, (2, 1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    targets = [target, target[:, :, :, ::2, ::2], target[:, :, :, ::4, ::4]]  # deep supervision (last weight 0)
+    fov = torch.ones(2, 2, 4, 8, 8)
+    fov[:, 0, :, :, :4] = 0
+    heads = [[_logits(2, K, 4, 8, 8, seed=m), _logits(2, K, 4, 4, 4, seed=10 + m), _logits(2, K, 4, 2, 2, seed=20 + m)]
+             for m in range(2)]
+    labeled = torch.tensor([True, True])
+    value = trainer.supervised_term(heads, targets, labeled, fov)
+    value.backward()
+    assert torch.all(heads[0][0].grad[..., :4] == 0) and torch.all(heads[0][1].grad[..., :2] == 0)
+    assert heads[0][0].grad[..., 4:].abs().sum() > 0 and heads[1][0].grad[..., :4].abs().sum() > 0
+    changed = [[s.detach().clone() for s in h] for h in heads]
+    changed[0][0][..., :4] += 7.0
+    changed[0][1][..., :2] += 7.0
+    torch.testing.assert_close(trainer.supervised_term(changed, targets, labeled, fov), value.detach())
+
+
+def _trainer_at(num_epochs: int, iterations: int, epoch: int, iteration: int) -> CMCTrainer:
+    trainer = CMCTrainer(TrainingRequest("X", 0, 0.2, roots=WorkRoots(*(["/nonexistent"] * 3)),
+                                         num_epochs=num_epochs, iterations_per_epoch=iterations))
+    trainer.current_epoch, trainer.iteration, trainer.cross_modality = epoch, iteration, True
+    trainer.ramps = trainer.build_ramps()
+    return trainer
+
+
+def test_ramps_follow_the_run_fraction_not_the_epoch_count() -> None:
+    """A 10 x 5-iteration run and a 1000 x 250 one weigh the unlabeled terms alike at the same fraction."""
+    for fraction in (0.1, 0.2, 0.3, 0.5, 1.0):
+        short = _trainer_at(10, 5, *divmod(round(fraction * 50), 5))
+        long = _trainer_at(1000, 250, *divmod(round(fraction * 250_000), 250))
+        assert short.run_fraction == pytest.approx(fraction) == long.run_fraction
+        assert short.unlabeled_weights() == pytest.approx(long.unlabeled_weights())
+    warm = _trainer_at(1000, 250, 50, 0)  # 5 % of the run: inside the 10 % warm-up
+    assert all(w == 0 for w in warm.unlabeled_weights().values())
+    done = _trainer_at(10, 5, 9, 5)
+    assert done.unlabeled_weights()["pseudo_label"] == pytest.approx(CMCTrainer.pseudo_label_weight)
+    ramp = RampUp(1.0, 0.2, "linear", "fraction", start=0.1)
+    assert (ramp(0.05), ramp(0.2), ramp(0.3), ramp(0.9)) == pytest.approx((0.0, 0.5, 1.0, 1.0))
+
+
+def test_unlabeled_weight_zero_switches_every_unlabeled_term_off() -> None:
+    trainer = _trainer_at(10, 5, 9, 0)
+    trainer.unlabeled_weight = 0.0
+    assert set(trainer.unlabeled_weights()) == {"pseudo_label", "csc", "cac"}
+    assert all(w == 0 for w in trainer.unlabeled_weights().values())
+
+
+def test_reliability_weights_silence_an_unreliable_head_per_class() -> None:
+    good = torch.tensor([0.1, 0.8, 0.1]).reshape(1, K, 1, 1, 1)
+    bad = torch.tensor([0.1, 0.1, 0.8]).reshape(1, K, 1, 1, 1)
+    fov = torch.ones(1, 2, 1, 1, 1)
+    assert fov_weighted_ensemble([good, bad], fov).flatten().tolist() == pytest.approx([0.1, 0.45, 0.45])
+    reliability = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.01]])  # head 1 is bad at class 2
+    fused = fov_weighted_ensemble([good, bad], fov, reliability)
+    assert int(fused.argmax(1)) == 1 and float(fused.sum()) == pytest.approx(1.0)
+    outside = torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1, 1)  # head 1 out of its field of view
+    assert fov_weighted_ensemble([good, bad], outside).flatten().tolist() == pytest.approx([0.1, 0.8, 0.1])
+
+
+def test_masked_agreement_is_foreground_only_detached_and_fov_masked() -> None:
+    target = torch.softmax(torch.randn(1, K, 2, 4, 4), 1).requires_grad_(True)
+    head = torch.softmax(_logits(1, K, 2, 4, 4), 1)
+    fov = torch.ones(1, 1, 2, 4, 4)
+    fov[..., :2] = 0
+    assert masked_agreement_loss([target.detach()], target, fov).item() == pytest.approx(0.0, abs=1e-6)
+    value = masked_agreement_loss([head], target, fov)
+    value.backward()
+    assert target.grad is None
+    changed = head.detach().clone()
+    changed[..., :2] = torch.roll(changed[..., :2], 1, dims=1)  # outside the FOV
+    changed[:, 0] = 1 - changed[:, 1:].sum(1)
+    torch.testing.assert_close(masked_agreement_loss([changed], target, fov), value.detach())
+
+
+def test_strong_view_changes_intensities_inside_fov_only() -> None:
+    torch.manual_seed(0)
+    image = torch.randn(3, 2, 4, 8, 8)
+    fov = torch.ones(3, 2, 4, 8, 8)
+    fov[:, 1, :, :, :3] = 0
+    image[:, 1:2] *= fov[:, 1:2]
+    x = torch.cat([image, fov], 1)
+    strong = StrongIntensityAugmentation()(x, [0, 1], 2)
+    assert strong.shape == x.shape
+    assert torch.equal(strong[:, 2:], fov), "the FOV masks are not intensities"
+    assert torch.all(strong[:, 1, :, :, :3] == 0), "outside the field of view stays empty"
+    assert not torch.allclose(strong[:, :2], x[:, :2])
+    dropped = StrongIntensityAugmentation(drop_modality=1.0)(x, [0, 1], 2)
+    gone = dropped[:, 2:].flatten(2).amax(2) == 0
+    assert gone.sum(1).tolist() == [1, 1, 1], "each row lost exactly one of its two modalities"
+    for b, m in torch.nonzero(gone).tolist():
+        assert torch.all(dropped[b, m] == 0)
+
+
+@pytest.mark.parametrize("n_labeled, forced", [(1, 1), (2, 1), (3, 1), (4, 1), (12, 4)])
+def test_foreground_oversampling_forces_at_least_one_row(n_labeled: int, forced: int) -> None:
+    """nnU-Net forces no row in a batch of one; cmcseg forces the last round(n p) rows, at least one."""
+    cropper = PatchCropper([8, 8, 8], [8, 8, 8], 0.33)
+    flags = [cropper.force_foreground(i, n_labeled) for i in range(n_labeled)]
+    assert sum(flags) == forced and flags[-1]
+    assert not any(PatchCropper([8, 8, 8], [8, 8, 8], 0.0).force_foreground(i, 4) for i in range(4))
+
+
+def test_gaussian_blur_of_a_thin_patch_does_not_raise() -> None:
+    """Thick-slice cardiac plans give patches of 2-3 slices; nnU-Net's blur (sigma up to 1) would fail to pad them."""
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+
+    from cmcseg.training.augmentation import ShortAxisSafeGaussianBlur
+
+    nnunet = GaussianBlurTransform(blur_sigma=(1.0, 1.0), synchronize_channels=False, synchronize_axes=False,
+                                   p_per_channel=1.0, benchmark=True)
+    image = torch.rand(2, 3, 16, 16)
+    with pytest.raises(RuntimeError):
+        nnunet(image=image.clone())
+    out = ShortAxisSafeGaussianBlur.replacing(nnunet)(image=image.clone())["image"]
+    assert out.shape == image.shape and not torch.allclose(out, image)
+    long = torch.rand(1, 12, 16, 16)
+    torch.manual_seed(0)
+    expected = nnunet(image=long.clone())["image"]
+    torch.manual_seed(0)
+    torch.testing.assert_close(ShortAxisSafeGaussianBlur.replacing(nnunet)(image=long.clone())["image"], expected)
