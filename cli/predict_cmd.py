@@ -54,6 +54,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="sliding-window step as a fraction of the patch, in (0, 1] (default 0.5, nnU-Net's)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with the class probabilities on the original grid")
+    p.add_argument("--save-heads", action="store_true",
+                   help="CMC models: also write each modality head's own segmentation (CASE_head-NAME.nii.gz) "
+                        "beside the fused one")
     p.add_argument("--original-labels", action="store_true",
                    help="write the label values of the original release (dataset.json original_label_values, e.g. "
                         "200/500/600 for MS-CMRSeg) instead of 0..K-1")
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     preprocessed = find_dataset_folder(roots.preprocessed, args.dataset) if args.dataset else None
     options = PredictionOptions(
         folds=_folds(args.folds), checkpoint=args.checkpoint, tta=not args.no_tta, step=args.step,
-        save_probabilities=args.save_probabilities, original_labels=args.original_labels, device=args.device,
+        save_probabilities=args.save_probabilities, save_heads=args.save_heads,
+        original_labels=args.original_labels, device=args.device,
         continue_prediction=args.continue_prediction, num_workers=args.num_processes,
     )
     report = predict_folder(args.input, args.output, model_folder, options, dataset_spec=args.dataset,

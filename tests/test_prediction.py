@@ -439,3 +439,27 @@ def test_api_predict_cases_reports_every_case(geo, cmc_model, tmp_path):
                            PredictionOptions(tta=False, device="cpu", progress=False, num_workers=2))
     assert report.ok and report.written == ["geo00", "geo01", "geo02"]
     assert all(math.isfinite(s) for s in report.case_seconds.values())
+
+
+def test_save_heads_writes_each_head_and_the_fusion_follows_the_stored_reliability(geo, tmp_path):
+    """--save-heads writes CASE_head-<modality> beside the fused segmentation; a head whose stored reliability is
+    ~0 has (almost) no say in the fused one, which then equals the other head's where that head sees."""
+    plans = tiny_plans(geo["plans"])
+    torch.manual_seed(7)
+    network = build_cmc_network(plans, "3d_fullres")
+    weights = network.state_dict()
+    weights["head_reliability"] = torch.tensor([[1.0, 1.0], [1e-4, 1e-4]])
+    model = write_model_folder(tmp_path / "model" / "CMCTrainer__3d_fullres__labeled0.5", plans, geo["dataset_json"],
+                               {0: weights}, "CMCTrainer", {"dataset": DATASET},
+                               {"deep_supervision": True, "cac_weight": 0.0})
+    inputs = copy_inputs(geo, tmp_path / "in", cases=["geo00"])
+    assert cli_main(predict_args(inputs, tmp_path / "out", model, "--save-heads", "--no-tta")) == 0
+    modalities = list(plans["modalities"])
+    fused = sitk.ReadImage(str(tmp_path / "out" / "geo00.nii.gz"))
+    heads = {m: sitk.ReadImage(str(tmp_path / "out" / f"geo00_head-{m}.nii.gz")) for m in modalities}
+    for image in heads.values():
+        assert image.GetSize() == fused.GetSize() and image.GetOrigin() == fused.GetOrigin()
+    first = sitk.GetArrayFromImage(heads[modalities[0]])
+    assert (sitk.GetArrayFromImage(fused) == first).mean() > 0.95
+    report = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert report["settings"]["save_heads"] == modalities

@@ -35,13 +35,15 @@ from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
-from cmcseg.networks.cmc import build_cmc_network, plan_channels_per_modality, plan_configuration, plan_num_classes
+from cmcseg.networks.cmc import (
+    build_cmc_network, head_probabilities, plan_channels_per_modality, plan_configuration, plan_num_classes,
+)
 from cmcseg.paths import find_dataset_folder, parse_folder_name
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.checkpoint import CHECKPOINT_KINDS, load_checkpoint
-from cmcseg.training.cmc_trainer import CMCTrainer, as_scales, fov_weighted_ensemble
+from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.trainer import TRAINING_CONFIG_FILE, TrainerBase, plans_hash
 
 log = logging.getLogger(__name__)
@@ -314,17 +316,25 @@ def register_inference_builder(trainer_class: type, builder: InferenceBuilder) -
 
 
 class CMCProbabilities(nn.Module):
-    """A CMC network's class probabilities, as ``CMCTrainer.predict_probabilities`` computes them."""
+    """A CMC network's class probabilities, as ``CMCTrainer.predict_probabilities`` computes them: the heads fused
+    by field of view and by the per-head, per-class reliability stored with the weights. With ``with_heads`` each
+    head's own probabilities follow the fused ones (``cmcseg predict --save-heads``)."""
 
     def __init__(self, network: nn.Module, num_image_channels: int) -> None:
         super().__init__()
         self.network = network
         self.num_image_channels = int(num_image_channels)
+        self.with_heads = False
+
+    @property
+    def supports_heads(self) -> bool:
+        """True when there are several heads to show."""
+        return int(getattr(self.network, "n_branches", 1)) > 1
 
     def forward(self, x: Tensor) -> Tensor:
-        output = self.network(x)
-        heads = [torch.softmax(as_scales(h)[0].float(), dim=1) for h in output.logits]
-        return fov_weighted_ensemble(heads, x[:, self.num_image_channels:])
+        heads = head_probabilities(self.network(x))
+        fused = self.network.fuse(heads, x)
+        return torch.cat([fused, *heads], dim=1) if self.with_heads else fused
 
 
 def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
@@ -335,7 +345,8 @@ def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> n
         shared_encoder=bool(init.get("shared_encoder", False)), deep_supervision=bool(hp.get("deep_supervision", True)),
         shared_decoder=bool(hp.get("shared_decoder", False)), fusion=hp.get("fusion"),
         channel_attention=hp.get("channel_attention"), single_branch=bool(hp.get("single_branch", False)))
-    network.load_state_dict(weights)
+    # models trained before the heads had reliability weights fuse them with equal votes, as they were trained
+    network.load_state_dict({"head_reliability": network.head_reliability, **weights})
     network.set_deep_supervision(False)
     return CMCProbabilities(network, model.num_image_channels)
 

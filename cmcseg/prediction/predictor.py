@@ -62,6 +62,7 @@ class PredictionOptions:
     tta: bool = True
     step: float = 0.5
     save_probabilities: bool = False
+    save_heads: bool = False  # also one segmentation per modality head (CMC models)
     original_labels: bool = False
     device: str = "auto"
     continue_prediction: bool = False
@@ -276,8 +277,19 @@ class CasePredictor:
         self.sw_batch_size = int(sw_batch_size)
         self.mirror_axes = tuple(model.mirror_axes) if tta else ()
         self.networks = build_inference_networks(model, device)
+        self.head_names: list[str] = []
         ensemble = fold_ensemble([_float_output(n, device) for n in self.networks])
         self.predict: Predict = with_mirroring(ensemble, self.mirror_axes, batched_tta) if tta else ensemble
+
+    def enable_heads(self, names: Sequence[str]) -> bool:
+        """Make every network also return each head's probabilities after the fused ones (K channels each);
+        False when the model's networks have no modality heads to show."""
+        if not all(getattr(n, "supports_heads", False) for n in self.networks):
+            return False
+        for network in self.networks:
+            network.with_heads = True
+        self.head_names = [str(n) for n in names]
+        return True
 
     def __call__(self, prepared: PreparedCase) -> np.ndarray:
         probabilities = sliding_window_probabilities(self.predict, prepared.data, prepared.fov, self.patch_size,
@@ -286,11 +298,18 @@ class CasePredictor:
 
 
 # ============================================================================================ export
-def output_paths(output_folder: Path, case_id: str, file_ending: str, save_probabilities: bool) -> dict[str, Path]:
-    """Where a case's segmentation (and probabilities) go."""
+#: key prefix of a head's segmentation in :func:`output_paths`; the file is ``CASE_head-NAME<ending>``
+HEAD_KEY = "head:"
+
+
+def output_paths(output_folder: Path, case_id: str, file_ending: str, save_probabilities: bool,
+                 head_names: Sequence[str] = ()) -> dict[str, Path]:
+    """Where a case's segmentation (and probabilities, and each head's segmentation) go."""
     paths = {"segmentation": output_folder / f"{case_id}{file_ending}"}
     if save_probabilities:
         paths["probabilities"] = output_folder / f"{case_id}{PROBABILITIES_SUFFIX}"
+    for name in head_names:
+        paths[f"{HEAD_KEY}{name}"] = output_folder / f"{case_id}_head-{name}{file_ending}"
     return paths
 
 
@@ -312,10 +331,15 @@ class Exporter:
 
     def __call__(self, probabilities: np.ndarray, properties: Mapping, paths: Mapping[str, Path],
                  reference_file: Path | None = None) -> None:
-        labels, full = revert_case(probabilities, properties, self.config, "probabilities" in paths)
+        heads = [key for key in paths if key.startswith(HEAD_KEY)]
+        k = probabilities.shape[0] // (1 + len(heads))
+        labels, full = revert_case(probabilities[:k], properties, self.config, "probabilities" in paths)
         if full is not None:
             write_probabilities(full, properties, paths["probabilities"], self.class_names)
         write_segmentation(labels, properties, paths["segmentation"], self.value_table, reference_file)
+        for index, key in enumerate(heads, start=1):
+            head_labels, _ = revert_case(probabilities[index * k:(index + 1) * k], properties, self.config, False)
+            write_segmentation(head_labels, properties, paths[key], self.value_table, reference_file)
 
 
 # ============================================================================================ the loop
@@ -348,10 +372,11 @@ def _prepared_ahead(cases: Sequence[InputCase], prepare: Callable[[InputCase], P
 
 
 def _output_paths_of(cases: Sequence[InputCase], output_folder: Path, file_ending: str,
-                     save_probabilities: bool) -> dict[str, dict[str, Path]]:
+                     save_probabilities: bool, head_names: Sequence[str] = ()) -> dict[str, dict[str, Path]]:
     """Each case's output paths; refuses to overwrite an input; creates the folder, drops stale temporaries."""
     inputs = {p.resolve() for c in cases for p in c.files}
-    paths = {c.case_id: output_paths(output_folder, c.case_id, file_ending, save_probabilities) for c in cases}
+    paths = {c.case_id: output_paths(output_folder, c.case_id, file_ending, save_probabilities, head_names)
+             for c in cases}
     for case_id, outputs in paths.items():
         for path in outputs.values():
             if path.resolve() in inputs:
@@ -407,9 +432,13 @@ def predict_cases(cases: Sequence[InputCase], output_folder: Path | str, model: 
     output_folder = Path(output_folder)
     dataset = model.dataset()
     check_cases_fit_model(cases, model)
-    paths = _output_paths_of(cases, output_folder, dataset.file_ending, options.save_probabilities)
     device = resolve_device(options.device)
     predictor = CasePredictor(model, device, options.tta, options.step, options.sw_batch_size, options.batched_tta)
+    if options.save_heads and not predictor.enable_heads(model.plans.get("modalities", [])):
+        log.warning("--save-heads: the %s model has no per-modality heads; only the fused segmentation is written",
+                    model.trainer_name)
+    paths = _output_paths_of(cases, output_folder, dataset.file_ending, options.save_probabilities,
+                             predictor.head_names)
     report = PredictionReport(output_folder, model.describe(), settings=_settings(model, options, predictor, device))
     todo = [c for c in cases if not (options.continue_prediction and is_finished(paths[c.case_id]))]
     report.skipped = [c.case_id for c in cases if c not in todo]
@@ -458,6 +487,7 @@ def _settings(model: TrainedModel, options: PredictionOptions, predictor: CasePr
             "folds": [f.fold for f in model.folds], "checkpoint": options.checkpoint, "tta": options.tta,
             "mirror_axes": list(predictor.mirror_axes), "step": options.step, "patch_size": model.patch_size,
             "device": str(device), "save_probabilities": options.save_probabilities,
+            "save_heads": list(predictor.head_names),
             "original_labels": options.original_labels}
 
 
