@@ -184,3 +184,9 @@ def test_gaussian_blur_of_a_thin_patch_does_not_raise() -> None:
     expected = nnunet(image=long.clone())["image"]
     torch.manual_seed(0)
     torch.testing.assert_close(ShortAxisSafeGaussianBlur.replacing(nnunet)(image=long.clone())["image"], expected)
+
+
+def test_teacher_horizon_is_a_fraction_of_the_run() -> None:
+    assert _trainer_at(1000, 250, 0, 0).teacher_alpha == CMCTrainer.ema_alpha  # long run: the configured 0.99
+    short = _trainer_at(10, 30, 0, 0)  # 300 iterations: horizon 15
+    assert short.teacher_alpha == pytest.approx(1 - 1 / 15)

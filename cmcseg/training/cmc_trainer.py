@@ -95,6 +95,9 @@ class CMCTrainer(TrainerBase):
     csc_temperature: float = 0.1
     cac_weight: float = 0.0  # the restricted agreement term (foreground, detached fused target, FOV-masked)
     ema_alpha: float = 0.99
+    #: the teacher's EMA horizon ``1 / (1 - alpha)`` is at most this fraction of the run's iterations, so a short run
+    #: does not learn from a teacher that lags a third of the run behind (0.99 is a 100-iteration horizon)
+    ema_horizon: float = 0.05
     reliability_momentum: float = 0.98
     reliability_floor: float = 0.05
     # ---- the student's strong view of the unlabeled rows
@@ -334,9 +337,15 @@ class CMCTrainer(TrainerBase):
             return sum(h[0].sum() * 0.0 for h in student_heads)
         return torch.stack(per_head).mean()
 
+    @property
+    def teacher_alpha(self) -> float:
+        """The EMA decay: ``ema_alpha``, lowered so that its horizon is at most ``ema_horizon`` of the run."""
+        horizon = max(1.0, self.ema_horizon * self.num_epochs * self.iterations_per_epoch)
+        return min(self.ema_alpha, 1.0 - 1.0 / horizon)
+
     def on_after_optimizer_step(self) -> None:
         """Move the EMA teacher towards the student (its reliability buffer is copied)."""
-        update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.ema_alpha, self.global_step)
+        update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.teacher_alpha, self.global_step)
 
     # =================================================================================== prediction
     def predict_probabilities(self, x: Tensor) -> Tensor:
