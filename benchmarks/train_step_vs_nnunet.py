@@ -8,9 +8,9 @@ as an nnU-Net raw dataset with co-registered channels (benchmarks/nnunet_driver.
 size, batch size and architecture (the same ``ResidualEncoderUNet`` arch_kwargs: one nnU-Net
 network is exactly one cmcseg modality branch, with 3 input channels instead of 1 + FOV mask).
 
-* ours: ``CMCTrainer`` at ``--labeled 0.2`` (fold 0): M = 3 branches, a batch of the plan's size
-  split into labeled + unlabeled rows, supervised + CSC + CAC losses, ``--workers`` data
-  worker process(es);
+* ours: ``CMCTrainer`` at ``--labeled 0.2`` (fold 0): M = 3 branches, the plan's batch of labeled rows
+  plus as many unlabeled rows, supervised + pseudo-label (EMA teacher forward) + CSC losses from the first
+  step (no warm-up), ``--workers`` data worker process(es);
 * nnU-Net: ``nnUNetTrainer`` built through its Python API on the fold's labeled training cases,
   ``nnUNet_n_proc_DA = --workers``.
 
@@ -143,8 +143,14 @@ def worker_ours(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     roots = WorkRoots(Path(spec["raw"]), Path(spec["preprocessed"]), Path(spec["results"]))
     n = spec["warmup"] + spec["iters"]
-    trainer = CMCTrainer(TrainingRequest(DATASET, FOLD, LABELED, roots=roots, device=spec["device"], num_epochs=1,
-                                         iterations_per_epoch=n, val_iterations=0, num_workers=spec["workers"]))
+    class SteadyStateCMCTrainer(CMCTrainer):
+        """The whole objective from the first step (no warm-up, when only labeled rows run): what a step costs."""
+
+        unlabeled_warmup = 0.0
+
+    trainer = SteadyStateCMCTrainer(TrainingRequest(DATASET, FOLD, LABELED, roots=roots, device=spec["device"],
+                                                    num_epochs=1, iterations_per_epoch=n, val_iterations=0,
+                                                    num_workers=spec["workers"]))
     t_init = time.perf_counter()
     trainer.initialize()
     trainer.on_train_start()
