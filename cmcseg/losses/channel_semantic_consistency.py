@@ -5,6 +5,19 @@ N = prod(spatial) values per channel. Channel c of modality a should describe th
 semantic pattern as channel c of modality b (its positive) and differ from the other channels
 of b (its negatives).
 
+Which features, and why: CMC applies it to each branch's BOTTLENECK (``CMCOutput.bottlenecks``: after the
+modality's channel attention, before the unified fusion mixes the modalities). That is the deepest map each
+modality computes on its own, so aligning its channels asks every encoder to describe the same anatomy in the
+same channels, which the fusion and the decoders can then combine; after fusion the branches already share
+information and the term would be trivially low. The bottleneck is also the smallest map (O(C^2) similarities
+over few voxels). It needs no label, so it runs on every row, labeled and unlabeled, and as an unlabeled
+term it is scaled by ``--unlabeled-weight``.
+
+Temperature: ``tau = 0.1`` (``CMCTrainer.csc_temperature``), the usual value for InfoNCE over L2-normalised
+descriptors (SimCLR, MoCo): cosines lie in [-1, 1], so ``1 / tau = 10`` spreads them over a softmax range in
+which the positive can dominate C - 1 negatives without saturating the gradient. Its weight is 0.1, below the
+pseudo-label term, because it shapes features rather than predictions.
+
 Memory: the similarities are one normalised batched matrix product
 ``(B, C, N) @ (B, N, C) -> (B, C, C)``, so beyond the inputs (and their normalised copies,
 O(B*C*N)) the loss holds O(B*C^2). The public code of the CMC paper compared every voxel with
