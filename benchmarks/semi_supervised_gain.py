@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -116,16 +117,12 @@ def arm_trainer_class(arm: str):
                 config["patch_size"] = list(self.patch)
             return plans
 
-        def load_plans_and_fold(self) -> None:
-            super().load_plans_and_fold()
-            if not self.extra_unlabeled:
-                from cmcseg.training.trainer import FoldCases, batch_composition
-                own = set(self.splits["folds"][self.fold]["train"])
-                self.cases = FoldCases(self.cases.labeled, [c for c in self.cases.unlabeled if c in own],
-                                       self.cases.validation)
-                self.labeled_batch_size, self.unlabeled_batch_size = batch_composition(
-                    int(self.config["batch_size"]), bool(self.cases.unlabeled), self.unlabeled_batch_ratio,
-                    self.min_labeled_batch_size)
+        def select_cases(self):
+            cases = super().select_cases()
+            if self.extra_unlabeled:
+                return cases
+            own = set(self.splits["folds"][self.fold]["train"])
+            return dataclasses.replace(cases, unlabeled=[c for c in cases.unlabeled if c in own])
 
         def plot(self) -> None:  # the benchmark times training, not drawing
             pass

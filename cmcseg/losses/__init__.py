@@ -30,6 +30,7 @@ from cmcseg.losses.supervised import (
     SupervisedDiceCELoss,
     deep_supervision_weights,
     downsample_target,
+    ignore_outside_fov,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "cross_modality_agreement_loss",
     "deep_supervision_weights",
     "downsample_target",
+    "ignore_outside_fov",
     "linear_rampup",
     "masked_agreement_loss",
     "mean_teacher_consistency_loss",

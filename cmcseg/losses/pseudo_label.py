@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from cmcseg.losses.supervised import DeepSupervisedDiceCELoss
+from cmcseg.losses.supervised import DeepSupervisedDiceCELoss, ignore_outside_fov
 
 
 def class_thresholds(threshold: float | Sequence[float], num_classes: int, device: torch.device | None = None
@@ -69,9 +69,8 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
         ignore = int(self.ignore_label)  # type: ignore[arg-type]
         losses = []
         for m, logits in enumerate(head_logits):
-            target = pseudo_labels
-            if head_fov is not None:
-                target = torch.where(head_fov[:, m:m + 1] > 0.5, target, torch.full_like(target, ignore))
+            target = pseudo_labels if head_fov is None else ignore_outside_fov(pseudo_labels, head_fov[:, m:m + 1],
+                                                                               ignore)
             if bool((target != ignore).any()):
                 losses.append(super().forward([logits], [target]))
         if not losses:

@@ -59,6 +59,18 @@ def downsample_target(target: Tensor, shapes: Sequence[Sequence[int]]) -> List[T
     return results
 
 
+def ignore_outside_fov(target: Tensor, fov: Tensor, ignore_value: int) -> Tensor:
+    """The label map ``(B, 1, *)`` with ``ignore_value`` where the ``(B, 1, *)`` field-of-view mask is off.
+
+    The mask is resized to the target's grid (nearest) when a deep-supervision target is coarser, so one head
+    learns only inside its modality's field of view at every scale.
+    """
+    fov = fov.float()
+    if fov.shape[2:] != target.shape[2:]:
+        fov = F.interpolate(fov, size=tuple(target.shape[2:]), mode="nearest-exact")
+    return torch.where(fov > 0.5, target, torch.full_like(target, ignore_value))
+
+
 def _as_output_list(outputs: HeadOutput) -> List[Tensor]:
     """One head's outputs as a list, highest resolution first (a single tensor becomes a list of one)."""
     if isinstance(outputs, Tensor):

@@ -172,17 +172,18 @@ class CMCNetwork(nn.Module):
         return self.encoders[0].deep_supervision_scales()
 
     # --------------------------------------------------------------------------------- forward
+    def fov_masks(self, x: Tensor) -> Tensor:
+        """The ``(B, M, *)`` field-of-view masks at the end of the input ``x``."""
+        return x[:, x.shape[1] - len(self.channels_per_modality):]
+
     def fuse(self, head_probabilities: Sequence[Tensor], x: Tensor) -> Tensor:
         """The fused prediction of the heads' probabilities for input ``x`` (FOV masks from ``x``), weighted
         by :attr:`head_reliability` (see :func:`fov_weighted_ensemble`)."""
-        n_mod = len(self.channels_per_modality)
-        fov = x[:, x.shape[1] - n_mod:]
-        return fov_weighted_ensemble(head_probabilities, fov, self.head_reliability)
+        return fov_weighted_ensemble(head_probabilities, self.fov_masks(x), self.head_reliability)
 
     def head_fov(self, x: Tensor) -> Tensor:
         """``(B, n_branches, *)`` field-of-view mask of each head: its modality's mask (one branch: their union)."""
-        n_mod = len(self.channels_per_modality)
-        fov = x[:, x.shape[1] - n_mod:]
+        fov = self.fov_masks(x)
         return fov.amax(1, keepdim=True) if self.single_branch else fov
 
     def branch_inputs(self, x: Tensor) -> list[Tensor]:

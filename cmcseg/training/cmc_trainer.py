@@ -45,7 +45,6 @@ import logging
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmcseg.losses import (
@@ -56,12 +55,13 @@ from cmcseg.losses import (
     class_thresholds,
     confident_pseudo_labels,
     create_ema_teacher,
+    ignore_outside_fov,
     masked_agreement_loss,
     mean_teacher_consistency_loss,
     update_ema_teacher,
 )
 from cmcseg.networks import build_cmc_network
-from cmcseg.networks.cmc import as_scales, fov_weighted_ensemble, head_probabilities
+from cmcseg.networks.cmc import as_scales, head_probabilities
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import StrongIntensityAugmentation
@@ -69,9 +69,6 @@ from cmcseg.training.progress import MASS_PREFIX, WEIGHT_PREFIX
 from cmcseg.training.trainer import TrainerBase
 
 log = logging.getLogger(__name__)
-
-__all__ = ["CMCTrainer", "as_scales", "fov_weighted_ensemble"]
-
 
 class CMCTrainer(TrainerBase):
     """The CMC method: M modality branches; supervised Dice+CE per head, confident cross-modality pseudo-labels
@@ -227,20 +224,23 @@ class CMCTrainer(TrainerBase):
                 losses["cac"] = masked_agreement_loss([torch.softmax(z.float(), 1) for z in student_logits], fused,
                                                       head_fov[unlabeled])
             diagnostics["pseudo_label_kept"] = keep.float().mean()
+        return self.step_outputs(losses, weights, diagnostics, heads, head_fov, labeled)
+
+    def step_outputs(self, losses: dict[str, Tensor], weights: dict[str, float], diagnostics: dict[str, Tensor],
+                     heads: list[list[Tensor]], head_fov: Tensor, labeled: Tensor) -> dict[str, Tensor]:
+        """The total ``w_sup L_sup + sum w_k L_k``, every term, the diagnostics (with each head's foreground mass on
+        the unlabeled rows, else the labeled ones) and the weights, as :meth:`compute_losses` returns them."""
         total = self.supervised_weight * losses["supervised"]
         for key, weight in weights.items():
             total = total + weight * losses[key]
-        mass_rows = unlabeled if bool(unlabeled.any()) else labeled
-        diagnostics.update(self.foreground_mass(heads, head_fov, mass_rows))
+        mass_rows = ~labeled if bool((~labeled).any()) else labeled
+        diagnostics = {**diagnostics, **self.foreground_mass(heads, head_fov, mass_rows)}
         return {"loss": total, **losses, **diagnostics,
                 **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
 
     def head_targets(self, target: Tensor, head_fov: Tensor, m: int) -> Tensor:
-        """The label map with ``ignore_value`` outside head m's field of view (FOV resized to the target's grid)."""
-        fov = head_fov[:, m:m + 1].float()
-        if fov.shape[2:] != target.shape[2:]:
-            fov = F.interpolate(fov, size=tuple(target.shape[2:]), mode="nearest-exact")
-        return torch.where(fov > 0.5, target, torch.full_like(target, self.ignore_value))
+        """The label map with ``ignore_value`` outside head m's field of view."""
+        return ignore_outside_fov(target, head_fov[:, m:m + 1], self.ignore_value)
 
     def supervised_term(self, heads: list[list[Tensor]], targets: list[Tensor], labeled: Tensor,
                         head_fov: Tensor) -> Tensor:
@@ -272,16 +272,17 @@ class CMCTrainer(TrainerBase):
         if not bool(labeled.any()):
             return
         k = self.labels.num_classes
-        counts = torch.zeros_like(self.reliability_counts)
+        per_head = []
         for m, scales in enumerate(heads):
             reference = self.head_targets(target[labeled], head_fov[labeled], m).long().flatten()
             prediction = scales[0][labeled].argmax(1).flatten()
             valid = (reference >= 0) & (reference < k)
             reference, prediction = reference[valid], prediction[valid]
-            predicted = torch.bincount(prediction, minlength=k).double().cpu()
-            actual = torch.bincount(reference, minlength=k).double().cpu()
-            tp = torch.bincount(reference[prediction == reference], minlength=k).double().cpu()
-            counts[:, m] = torch.stack([tp, predicted - tp, actual - tp])
+            predicted = torch.bincount(prediction, minlength=k)
+            actual = torch.bincount(reference, minlength=k)
+            tp = torch.bincount(reference[prediction == reference], minlength=k)
+            per_head.append(torch.stack([tp, predicted - tp, actual - tp]))
+        counts = torch.stack(per_head, dim=1).double().cpu()  # (3, heads, K), one transfer per step
         if self.dist.enabled:  # every rank keeps the same counts, so the ranks' networks stay identical
             counts = torch.from_numpy(ddp.sum_over_ranks(counts.numpy(), self.dist, self.device))
         momentum = self.reliability_momentum if self.reliability_counts.any() else 0.0
@@ -318,10 +319,7 @@ class CMCTrainer(TrainerBase):
         losses = {"supervised": self.supervised_term(heads, targets, labeled, head_fov),
                   "mean_teacher": self.mean_teacher_term(x, heads, self.modality_presence(x))}
         self.update_reliability(heads, targets[0], labeled, head_fov)
-        total = self.supervised_weight * losses["supervised"] + weights["mean_teacher"] * losses["mean_teacher"]
-        diagnostics = self.foreground_mass(heads, head_fov, ~labeled if bool((~labeled).any()) else labeled)
-        return {"loss": total, **losses, **diagnostics,
-                **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+        return self.step_outputs(losses, weights, {}, heads, head_fov, labeled)
 
     def mean_teacher_term(self, x: Tensor, student_heads: list[list[Tensor]], present: Tensor) -> Tensor:
         """Softmax-MSE between each student head and the EMA teacher's same head, on rows with that modality."""

@@ -49,8 +49,8 @@ from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from cmcseg.training.data import build_training_loader, build_validation_patches
 from cmcseg.training.progress import (
-    DIAGNOSTIC_KEYS, DICE_PREFIX, LOSS_PREFIX, MASS_PREFIX, PLOT_FILE, WEIGHT_PREFIX, MetricsHistory, attach_log_file, detach_log_file,
-    epoch_means, format_metrics, iteration_bar, loss_metrics, plot_progress,
+    DIAGNOSTIC_KEYS, DICE_PREFIX, LOSS_PREFIX, MASS_PREFIX, PLOT_FILE, WEIGHT_PREFIX, MetricsHistory,
+    attach_log_file, detach_log_file, epoch_means, format_metrics, iteration_bar, loss_metrics, plot_progress,
 )
 from cmcseg.training.validation import (
     BestTracker, LabelInfo, patch_counts, pseudo_dice_metrics, summarize, validate_case_outputs, write_summary,
@@ -318,8 +318,7 @@ class TrainerBase:
         self.config = plan_configuration(self.plans, self.configuration)
         self.plans_sha256 = plans_hash(self.plans)
         self.splits = load_splits(self.preprocessed_folder / SPLITS_FILE)
-        self.cases = select_fold_cases(self.splits, self.fold, self.labeled_fraction,
-                                       self.unlabeled_when_fully_labeled)
+        self.cases = self.select_cases()
         self.labels = LabelInfo.from_plans(self.plans)
         self.patch_size = [int(p) for p in self.config["patch_size"]]
         rank_batch = ddp.rank_batch_size(int(self.config["batch_size"]), self.dist)
@@ -328,6 +327,10 @@ class TrainerBase:
         log.info("fold %d: %d labeled, %d unlabeled, %d validation cases; batch of %d labeled + %d unlabeled "
                  "per process, patch %s", self.fold, len(self.cases.labeled), len(self.cases.unlabeled),
                  len(self.cases.validation), self.labeled_batch_size, self.unlabeled_batch_size, self.patch_size)
+
+    def select_cases(self) -> FoldCases:
+        """Hook: this fold's labeled, unlabeled and validation cases (before the batch composition is chosen)."""
+        return select_fold_cases(self.splits, self.fold, self.labeled_fraction, self.unlabeled_when_fully_labeled)
 
     def write_model_files(self) -> None:
         """plans.json (as this trainer uses them, after :meth:`configure_plans`) and dataset.json into the model
