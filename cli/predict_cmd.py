@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cmcseg.cli.common import add_root_arguments, roots_from_args
+from cmcseg.cli.common import add_root_arguments, add_unsafe_pickle_argument, int_at_least, roots_from_args
 from cmcseg.errors import CmcsegError
 from cmcseg.paths import find_dataset_folder
 
@@ -63,8 +63,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if available")
     p.add_argument("--continue", dest="continue_prediction", action="store_true",
                    help="skip the cases whose output already exists")
-    p.add_argument("-np", "--num-processes", type=int, default=1,
+    p.add_argument("-np", "--num-processes", type=int_at_least(0, "-np 1"), default=1,
                    help="background preprocessing threads, overlapping the prediction (default 1; 0: none)")
+    add_unsafe_pickle_argument(p)
     add_root_arguments(p)
     return p
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities, save_heads=args.save_heads,
         original_labels=args.original_labels, device=args.device,
         continue_prediction=args.continue_prediction, num_workers=args.num_processes,
+        unsafe_allow_pickle=args.unsafe_allow_pickle,
     )
     report = predict_folder(args.input, args.output, model_folder, options, dataset_spec=args.dataset,
                             preprocessed_dataset=preprocessed)

@@ -6,15 +6,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from cmcseg.cli.common import add_root_arguments, roots_from_args
+from cmcseg.cli.common import (
+    add_root_arguments, add_unsafe_pickle_argument, float_in, int_at_least, roots_from_args,
+)
 from cmcseg.image_io import read_json
 
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]; e.g. --labeled 0.2 keeps 20% of the labels")
-    return value
+#: --labeled: a fraction in (0, 1]; the message of a refused value shows a valid one
+_fraction = float_in(0.0, 1.0, "--labeled 0.2 (keeps the labels of 20% of the fold's training cases)")
 
 
 def _fmt(value: float | None) -> str:
@@ -33,7 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "Example: cmcseg train -d MSCMR -f 0 --labeled 0.2",
     )
     p.add_argument("-d", "--dataset", required=True, help="dataset name, id or folder (MSCMR, 501, Dataset501_MSCMR)")
-    p.add_argument("-f", "--fold", required=True, type=int, help="fold of splits.json")
+    p.add_argument("-f", "--fold", required=True, type=int_at_least(0, "-f 0"), help="fold of splits.json")
     p.add_argument("--labeled", default=1.0, type=_fraction, metavar="FRACTION",
                    help="fraction of the fold's training cases whose labels are used, in (0, 1] (default 1.0: "
                         "supervised)")
@@ -45,7 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches")
-    p.add_argument("--unlabeled-weight", type=float, default=None, metavar="W",
+    p.add_argument("--unlabeled-weight", type=float_in(0.0, None, "--unlabeled-weight 1", low_inclusive=True),
+                   default=None, metavar="W",
                    help="scales every unlabeled loss term (pseudo-labels, CSC, CAC; default 1). 0 trains the same "
                         "network on the same batches and schedule with the labels alone: the supervised baseline")
     any2seg = p.add_argument_group("Any2Seg (--trainer any2seg -c 2d)")
@@ -57,29 +56,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          help="language teacher of the LSCD distillation (default minilm: offline, text only)")
     any2seg.add_argument("--teacher-weights", type=Path, default=None,
                          help="local LanguageBind folder (needed for --teacher languagebind)")
-    any2seg.add_argument("--modality-dropout", type=float, default=None, metavar="P",
+    any2seg.add_argument("--modality-dropout", type=float_in(0.0, 1.0, "--modality-dropout 0.5", low_inclusive=True),
+                         default=None, metavar="P",
                          help="probability that a training row keeps a random non-empty subset of its modalities "
                               "(default 0.5)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
-    p.add_argument("--iters-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
-    p.add_argument("--val-iters", type=int, default=None,
-                   help="validation batches per epoch for the pseudo-Dice (default 50)")
+    p.add_argument("--epochs", type=int_at_least(1, "--epochs 100"), default=None,
+                   help="epochs, at least 1 (default: the trainer's, 1000)")
+    p.add_argument("--iters-per-epoch", type=int_at_least(1, "--iters-per-epoch 250"), default=None,
+                   help="iterations per epoch, at least 1 (default 250)")
+    p.add_argument("--val-iters", type=int_at_least(0, "--val-iters 50"), default=None,
+                   help="validation batches per epoch for the pseudo-Dice (default 50; 0: no pseudo-Dice)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if available")
-    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+    p.add_argument("--max-minutes", type=float_in(0.0, None, "--max-minutes 30"), default=None, metavar="M",
                    help="time budget: no epoch starts that would end after M minutes; the final checkpoint and "
                         "the validation are still written (default: no budget)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from the fold's last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
-    p.add_argument("-np", "--num-processes", type=int, default=None,
+    p.add_argument("-np", "--num-processes", type=int_at_least(0, "-np 1"), default=None,
                    help="data-augmentation worker processes per training process (default 1; 0: in-process)")
+    add_unsafe_pickle_argument(p)
     add_root_arguments(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     # imported here: torch and the networks load only when training is asked for
-    from cmcseg.any2seg.subsets import SUBSET_TABLE_CSV, SUBSET_TABLE_PNG
     from cmcseg.training.ddp import launched_by_torchrun
     from cmcseg.training.registry import get_trainer_class
     from cmcseg.training.trainer import TrainingRequest
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
         backbone=args.backbone, backbone_weights=args.backbone_weights, teacher=args.teacher,
         teacher_weights=args.teacher_weights, modality_dropout=args.modality_dropout,
-        unlabeled_weight=args.unlabeled_weight,
+        unlabeled_weight=args.unlabeled_weight, unsafe_allow_pickle=args.unsafe_allow_pickle,
     )
     trainer = trainer_class(request)
     output_folder = trainer.run()
@@ -110,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
         for head, scores in summary.get("per_head", {}).items():
             print(f"   head {head} alone: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scores["mean"].items()))
     ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
-    subsets_path = output_folder / VALIDATION_DIR / SUBSET_TABLE_CSV
-    if subsets_path.is_file():
-        print(f"scores per modality subset: {subsets_path} (heat map: {subsets_path.parent / SUBSET_TABLE_PNG})")
+    subsets = sys.modules.get("cmcseg.any2seg.subsets")  # loaded by an Any2Seg run only (it needs transformers)
+    subsets_path = output_folder / VALIDATION_DIR / subsets.SUBSET_TABLE_CSV if subsets is not None else None
+    if subsets_path is not None and subsets_path.is_file():
+        print(f"scores per modality subset: {subsets_path} (heat map: "
+              f"{subsets_path.parent / subsets.SUBSET_TABLE_PNG})")
     print(f"trained {trainer.name} fold {args.fold} at --labeled {args.labeled}{ddp_note}: {output_folder}")
     return 0

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 
 from cmcseg.errors import DatasetError, Problem
 from cmcseg.image_io import write_json_atomic
+from cmcseg.paths import FILE_ENDING_RE, UnsafeNameError, check_file_ending, check_name
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 PAIRINGS = ("paired", "unpaired")
@@ -128,10 +129,11 @@ class Dataset:
         channel_names = _parse_channel_names(meta, djson, problems)
         labels = _parse_labels(meta, djson, problems)
         file_ending = meta.get("file_ending", ".nii.gz" if "modality" in meta else None)
-        if not isinstance(file_ending, str) or not file_ending.startswith("."):
+        if not isinstance(file_ending, str) or not FILE_ENDING_RE.match(file_ending):
             problems.append(Problem(
-                f"'file_ending' is missing or invalid ({file_ending!r})", file=djson,
-                fix='add e.g. "file_ending": ".nii.gz" to dataset.json',
+                f"'file_ending' is missing or not a file extension ({file_ending!r})", file=djson,
+                fix='set e.g. "file_ending": ".nii.gz" in dataset.json (one or two dotted parts of letters and '
+                    'digits)',
             ))
             file_ending = ".nii.gz"
         pairing = meta.get("pairing", "paired")
@@ -210,6 +212,11 @@ def _parse_channel_names(meta: dict, djson: str, problems: list[Problem]) -> dic
     if sorted(out) != list(range(len(out))):
         problems.append(Problem(f"channel indices must be 0..{len(out) - 1}, got {sorted(out)}", file=djson,
                                 fix="number the channels consecutively from 0"))
+    for name in out.values():
+        try:
+            check_name(name, "channel name", djson, max_length=64)
+        except UnsafeNameError as e:
+            problems.append(Problem(str(e), file=djson, fix="name the channel with letters, digits, '_', '-', '.'"))
     return out
 
 
@@ -294,6 +301,11 @@ def _scan_split(ds: Dataset, split: str, problems: list[Problem]) -> list[Case]:
             ))
             continue
         cid, ch = m.group("case"), int(m.group("channel"))
+        try:
+            check_name(cid, "case id", str(f))
+        except UnsafeNameError as e:
+            problems.append(Problem(str(e), file=str(f), fix="rename the file (letters, digits, '_', '-', '.')"))
+            continue
         if ch not in ds.channel_names:
             problems.append(Problem(
                 f"channel {ch:04d} is not declared in dataset.json channel_names ({sorted(ds.channel_names)})",
@@ -322,6 +334,10 @@ def _scan_split(ds: Dataset, split: str, problems: list[Problem]) -> list[Case]:
                         'different patients declare "pairing": "unpaired"',
                 ))
         label = labels_dir / f"{cid}{ending}"
+        if label.is_symlink() and not label.is_file():  # a broken link or a loop: not "no label"
+            problems.append(Problem(
+                "the label is a symbolic link that leads to no file (broken, or a loop)", file=str(label), case=cid,
+                fix="replace the link with the label file, or point it at the real file"))
         cases.append(Case(cid, dict(sorted(chans.items())), label if label.is_file() else None, split == "Ts"))
 
     if labels_dir.is_dir():
@@ -364,7 +380,7 @@ def _check_cross_split(ds: Dataset, meta: dict, problems: list[Problem]) -> None
             problems.append(Problem(f"case '{name}' is listed twice in 'training'", file=djson,
                                     case=name, fix="remove the duplicate entry"))
     n = meta.get("numTraining")
-    if isinstance(n, int) and n != len(ds.cases):
+    if isinstance(n, int) and n != len(ds.cases) and ds.cases:  # no cases at all is reported as an error
         problems.append(Problem(
             f"numTraining is {n} but imagesTr holds {len(ds.cases)} cases", file=djson, severity="warning",
             fix=f'set "numTraining": {len(ds.cases)}',
@@ -373,12 +389,16 @@ def _check_cross_split(ds: Dataset, meta: dict, problems: list[Problem]) -> None
 
 # ---------------------------------------------------------------------- writing
 def image_file(folder: Path | str, case_id: str, channel: int, file_ending: str = ".nii.gz", split: str = "Tr") -> Path:
-    """Where channel ``channel`` of ``case_id`` lives in a raw dataset."""
+    """Where channel ``channel`` of ``case_id`` lives in a raw dataset (the names are checked: no path parts)."""
+    check_name(case_id, "case id", str(folder))
+    check_file_ending(file_ending, str(folder))
     return Path(folder) / f"images{split}" / f"{case_id}_{channel:04d}{file_ending}"
 
 
 def label_file(folder: Path | str, case_id: str, file_ending: str = ".nii.gz", split: str = "Tr") -> Path:
-    """Where the label of ``case_id`` lives in a raw dataset."""
+    """Where the label of ``case_id`` lives in a raw dataset (the names are checked: no path parts)."""
+    check_name(case_id, "case id", str(folder))
+    check_file_ending(file_ending, str(folder))
     return Path(folder) / f"labels{split}" / f"{case_id}{file_ending}"
 
 

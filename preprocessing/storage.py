@@ -25,7 +25,8 @@ import blosc2
 import numpy as np
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
-from cmcseg.image_io import _json_default, atomic_path
+from cmcseg.image_io import _json_default, atomic_path, make_folder
+from cmcseg.paths import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ _CLEVEL = 5
 
 
 def case_files(folder: Path | str, case_id: str) -> dict[str, Path]:
-    """Paths of the four files of a preprocessed case (data, seg, fov, properties)."""
+    """Paths of the four files of a preprocessed case (data, seg, fov, properties); the case id is checked."""
     folder = Path(folder)
+    check_name(case_id, "case id", str(folder))
     return {
         "data": folder / f"{case_id}{DATA_SUFFIX}",
         "seg": folder / f"{case_id}{SEG_SUFFIX}",
@@ -130,7 +132,7 @@ def write_case(
     next run sees as not done. For an unlabeled case a stale seg file is removed.
     """
     files = case_files(folder, case_id)
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     files["properties"].unlink(missing_ok=True)
     write_array(data, files["data"], patch_size)
     write_array(fov, files["fov"], patch_size)

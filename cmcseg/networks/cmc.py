@@ -262,17 +262,20 @@ def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str
                       shared_encoder: bool = False, encoder_weights: Path | str | None = None,
                       deep_supervision: bool = True, *, shared_decoder: bool = False, fusion: bool | None = None,
                       channel_attention: bool | None = None, single_branch: bool = False,
-                      encoder_options: Mapping[str, Any] | None = None) -> CMCNetwork:
+                      encoder_options: Mapping[str, Any] | None = None,
+                      unsafe_allow_pickle: bool = False) -> CMCNetwork:
     """The CMC network for one configuration of plans.json.
 
     ``encoder`` names a registered encoder; ``encoder_weights`` (a local file) is loaded into every
-    branch's encoder; ``encoder_options`` go to the encoder class (e.g. ``{"feature_size": 48}``).
+    branch's encoder, as data only unless ``unsafe_allow_pickle``; ``encoder_options`` go to the encoder
+    class (e.g. ``{"feature_size": 48}``).
     """
     config = plan_configuration(plans, configuration)
     options = dict(encoder_options or {})
 
     def make_encoder(in_channels: int, fov_channels: int) -> ModalityEncoder:
-        return build_encoder(encoder, config, in_channels, encoder_weights, fov_channels=fov_channels, **options)
+        return build_encoder(encoder, config, in_channels, encoder_weights, fov_channels=fov_channels,
+                             unsafe_allow_pickle=unsafe_allow_pickle, **options)
 
     net = CMCNetwork(make_encoder, plan_channels_per_modality(plans), plan_num_classes(plans),
                      shared_encoder=shared_encoder, shared_decoder=shared_decoder, deep_supervision=deep_supervision,

@@ -28,7 +28,6 @@ projections with another channel count are mapped.
 from __future__ import annotations
 
 import logging
-import pickle
 import pydoc
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from cmcseg.errors import CmcsegError
+from cmcseg.serialization import UnsafeFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ class ModalityEncoder(nn.Module, ABC):
         tensor. The decoder has a ``deep_supervision`` attribute that may be switched later.
         """
 
-    def load_weights(self, path: Path) -> None:
-        """Load pretrained weights from a local file; encoders without a published format refuse."""
+    def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
+        """Load pretrained weights from a local file (as data only unless ``unsafe_allow_pickle``); encoders
+        without a published format refuse."""
         raise CmcsegError(f"the {type(self).__name__} encoder cannot load weights (asked to load {path}). "
                           "Fix: drop --encoder-weights or choose an encoder that loads them.")
 
@@ -129,7 +130,7 @@ def register_encoder(name: str) -> Callable[[E], E]:
 
 
 def build_encoder(name: str, plan_config: Mapping[str, Any], in_channels: int, weights: Path | str | None = None,
-                  *, fov_channels: int = 1, **options: Any) -> ModalityEncoder:
+                  *, fov_channels: int = 1, unsafe_allow_pickle: bool = False, **options: Any) -> ModalityEncoder:
     """Build the registered encoder ``name`` for a plan configuration, and load ``weights`` if given.
 
     ``in_channels`` counts the branch's image channels plus its ``fov_channels`` FOV masks (last).
@@ -143,7 +144,7 @@ def build_encoder(name: str, plan_config: Mapping[str, Any], in_channels: int, w
                           f"{fov_channels} FOV channel(s).")
     encoder = cls.from_plan(plan_config, in_channels, fov_channels=fov_channels, **options)
     if weights is not None:
-        encoder.load_weights(Path(weights))
+        encoder.load_weights(Path(weights), unsafe_allow_pickle=unsafe_allow_pickle)
         log.info("encoder %s: loaded weights from %s", name, weights)
     return encoder
 
@@ -221,29 +222,25 @@ class WeightsMismatchError(CmcsegError):
         super().__init__("\n".join(lines))
 
 
-def read_checkpoint(path: Path) -> dict[str, Tensor]:
+def read_checkpoint(path: Path, unsafe_allow_pickle: bool = False) -> dict[str, Tensor]:
     """The tensors of a checkpoint file, unwrapped from the usual containers.
 
     Accepts a bare state dict or one under ``state_dict`` / ``network_weights`` (nnU-Net) /
-    ``model`` / ``network``. Reads with ``weights_only=True`` first; a file that also holds other
-    Python objects (nnU-Net's own checkpoints do) is read fully, as nnU-Net itself reads it,
-    because the user named that local file.
+    ``model`` / ``network``. Reads as data only (:func:`cmcseg.serialization.load_torch_file`:
+    tensors, plain values and NumPy data, which covers nnU-Net's checkpoints); a file that holds
+    other Python objects is refused unless ``unsafe_allow_pickle`` (``--unsafe-allow-pickle``).
     """
     path = Path(path)
     if not path.is_file():
         raise CmcsegError(f"encoder weights file {path} does not exist. Fix: pass the path of a local checkpoint "
                           "(nothing is downloaded).")
-    unreadable = "cannot read encoder weights {path}: {error}. Fix: pass a file written by torch.save."
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only" not in str(e).casefold():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-            log.warning("%s holds more than tensors; it was read fully, as nnU-Net reads its own checkpoints", path)
+        obj = load_torch_file(path, "encoder weights file", unsafe_allow_pickle=unsafe_allow_pickle)
+    except UnsafeFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to read is a problem of the user's file
-        raise CmcsegError(unreadable.format(path=path, error=str(e).rstrip("."))) from e
+        raise CmcsegError(f"cannot read encoder weights {path}: {str(e).rstrip('.')}. Fix: pass a file written by "
+                          "torch.save.") from e
     for key in ("state_dict", "network_weights", "model", "network"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -357,13 +354,13 @@ class _PlanConvEncoder(ModalityEncoder):
         decoder.apply(InitWeights_He(1e-2))  # nnU-Net's initialisation
         return decoder
 
-    def load_weights(self, path: Path) -> None:
+    def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
         """Load the encoder part of an nnU-Net or cmcseg checkpoint (any module prefix, e.g. ``encoders.0.``).
 
         The prefix is the shortest one under which the checkpoint holds this encoder's first key.
         Everything outside ``<prefix>encoder.`` (decoders, heads) is ignored.
         """
-        state = strip_wrapper_prefixes(read_checkpoint(path))
+        state = strip_wrapper_prefixes(read_checkpoint(path, unsafe_allow_pickle))
         anchor = next(iter(self.state_dict()))
         prefixes = sorted({k[: -len(anchor)] for k in state if k.endswith(anchor)}, key=lambda p: (len(p), p))
         prefix = prefixes[0] if prefixes else ""
@@ -539,12 +536,12 @@ class SwinUNETREncoder(ModalityEncoder):
     def build_decoder(self, num_classes: int, deep_supervision: bool) -> nn.Module:
         return SwinUNETRDecoder(self.spatial_dims, self.feature_size, num_classes, deep_supervision, self.norm_name)
 
-    def load_weights(self, path: Path) -> None:
+    def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
         """Load a SwinViT checkpoint in MONAI's published layout into ``swinViT`` (see :func:`swin_checkpoint_to_monai`).
 
         The patch embedding's input channels are mapped by :func:`adapt_input_weight`.
         """
-        state, skipped = swin_checkpoint_to_monai(read_checkpoint(path))
+        state, skipped = swin_checkpoint_to_monai(read_checkpoint(path, unsafe_allow_pickle))
         if skipped:
             log.info("%s: %d key(s) outside the SwinViT transformer skipped (e.g. %s)", path, len(skipped), skipped[0])
 

@@ -31,18 +31,16 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.networks.cmc import (
     build_cmc_network, head_probabilities, plan_channels_per_modality, plan_configuration, plan_num_classes,
 )
-from cmcseg.paths import find_dataset_folder, parse_folder_name
+from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
-from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.augmentation import configure_spatial_augmentation
-from cmcseg.training.checkpoint import CHECKPOINT_KINDS, load_checkpoint
+from cmcseg.training.checkpoint import CHECKPOINT_KINDS, FORMAT_VERSION, load_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.trainer import TRAINING_CONFIG_FILE, TrainerBase, plans_hash
 
@@ -54,7 +52,9 @@ _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 #: ``builder(model) -> module`` whose ``forward(x)`` gives class probabilities ``(B, K, *spatial)``
 InferenceBuilder = Callable[["TrainedModel", Mapping[str, Tensor]], nn.Module]
-INFERENCE_BUILDERS: dict[type, InferenceBuilder] = {}
+#: ``module.QualName`` of a trainer class -> its builder (by name, so that Any2Seg's module, which needs
+#: transformers, is imported only when an Any2Seg model is loaded)
+INFERENCE_BUILDERS: dict[str, InferenceBuilder] = {}
 
 
 @dataclass
@@ -234,11 +234,15 @@ def _model_json(folder: Path, name: str, fallback: Path | None) -> dict:
 
 
 def resolve_trainer_class(name: str) -> type | None:
-    """The trainer class called ``name``: registered, or any TrainerBase subclass loaded in this process."""
-    from cmcseg.training.registry import TRAINERS  # registers the built-in trainers
+    """The trainer class called ``name``: registered, or any TrainerBase subclass loaded in this process.
 
-    if name in TRAINERS:
-        return TRAINERS[name]
+    ``name`` comes from a checkpoint, i.e. from whoever made the model folder, so it is only looked up: a
+    ``module:Class`` name is never imported from here.
+    """
+    from cmcseg.training.registry import LAZY_TRAINERS, TRAINERS, get_trainer_class
+
+    if name in TRAINERS or any(name in (short, cls) for short, (_, cls) in LAZY_TRAINERS.items()):
+        return get_trainer_class(name)
     todo, seen = [TrainerBase], set()
     while todo:
         cls = todo.pop()
@@ -250,9 +254,12 @@ def resolve_trainer_class(name: str) -> type | None:
 
 
 def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, checkpoint: str = "final",
-                       preprocessed_dataset: Path | None = None) -> TrainedModel:
+                       preprocessed_dataset: Path | None = None, unsafe_allow_pickle: bool = False) -> TrainedModel:
     """Load the chosen folds of a model folder; refuses inconsistent folds and plans with a clear error.
 
+    A model folder may come from someone else, so it is read as data: plans.json and dataset.json are checked
+    (file ending, modality names) before any checkpoint is opened, and checkpoints load with
+    ``weights_only=True`` unless ``unsafe_allow_pickle`` (``--unsafe-allow-pickle``).
     ``preprocessed_dataset``: where plans.json and dataset.json are taken from when the model
     folder lacks them (models trained before the trainer wrote them); the plans hash still has to match.
     """
@@ -264,7 +271,10 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
         raise CmcsegError(f"{folder} is a fold folder. Fix: pass its parent, the model folder, with -m (and "
                           f"-f {_FOLD_RE.match(folder.name).group(1)} for this fold only).")
     paths = select_folds(folder, folds, checkpoint)
-    loaded = [_load_fold(fold, path) for fold, path in sorted(paths.items())]
+    plans = _model_json(folder, PLANS_FILE, preprocessed_dataset)
+    dataset_json = _model_json(folder, DATASET_FILE, preprocessed_dataset)
+    check_model_json(folder, plans, dataset_json)
+    loaded = [_load_fold(fold, path, unsafe_allow_pickle) for fold, path in sorted(paths.items())]
     first_state, first = loaded[0]
     init = dict(first_state.get("init", {}))
     for state, fold in loaded[1:]:
@@ -277,15 +287,13 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
         if state.get("trainer") != first_state.get("trainer"):
             raise CmcsegError(f"fold_{fold.fold} of {folder} was trained by {state.get('trainer')}, fold_{first.fold} "
                               f"by {first_state.get('trainer')}. Fix: predict with folds of one trainer (-f).")
-    plans = _model_json(folder, PLANS_FILE, preprocessed_dataset)
     digest = plans_hash(plans)
     for state, fold in loaded:
         if state.get("plans_sha256") not in (None, digest):
             raise CmcsegError(f"{fold.path} was trained with other plans than {folder / PLANS_FILE} holds (plans "
                               "hash differs). Fix: predict without that fold (-f), or retrain it with these plans.")
-    dataset_json = _model_json(folder, DATASET_FILE, preprocessed_dataset)
     configuration = str(init.get("configuration") or first.training_config.get("configuration", "3d_fullres"))
-    trainer_name = str(first_state.get("trainer", "CMCTrainer"))
+    trainer_name = check_name(first_state.get("trainer", "CMCTrainer"), "trainer name", str(first.path), 100)
     model = TrainedModel(folder, plans, dataset_json, configuration, trainer_name, resolve_trainer_class(trainer_name),
                          init, dict(first.training_config.get("hyperparameters", {})), [f for _, f in loaded],
                          checkpoint)
@@ -294,8 +302,22 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
     return model
 
 
-def _load_fold(fold: int, path: Path) -> tuple[dict, FoldCheckpoint]:
-    state = load_checkpoint(path, map_location="cpu")
+def check_model_json(folder: Path, plans: Mapping, dataset_json: Mapping) -> None:
+    """The names in a model folder's JSON that become output paths are plain names (raises UnsafeNameError)."""
+    source = str(folder / DATASET_FILE)
+    if not isinstance(dataset_json, Mapping) or not isinstance(plans, Mapping):
+        raise CmcsegError(f"{folder}: plans.json and dataset.json must each hold a JSON object. Fix: restore the "
+                          "model folder's files.")
+    check_file_ending(dataset_json.get("file_ending", ".nii.gz"), source)
+    names = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    for name in (names.values() if isinstance(names, Mapping) else []):
+        check_name(name, "channel name", source, max_length=64)
+    for name in plans.get("channels_per_modality", {}) or {}:
+        check_name(name, "modality name", str(folder / PLANS_FILE), max_length=64)
+
+
+def _load_fold(fold: int, path: Path, unsafe_allow_pickle: bool = False) -> tuple[dict, FoldCheckpoint]:
+    state = load_checkpoint(path, map_location="cpu", unsafe_allow_pickle=unsafe_allow_pickle)
     config_path = path.parent / TRAINING_CONFIG_FILE
     training_config = read_json(config_path) if config_path.is_file() else {}
     return state, FoldCheckpoint(fold, path, state["network"], training_config)
@@ -310,9 +332,15 @@ def _check_plans_and_dataset(model: TrainedModel) -> None:
 
 
 # ---------------------------------------------------------------------------------------- networks
-def register_inference_builder(trainer_class: type, builder: InferenceBuilder) -> None:
-    """Make ``builder`` rebuild the inference network of ``trainer_class`` and its subclasses."""
-    INFERENCE_BUILDERS[trainer_class] = builder
+def class_key(cls: type) -> str:
+    """``module.QualName`` of a class: how :data:`INFERENCE_BUILDERS` names trainers."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_inference_builder(trainer_class: type | str, builder: InferenceBuilder) -> None:
+    """Make ``builder`` rebuild the inference network of ``trainer_class`` (a class or ``module.QualName``) and
+    its subclasses."""
+    INFERENCE_BUILDERS[trainer_class if isinstance(trainer_class, str) else class_key(trainer_class)] = builder
 
 
 class CMCProbabilities(nn.Module):
@@ -356,6 +384,8 @@ register_inference_builder(CMCTrainer, build_cmc_inference)
 
 def build_any2seg_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
     """The Any2Seg model of the checkpoint's backbone options, as probabilities from the present modalities."""
+    from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities  # needs transformers: only for Any2Seg
+
     init, hp = model.init, model.hyperparameters
     channels_per_modality = plan_channels_per_modality(model.plans)
     network = Any2SegModel(
@@ -368,19 +398,19 @@ def build_any2seg_inference(model: TrainedModel, weights: Mapping[str, Tensor]) 
     return Any2SegProbabilities(network, channels_per_modality)
 
 
-register_inference_builder(Any2SegTrainer, build_any2seg_inference)
+register_inference_builder("cmcseg.training.any2seg_trainer.Any2SegTrainer", build_any2seg_inference)
 
 
 def inference_builder(model: TrainedModel) -> InferenceBuilder:
     """The builder for the model's trainer: by its class (and base classes), else by its hyperparameters."""
     if model.trainer_class is not None:
         for cls in model.trainer_class.__mro__:
-            if cls in INFERENCE_BUILDERS:
-                return INFERENCE_BUILDERS[cls]
+            if class_key(cls) in INFERENCE_BUILDERS:
+                return INFERENCE_BUILDERS[class_key(cls)]
     elif "cac_weight" in model.hyperparameters:  # a CMCTrainer subclass from a module not imported here
         log.info("trainer %s is not importable here; its hyperparameters are CMCTrainer's, so it is rebuilt as a "
                  "CMC network from plans.json", model.trainer_name)
-        return INFERENCE_BUILDERS[CMCTrainer]
+        return INFERENCE_BUILDERS[class_key(CMCTrainer)]
     raise CmcsegError(f"cmcseg predict does not know how to rebuild the network of trainer {model.trainer_name} "
                       f"({model.folder}). Fix: register an inference builder for it "
                       "(cmcseg.prediction.model.register_inference_builder), or import the module that defines it.")
@@ -422,7 +452,7 @@ def write_model_folder(folder: Path | str, plans: Mapping, dataset_json: Mapping
     for fold, weights in fold_weights.items():
         fold_init = {"dataset": folder.parent.name, "configuration": "3d_fullres", "fold": int(fold),
                      "encoder": "residual", "shared_encoder": False, **dict(init or {})}
-        state = {"format_version": 1, "kind": checkpoint, "trainer": trainer_name, "network": dict(weights),
+        state = {"format_version": FORMAT_VERSION, "kind": checkpoint, "trainer": trainer_name, "network": dict(weights),
                  "plans_sha256": digest, "init": fold_init, "epoch": 0}
         save_checkpoint(state, folder / f"fold_{fold}" / f"checkpoint_{checkpoint}.pt")
         write_json_atomic({"trainer": trainer_name, "dataset": fold_init["dataset"],

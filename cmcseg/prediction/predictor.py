@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import write_json_atomic
+from cmcseg.image_io import make_folder, write_json_atomic
+from cmcseg.paths import check_file_ending, check_name, contained
 from cmcseg.prediction.cases import InputCase, find_input_cases
 from cmcseg.prediction.model import (
     TrainedModel, build_inference_networks, check_model_dataset, load_trained_model,
@@ -70,6 +71,7 @@ class PredictionOptions:
     sw_batch_size: int = 1
     batched_tta: bool = True
     progress: bool = True
+    unsafe_allow_pickle: bool = False  # --unsafe-allow-pickle: checkpoints may unpickle objects (runs their code)
 
 
 @dataclass
@@ -304,12 +306,21 @@ HEAD_KEY = "head:"
 
 def output_paths(output_folder: Path, case_id: str, file_ending: str, save_probabilities: bool,
                  head_names: Sequence[str] = ()) -> dict[str, Path]:
-    """Where a case's segmentation (and probabilities, and each head's segmentation) go."""
+    """Where a case's segmentation (and probabilities, and each head's segmentation) go.
+
+    The case id, file ending and head names come from file names and the model folder's JSON (someone else's
+    files): each is checked, and every path must lie inside ``output_folder``.
+    """
+    check_name(case_id, "case id", f"input case {case_id!r}")
+    check_file_ending(file_ending, "the model's dataset.json")
     paths = {"segmentation": output_folder / f"{case_id}{file_ending}"}
     if save_probabilities:
         paths["probabilities"] = output_folder / f"{case_id}{PROBABILITIES_SUFFIX}"
     for name in head_names:
+        check_name(name, "head (modality) name", "the model's plans.json", max_length=64)
         paths[f"{HEAD_KEY}{name}"] = output_folder / f"{case_id}_head-{name}{file_ending}"
+    for path in paths.values():
+        contained(output_folder, path)
     return paths
 
 
@@ -382,7 +393,7 @@ def _output_paths_of(cases: Sequence[InputCase], output_folder: Path, file_endin
             if path.resolve() in inputs:
                 raise CmcsegError(f"writing case {case_id} would overwrite the input {path}. Fix: pass another "
                                   "output folder (-o).")
-    output_folder.mkdir(parents=True, exist_ok=True)
+    make_folder(output_folder)
     for stale in output_folder.glob(".tmp-*"):  # left by a killed run; finished files are never partial
         stale.unlink(missing_ok=True)
     return paths
@@ -499,7 +510,8 @@ def predict_folder(input_folder: Path | str, output_folder: Path | str, model_fo
     ``dataset_spec`` (the user's ``-d``) must name the dataset the model was trained on.
     """
     options = options or PredictionOptions()
-    model = load_trained_model(model_folder, options.folds, options.checkpoint, preprocessed_dataset)
+    model = load_trained_model(model_folder, options.folds, options.checkpoint, preprocessed_dataset,
+                               options.unsafe_allow_pickle)
     if dataset_spec is not None:
         check_model_dataset(model, dataset_spec)
     cases = find_input_cases(input_folder, model.channel_names, model.dataset_json)

@@ -115,7 +115,8 @@ class CMCTrainer(TrainerBase):
         network = build_cmc_network(
             self.plans, self.configuration, encoder=request.encoder, shared_encoder=request.shared_encoder,
             encoder_weights=request.encoder_weights, deep_supervision=self.deep_supervision,
-            shared_decoder=self.shared_decoder, fusion=self.fusion, channel_attention=self.channel_attention)
+            shared_decoder=self.shared_decoder, fusion=self.fusion, channel_attention=self.channel_attention,
+            unsafe_allow_pickle=request.unsafe_allow_pickle)
         self.channel_modalities = input_channel_modalities(self.plans["channels_per_modality"])
         self.num_modalities = len(self.plans["channels_per_modality"])
         paired = str(self.plans.get("pairing", "paired")).lower() != "unpaired"

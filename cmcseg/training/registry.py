@@ -4,22 +4,27 @@
 :func:`register_trainer`. ``--trainer`` also accepts
 ``package.module:ClassName``, so a variant written as a tiny subclass in the user's own module
 runs without touching cmcseg.
+
+Only the CMC trainer is imported with this module. The Any2Seg trainer (which needs
+transformers) and the demo trainer are imported when they are asked for, so a broken or absent
+transformers never stops CMC training; asking for Any2Seg then says what is wrong and the fix.
 """
 from __future__ import annotations
 
 import importlib
 
 from cmcseg.errors import CmcsegError
-from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.trainer import TrainerBase
 
 TRAINERS: dict[str, type[TrainerBase]] = {
     "cmc": CMCTrainer,
-    "any2seg": Any2SegTrainer,
 }
-#: trainers that register themselves when their module is imported (kept out of the import of this module)
-_REGISTERED_ON_IMPORT = {"demo": "cmcseg.demo"}
+#: name -> (module, class name) of trainers imported only when asked for; the module registers the name
+LAZY_TRAINERS = {
+    "any2seg": ("cmcseg.training.any2seg_trainer", "Any2SegTrainer"),
+    "demo": ("cmcseg.demo", "DemoCMCTrainer"),
+}
 
 
 def register_trainer(name: str, trainer_class: type[TrainerBase]) -> None:
@@ -32,10 +37,25 @@ def register_trainer(name: str, trainer_class: type[TrainerBase]) -> None:
     TRAINERS[name] = trainer_class
 
 
+def _import_lazy(name: str) -> None:
+    """Import the module of the lazily registered trainer ``name`` (a short name or its class name)."""
+    for short, (module_name, class_name) in LAZY_TRAINERS.items():
+        if name not in (short, class_name) or short in TRAINERS:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise CmcsegError(
+                f"the {class_name} trainer cannot be imported: {type(e).__name__}: {e}. It needs transformers (and "
+                "nothing may break its import: an installed torchvision that does not match torch does). Fix: run "
+                "`make install` (scripts/install.sh removes such a torchvision), or `pip uninstall torchvision`; the "
+                "CMC trainer (--trainer cmc) does not need transformers.") from e
+        TRAINERS.setdefault(short, getattr(module, class_name))
+
+
 def get_trainer_class(name: str) -> type[TrainerBase]:
     """The trainer class for a registered name, a class name of a registered trainer, or ``module:Class``."""
-    if name not in TRAINERS and name in _REGISTERED_ON_IMPORT:
-        importlib.import_module(_REGISTERED_ON_IMPORT[name])
+    _import_lazy(name)
     if name in TRAINERS:
         return TRAINERS[name]
     for cls in TRAINERS.values():
@@ -51,5 +71,5 @@ def get_trainer_class(name: str) -> type[TrainerBase]:
         if not (isinstance(cls, type) and issubclass(cls, TrainerBase)):
             raise CmcsegError(f"trainer {name!r} is not a subclass of cmcseg's TrainerBase.")
         return cls
-    raise CmcsegError(f"unknown trainer {name!r}. Fix: use one of {', '.join(sorted({*TRAINERS, *_REGISTERED_ON_IMPORT}))}, or "
-                      "module:ClassName for a trainer class of your own.")
+    raise CmcsegError(f"unknown trainer {name!r}. Fix: use one of {', '.join(sorted({*TRAINERS, *LAZY_TRAINERS}))}, "
+                      "or module:ClassName for a trainer class of your own.")
