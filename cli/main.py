@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
 from cmcseg import __version__
-from cmcseg.errors import CmcsegError
+from cmcseg.errors import WRITE_FAULTS, CmcsegError, WriteFaultError
 
 from cmcseg.cli import convert_cmd, demo_cmd, evaluate_cmd, plan_cmd, predict_cmd, synth_cmd, train_cmd
 
@@ -51,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except CmcsegError as e:
         print(f"cmcseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that no cmcseg code wrapped: still say which folder, and what to do
+        if e.errno not in WRITE_FAULTS:
+            raise
+        folder = os.path.dirname(str(e.filename)) if e.filename else "(unknown)"
+        print(f"cmcseg {args.command}: error: {WriteFaultError(folder, WRITE_FAULTS[e.errno], e.filename)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cmcseg {args.command}: interrupted", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Errors that tell the user what is wrong, where, and what to do about it."""
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -76,3 +77,32 @@ class ImageReadError(CmcsegError):
 
     def __reduce__(self):  # picklable, so a worker process can hand it back intact
         return (type(self), (self.path, self.reason, self.case))
+
+
+#: errno -> what it says about the folder written to
+WRITE_FAULTS = {
+    errno.ENOSPC: "is full (no space left on the device)",
+    errno.EDQUOT: "is over its disk quota",
+    errno.EROFS: "is on a read-only file system",
+    errno.EACCES: "is not writable by this user (permission denied)",
+    errno.EPERM: "is not writable by this user (operation not permitted)",
+}
+
+
+class WriteFaultError(CmcsegError):
+    """A write failed because of the folder (full, read-only, no permission), not because of the data."""
+
+    def __init__(self, folder: Path | str, reason: str, path: Path | str | None = None):
+        self.folder, self.reason, self.path = str(folder), reason, None if path is None else str(path)
+        full = "full" in reason or "quota" in reason
+        fix = ("free space there, or point the root (--raw/--preprocessed/--results, -o) at a disk with room"
+               if full else "make it writable, or point the root (--raw/--preprocessed/--results, -o) at a "
+                            "writable folder")
+        what = f"cannot write {path}: " if path is not None else "cannot write: "
+        super().__init__(
+            f"{what}the folder {folder} {reason}. Your input files are untouched and the files finished before "
+            f"are kept (the unfinished one was removed). Fix: {fix}, then run the same command again (cmcseg plan "
+            "skips finished cases; add --continue to cmcseg train or cmcseg predict).")
+
+    def __reduce__(self):  # picklable, so a worker process can hand it back intact
+        return (type(self), (self.folder, self.reason, self.path))

@@ -5,8 +5,10 @@ All image I/O goes through SimpleITK, so any format it reads is accepted, and ge
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from cmcseg.errors import ImageReadError
+from cmcseg.errors import WRITE_FAULTS, ImageReadError, WriteFaultError
 
 #: Extensions that belong together (".nii.gz" is one extension).
 _DOUBLE_SUFFIXES = (".nii.gz", ".seg.nrrd")
@@ -30,25 +32,73 @@ def split_extension(name: str) -> tuple[str, str]:
     return stem, ext
 
 
+#: below this much free space a failed write is taken as "the disk is full" (libraries that hide errno)
+MIN_FREE_BYTES = 4 * 1024 * 1024
+
+
+def write_fault(folder: Path | str, error: BaseException | None = None, path: Path | str | None = None
+                ) -> WriteFaultError | None:
+    """Why a write into ``folder`` failed, when the folder is the cause (full, read-only, no permission); else None.
+
+    An ``OSError`` says it by its errno. torch's zip writer and blosc2 raise RuntimeError without one, so then the
+    folder itself is looked at: almost no free space, or not writable.
+    """
+    if isinstance(error, WriteFaultError):
+        return error
+    if isinstance(error, OSError) and error.errno in WRITE_FAULTS:
+        return WriteFaultError(folder, WRITE_FAULTS[error.errno], path)
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if probe is None:
+        return None
+    try:
+        if shutil.disk_usage(probe).free < MIN_FREE_BYTES:
+            return WriteFaultError(folder, WRITE_FAULTS[errno.ENOSPC], path)
+    except OSError:
+        pass
+    if not os.access(probe, os.W_OK):
+        return WriteFaultError(folder, "is not writable (read-only file system or no permission)", path)
+    return None
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` with the same extension; rename it over ``path`` on success.
 
-    A crash leaves at most a hidden ``.tmp-*`` file, never a truncated ``path``.
+    A crash leaves at most a hidden ``.tmp-*`` file, never a truncated ``path``. A write that fails because of
+    the folder (full, read-only, no permission) raises :class:`WriteFaultError` naming the folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _, ext = split_extension(path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=ext, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=ext, dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise (write_fault(path.parent, e, path) or e) from e
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
+    except Exception as e:
+        fault = write_fault(path.parent, e, path)
+        if fault is None or fault is e:
+            raise
+        raise fault from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def make_folder(folder: Path | str) -> Path:
+    """``mkdir -p``; a folder that cannot be made because of the disk is a :class:`WriteFaultError`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (write_fault(folder, e) or e) from e
+    return folder
 
 
 def _umask() -> int:

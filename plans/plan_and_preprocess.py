@@ -20,7 +20,7 @@ from typing import Sequence
 from cmcseg import __version__
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import read_json, write_json_atomic
+from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.paths import WorkRoots, require_dataset_folder
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA
 from cmcseg.plans.fingerprint import extract_fingerprint
@@ -67,8 +67,12 @@ def plan_and_preprocess(
     verify_only: bool = False,
     progress: bool = True,
     seed: int = 12345,
+    accept_no_overlap: bool = False,
 ) -> PlanOutcome:
-    """Run every planning stage on one raw dataset; stop before any work if the integrity check fails."""
+    """Run every planning stage on one raw dataset; stop before any work if the integrity check fails.
+
+    ``accept_no_overlap`` turns a modality that does not overlap the reference at all (an error: almost
+    always a header error) into a warning; that modality's field of view is then empty in the case."""
     raw_folder = require_dataset_folder(roots.raw, dataset_spec, "raw")
     dataset = Dataset.load(raw_folder)
     try:
@@ -78,7 +82,7 @@ def plan_and_preprocess(
     timings: dict[str, float] = {}
     with _stage("integrity check", timings):
         integrity = verify_dataset(dataset, num_workers=num_workers, progress=progress,
-                                   reference_channel=reference_channel)
+                                   reference_channel=reference_channel, accept_no_overlap=accept_no_overlap)
     outcome = PlanOutcome(dataset, integrity, timings=timings)
     log.info("integrity check of %s:\n%s", dataset.name, integrity.table())
     integrity.raise_if_fatal()
@@ -86,7 +90,7 @@ def plan_and_preprocess(
         return outcome
 
     out = roots.preprocessed / raw_folder.name
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     outcome.output_folder = out
     shutil.copyfile(raw_folder / "dataset.json", out / ".dataset.json.tmp")
     (out / ".dataset.json.tmp").replace(out / "dataset.json")

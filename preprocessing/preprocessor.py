@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.preprocessing.nnunet_members import find_nnunet_member
-from cmcseg.errors import CmcsegError
+from cmcseg.errors import CmcsegError, WriteFaultError
 from cmcseg.parallel import process_pool
-from cmcseg.image_io import geometry_of, read_image_header
+from cmcseg.image_io import geometry_of, make_folder, read_image_header, write_fault
 from cmcseg.preprocessing.alignment import GridGeometry
 from cmcseg.preprocessing.case_loading import load_case_in_reference_space
 from cmcseg.preprocessing.normalization import normalize_channel
@@ -424,9 +424,14 @@ def _run_case_job(dataset: Dataset, case: Case, plans: Mapping, configuration: s
         cfg = configuration_of(plans, configuration)
         write_case(out_dir, case.case_id, result.data, result.seg, result.fov, result.properties, cfg["patch_size"])
         return case.case_id, None
+    except WriteFaultError:  # the output folder, not the case: stop, and do not blame the raw files
+        raise
     except CmcsegError as e:  # already names the case and file
         return case.case_id, str(e)
     except Exception as e:  # noqa: BLE001 - every case is reported, not only the first
+        fault = write_fault(out_dir, e)
+        if fault is not None:
+            raise fault from e
         files = ", ".join(str(p) for p in [*case.images.values(), *([case.label] if case.label else [])])
         logger.debug("case %s failed", case.case_id, exc_info=True)
         return case.case_id, f"{type(e).__name__}: {e} (files: {files})"
@@ -460,7 +465,7 @@ def preprocess_dataset(
     start = time.perf_counter()
     cfg = configuration_of(plans, configuration)
     out_dir = Path(out_folder) / cfg["data_identifier"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     _remove_stale_temporaries(out_dir)
     cases = list(dataset.cases if cases is None else cases)
     if plans.get("register", "none") == "rigid" and not dataset.unpaired:

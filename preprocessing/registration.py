@@ -32,7 +32,7 @@ from tqdm import tqdm
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.parallel import process_pool
-from cmcseg.image_io import atomic_path, read_json, write_json_atomic
+from cmcseg.image_io import atomic_path, make_folder, read_json, write_json_atomic
 from cmcseg.preprocessing.alignment import as_3d, physical_centre
 from cmcseg.preprocessing.case_loading import read_case_images
 
@@ -357,7 +357,7 @@ def save_transforms(results: Mapping[int, RegistrationResult], folder: Path | st
     The report is written last; it marks the case as registered.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     report_file(folder, case_id).unlink(missing_ok=True)
     channels = {}
     for ch, res in sorted(results.items()):

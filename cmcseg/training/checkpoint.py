@@ -15,7 +15,9 @@ state onto the network's device.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +26,29 @@ import torch
 
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import atomic_path
+from cmcseg.serialization import UnsafeFileError, check_plain_state, load_torch_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KINDS = ("latest", "best", "final")
 #: the order in which ``--continue`` looks for a checkpoint (nnU-Net's order)
 RESUME_ORDER = ("final", "latest", "best")
-FORMAT_VERSION = 1
+#: 2: tensors and plain values only, loadable with ``weights_only=True`` (1 held NumPy RNG state)
+FORMAT_VERSION = 2
+#: a fresh start moves an earlier run's checkpoints into ``previous_run_<UTC time>/``
+PREVIOUS_RUN_PREFIX = "previous_run_"
+#: what else of a run is moved aside with its checkpoints
+RUN_RECORD_FILES = ("training_config.json", "progress.png", "validation")
 
 
 def rng_state() -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # as a tensor and plain values, so that the checkpoint loads with weights_only=True
+        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -47,8 +58,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured (CUDA only when there is the same number of GPUs)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -56,22 +70,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """``torch.save(state)`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """``torch.save(state)`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    ``state`` must be tensors and plain values only (:func:`check_plain_state`), so that it loads
+    with ``weights_only=True``.
+    """
+    check_plain_state(state, "checkpoint")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; a damaged file is a clear error."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe_allow_pickle: bool = False,
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` as data only; a damaged or unsafe file is a clear error.
+
+    A file that needs full unpickling (a checkpoint from cmcseg before format 2, or a crafted one) is refused
+    unless ``unsafe_allow_pickle`` (``--unsafe-allow-pickle``) says the user trusts it.
+    """
     try:
-        # weights_only=False: the checkpoint holds RNG states and the metrics history (trusted, our own file)
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = load_torch_file(path, "checkpoint", map_location, unsafe_allow_pickle, mmap=mmap)
+    except UnsafeFileError:
+        raise
     except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors... for damaged files
         raise CmcsegError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Fix: delete it and "
                           "resume from another checkpoint_*.pt in the folder, or train without --continue.") from e
     if not isinstance(state, dict) or "network" not in state:
         raise CmcsegError(f"{path} is not a cmcseg training checkpoint (no 'network' entry).")
     return state
+
+
+def checkpoint_progress(path: Path, unsafe_allow_pickle: bool = False) -> tuple[int, int]:
+    """(global step, epoch) recorded in a checkpoint, read memory-mapped (the weights are not copied)."""
+    state = load_checkpoint(path, unsafe_allow_pickle=unsafe_allow_pickle, mmap=True)
+    return int(state.get("global_step", 0)), int(state.get("epoch", 0))
 
 
 class CheckpointManager:
@@ -93,12 +124,43 @@ class CheckpointManager:
         log.debug("saved %s", path)
         return path
 
-    def resume_path(self) -> Path | None:
-        """The checkpoint ``--continue`` starts from: final, else latest, else best; None if there is none."""
-        for kind in RESUME_ORDER:
-            if self.path(kind).is_file():
-                return self.path(kind)
-        return None
+    def existing(self) -> list[Path]:
+        """The checkpoint files present, in :data:`RESUME_ORDER`."""
+        return [self.path(kind) for kind in RESUME_ORDER if self.path(kind).is_file()]
+
+    def resume_path(self, unsafe_allow_pickle: bool = False) -> Path | None:
+        """The checkpoint ``--continue`` starts from: the one with the highest recorded step (then epoch); on a
+        tie, final before latest before best. None if there is none.
+
+        A run that is killed after ``latest`` was written but before ``final`` was replaced resumes ``latest``;
+        a finished run resumes ``final``.
+        """
+        ranked = []
+        for order, path in enumerate(self.existing()):
+            step, epoch = checkpoint_progress(path, unsafe_allow_pickle)
+            ranked.append((step, epoch, -order, path))
+        return max(ranked)[3] if ranked else None
+
+    def move_aside(self) -> Path | None:
+        """Move the checkpoints (and the run's record) of a previous run into ``previous_run_<UTC time>/``.
+
+        A fresh start calls this, so that a later ``--continue`` can never resume the old run's files, and
+        nothing of the old run is deleted. Returns the folder, or None when there was nothing to move.
+        """
+        old = self.existing()
+        if not old:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.output_folder / f"{PREVIOUS_RUN_PREFIX}{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.output_folder / f"{PREVIOUS_RUN_PREFIX}{stamp}-{n}"
+        target.mkdir(parents=True)
+        for path in [*old, *(self.output_folder / name for name in RUN_RECORD_FILES)]:
+            if path.exists():
+                os.replace(path, target / path.name)
+        return target
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the ``.tmp-*`` files a killed run left in the output folder (unfinished checkpoints, plots,

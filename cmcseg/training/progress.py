@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from tqdm import tqdm
 
-from cmcseg.image_io import atomic_path
+from cmcseg.image_io import atomic_path, make_folder, write_fault
 
 LOG_FILE = "log.txt"
 PLOT_FILE = "progress.png"
@@ -44,8 +44,11 @@ def attach_log_file(output_folder: Path, logger_name: str = "cmcseg") -> logging
     The logger's level is lowered to INFO if it was higher, so the file gets INFO messages even
     when the application configured no logging.
     """
-    output_folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output_folder / LOG_FILE, mode="a", encoding="utf-8")
+    make_folder(output_folder)
+    try:
+        handler = logging.FileHandler(output_folder / LOG_FILE, mode="a", encoding="utf-8")
+    except OSError as e:
+        raise (write_fault(output_folder, e, output_folder / LOG_FILE) or e) from e
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     logger = logging.getLogger(logger_name)

@@ -41,10 +41,10 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch import Tensor, nn
 
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import read_json, write_json_atomic
+from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.networks.cmc import plan_configuration
-from cmcseg.paths import WorkRoots, require_dataset_folder, resolve_roots
-from cmcseg.plans.splits import labeled_subset, load_splits, unlabeled_subset
+from cmcseg.paths import WorkRoots, require_preprocessed_dataset, resolve_roots
+from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from cmcseg.training.data import build_training_loader, build_validation_patches
@@ -93,6 +93,8 @@ class TrainingRequest:
     modality_dropout: float | None = None
     # ---- semi-supervised: scales every unlabeled loss term (0: supervised only, same batches); None: default
     unlabeled_weight: float | None = None
+    # ---- security: read checkpoints and weight files with full unpickling (runs code in them); trusted files only
+    unsafe_allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,22 @@ def select_fold_cases(splits: dict, fold: int, fraction: float, unlabeled_when_f
     if fraction >= 1.0 and not unlabeled_when_fully_labeled:
         unlabeled = []
     return FoldCases(labeled, unlabeled, list(splits["folds"][fold]["val"]))
+
+
+def check_request(request: TrainingRequest) -> None:
+    """Refuse values no run can use (the CLI refuses them at parsing already; this guards library callers)."""
+    minimum = {"num_epochs": 1, "iterations_per_epoch": 1, "val_iterations": 0, "num_workers": 0}
+    flags = {"num_epochs": "--epochs", "iterations_per_epoch": "--iters-per-epoch", "val_iterations": "--val-iters",
+             "num_workers": "--num-processes"}
+    for name, low in minimum.items():
+        value = getattr(request, name)
+        if value is not None and int(value) < low:
+            raise CmcsegError(f"{flags[name]} ({name}) is {value}, but it must be at least {low}. "
+                              f"Fix: pass {flags[name]} {max(low, 1)} or more (or leave it out for the default).")
+    if not 0 < float(request.labeled_fraction) <= 1:
+        raise CmcsegError(f"--labeled {request.labeled_fraction} is not in (0, 1]. Fix: pass e.g. --labeled 0.2.")
+    if request.fold < 0:
+        raise CmcsegError(f"fold {request.fold} is negative. Fix: pass a fold of splits.json, e.g. -f 0.")
 
 
 def resolve_device(spec: str, ctx: ddp.DistributedContext) -> torch.device:
@@ -202,6 +220,7 @@ class TrainerBase:
     max_seconds: float | None = None
 
     def __init__(self, request: TrainingRequest) -> None:
+        check_request(request)
         self.request = request
         self.roots = request.roots or resolve_roots()
         self.fold = int(request.fold)
@@ -271,12 +290,11 @@ class TrainerBase:
         self.device = resolve_device(self.request.device, self.dist)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
-        self.preprocessed_folder = require_dataset_folder(self.roots.preprocessed, self.request.dataset,
-                                                          "preprocessed")
+        self.preprocessed_folder = require_preprocessed_dataset(self.roots, self.request.dataset)
         self.output_folder = self.compute_output_folder()
         self.checkpoints = CheckpointManager(self.output_folder)
         if self.is_main:
-            self.output_folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.output_folder)
             self._log_handler = attach_log_file(self.output_folder)
             self.checkpoints.remove_stale_temporaries()
         log.info("%s: dataset %s, configuration %s, fold %d, labeled fraction %g, device %s%s", self.name,
@@ -318,6 +336,10 @@ class TrainerBase:
         self.config = plan_configuration(self.plans, self.configuration)
         self.plans_sha256 = plans_hash(self.plans)
         self.splits = load_splits(self.preprocessed_folder / SPLITS_FILE)
+        info, warning = describe_labeled_subset(self.splits, self.fold, self.labeled_fraction)
+        log.info("%s", info)
+        if warning:
+            log.warning("%s", warning)
         self.cases = self.select_cases()
         self.labels = LabelInfo.from_plans(self.plans)
         self.patch_size = [int(p) for p in self.config["patch_size"]]
@@ -658,7 +680,7 @@ class TrainerBase:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint into this (initialised) trainer; refuses one from other plans or cases."""
-        state = load_checkpoint(path, map_location="cpu")
+        state = load_checkpoint(path, map_location="cpu", unsafe_allow_pickle=self.request.unsafe_allow_pickle)
         if state.get("plans_sha256") != self.plans_sha256:
             raise CmcsegError(f"{path} was trained with other plans than {self.preprocessed_folder / PLANS_FILE} "
                               "has now. Fix: train without --continue (a new run), or restore the plans it used.")
@@ -683,13 +705,18 @@ class TrainerBase:
         log.info("resumed from %s at epoch %d", path, self.current_epoch)
 
     def maybe_resume(self) -> bool:
-        """With ``--continue``, load the newest checkpoint (final, latest, best); True if one was loaded."""
-        existing = self.checkpoints.resume_path()
+        """With ``--continue``, load the most advanced checkpoint of this run (highest recorded step); True if one
+        was loaded. Without it, an earlier run's checkpoints are moved into ``previous_run_<time>/`` (rank 0), so
+        that a later ``--continue`` resumes this run and nothing of the old one is lost."""
+        unsafe = self.request.unsafe_allow_pickle
         if not self.request.continue_training:
-            if existing is not None:
-                log.warning("%s already holds checkpoints; starting from scratch and overwriting them (pass "
-                            "--continue to resume instead)", self.output_folder)
+            moved = self.checkpoints.move_aside() if self.is_main else None
+            if moved is not None:
+                log.warning("%s held the checkpoints of an earlier run; they were moved to %s (this is a fresh start; "
+                            "pass --continue to resume instead)", self.output_folder, moved)
+            ddp.barrier(self.dist)
             return False
+        existing = self.checkpoints.resume_path(unsafe)
         if existing is None:
             log.warning("--continue: no checkpoint in %s; starting from scratch", self.output_folder)
             return False

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Dataset, image_file, label_file, write_dataset_json
 from cmcseg.errors import CmcsegError, DatasetError, ImageReadError, Problem
-from cmcseg.image_io import geometry_of
+from cmcseg.image_io import geometry_of, make_folder
 from cmcseg.preprocessing.converters.base import (
     IGNORE_LABEL, ConversionProblem, Converter, LabelEncoding, SourceCase,
 )
@@ -321,7 +321,7 @@ def check_destination(out_folder: Path, source: Path, overwrite: bool) -> None:
 @contextmanager
 def staging_folder(out_folder: Path) -> Iterator[Path]:
     """A hidden folder beside ``out_folder`` that is removed unless it was published."""
-    out_folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out_folder.parent)
     stage = Path(tempfile.mkdtemp(prefix=f".tmp-{out_folder.name}-", dir=out_folder.parent))
     try:
         yield stage
