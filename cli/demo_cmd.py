@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmcseg.cli.common import float_in, int_at_least
+
 DEFAULT_WORK = Path("cmcseg_work") / "demo"
 
 
@@ -16,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "and writes an overlay PNG of one case. Everything goes under --work. "
                     "Example: cmcseg demo --minutes 7",
     )
-    p.add_argument("--minutes", type=float, default=7.0,
+    p.add_argument("--minutes", type=float_in(0.0, None, "--minutes 7"), default=7.0,
                    help="time budget of the whole demo in minutes (default 7; training gets what is left after "
                         "synthesis and planning, minus about a minute for prediction and evaluation)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK,
@@ -24,7 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("tiny", "small"), default="small",
                    help="phantom size (default small: 12 cases; tiny: 5 cases for a smoke test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if available")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes for planning (default 2)")
+    p.add_argument("-np", "--num-processes", type=int_at_least(1, "-np 2"), default=2,
+                   help="worker processes for planning, at least 1 (default 2)")
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmcseg.cli.common import add_root_arguments, roots_from_args
+from cmcseg.cli.common import add_root_arguments, int_at_least, roots_from_args
 from cmcseg.errors import CmcsegError
 from cmcseg.paths import require_dataset_folder
 
@@ -31,7 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--chill", action="store_true",
                    help="evaluate only the reference cases that have a prediction (e.g. one fold's validation "
                         "cases against all of labelsTr) instead of stopping on a missing prediction")
-    p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("-np", "--num-processes", type=int_at_least(1, "-np 2"), default=1,
+                   help="worker processes, at least 1 (default 1)")
     add_root_arguments(p)
     return p
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmcseg.cli.common import add_root_arguments, roots_from_args
+from cmcseg.cli.common import add_root_arguments, float_in, int_at_least, roots_from_args
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -16,15 +16,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True, help="dataset name, id or folder (MSCMR, 501, Dataset501_MSCMR)")
     p.add_argument("-c", "--configurations", nargs="+", choices=("2d", "3d_fullres"), default=None,
                    help="configurations to plan and preprocess (default: both; 2D datasets get 2d only)")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("-np", "--num-processes", type=int_at_least(1, "-np 2"), default=2,
+                   help="worker processes, at least 1 (default 2)")
     p.add_argument("--reference", default=None,
                    help="reference modality (name or channel index); default: the one the labels lie on")
     p.add_argument("--register", choices=("none", "rigid"), default="none",
                    help="add a rigid mutual-information registration of each modality onto the reference")
-    p.add_argument("--memory-gb", type=float, default=None,
+    p.add_argument("--memory-gb", type=float_in(0.0, None, "--memory-gb 8"), default=None,
                    help="memory budget in GB for patch and batch size (default: 8 on a GPU, capped by its memory; "
                         "4 on CPU-only machines, capped at a quarter of RAM)")
     p.add_argument("--verify-only", action="store_true", help="run the integrity check only")
+    p.add_argument("--accept-no-overlap", action="store_true",
+                   help="a modality whose physical extent does not overlap the reference modality's at all is an "
+                        "error (almost always a wrong origin, spacing or direction in its header); with this flag it "
+                        "is a warning and the plan goes on: that modality's field of view is empty in that case")
     p.add_argument("--seed", type=int, default=12345, help="seed of the folds and labeled subsets")
     add_root_arguments(p)
     return p
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = plan_and_preprocess(
         args.dataset, roots_from_args(args), configurations=args.configurations, num_workers=args.num_processes,
         reference=args.reference, register=args.register, memory_gb=args.memory_gb,
-        verify_only=args.verify_only, seed=args.seed,
+        verify_only=args.verify_only, seed=args.seed, accept_no_overlap=args.accept_no_overlap,
     )
     print(f"integrity check of {outcome.dataset.name} ({outcome.integrity.num_cases} cases, "
           f"{outcome.integrity.dimensionality}):")

@@ -2,14 +2,19 @@
 
 :meth:`cmcseg.dataset.Dataset.load` already checked the structure (dataset.json, file
 names, missing channels, labels without images, duplicate ids). This pass reads the pixels
-and collects, over the whole dataset, every problem that would break later stages:
-unreadable or corrupt files, NaN/inf, 2D images in a 3D dataset, non-integer labels, label
-values that dataset.json does not declare, and labels on no modality's grid. Misaligned
-modalities are reported as findings: cmcseg handles them.
+and collects, over the whole dataset, every problem that would break later stages: an empty
+imagesTr, unreadable or corrupt files, broken symbolic links and link loops, 4D images, NaN/inf,
+2D images in a 3D dataset, non-integer labels, label values that dataset.json does not declare,
+labels on no modality's grid, and modalities whose extent does not overlap the reference's at all
+(a header error; ``accept_no_overlap`` makes that a warning). Misaligned modalities that do
+overlap are reported as findings: cmcseg handles them.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -20,7 +25,7 @@ from cmcseg.dataset import Case, Dataset
 from cmcseg.parallel import process_pool
 from cmcseg.errors import CmcsegError, DatasetError, Problem, format_problem_table
 from cmcseg.image_io import read_image_header, read_stored_values
-from cmcseg.preprocessing.alignment import GridGeometry, modality_relation
+from cmcseg.preprocessing.alignment import GridGeometry, extents_disjoint, modality_relation
 from cmcseg.preprocessing.case_loading import label_grid_channel
 
 log = logging.getLogger(__name__)
@@ -62,8 +67,12 @@ class IntegrityReport:
 
 
 def check_case(case: Case, label_values: tuple[int, ...], channel_names: dict[int, str], unpaired: bool,
-               preferred_label_channel: int | None = None) -> CaseCheck:
-    """Read every file of one case and report what is wrong with it (spawn-safe: runs in workers)."""
+               preferred_label_channel: int | None = None, accept_no_overlap: bool = False) -> CaseCheck:
+    """Read every file of one case and report what is wrong with it (spawn-safe: runs in workers).
+
+    A file that cannot be read is reported once, as that: the checks that would need it (the label's
+    grid, the relations between modalities) look at the readable files only.
+    """
     result = CaseCheck(case.case_id)
     grids: dict[int, GridGeometry] = {}
     for ch, path in case.images.items():
@@ -78,14 +87,16 @@ def check_case(case: Case, label_values: tuple[int, ...], channel_names: dict[in
                 fix="replace NaN/inf (e.g. with 0 or the background value) before planning; cmcseg will not guess",
             ))
     if case.label is not None:
-        loaded = _read_or_report(case.label, case.case_id, result)
+        loaded = _read_or_report(case.label, case.case_id, result, is_label=True)
         if loaded is not None and str(case.label) in result.multi_component:
             result.problems.append(Problem("label has several components per pixel (e.g. RGB)", file=str(case.label),
                                            case=case.case_id, fix="save the label as a single-channel integer image"))
         elif loaded is not None:
             result.problems.extend(_check_label_values(loaded[1], case, label_values))
             try:
-                label_grid_channel(case, preferred_label_channel)
+                readable = dataclasses.replace(case, images={ch: p for ch, p in case.images.items() if ch in grids})
+                if readable.images:  # else every channel is already reported as unreadable
+                    label_grid_channel(readable, preferred_label_channel)
             except CmcsegError:
                 result.problems.append(Problem(
                     "the label lies on no modality's grid or physical extent", file=str(case.label),
@@ -93,14 +104,22 @@ def check_case(case: Case, label_values: tuple[int, ...], channel_names: dict[in
                 ))
     if not unpaired and len(grids) > 1:
         ref_ch = preferred_label_channel if preferred_label_channel in grids else min(grids)
-        result.problems.extend(_misalignment_findings(case, grids, channel_names, ref_ch))
+        result.problems.extend(_misalignment_findings(case, grids, channel_names, ref_ch, accept_no_overlap))
     return result
 
 
-def _read_or_report(path, case_id: str, result: CaseCheck) -> tuple[GridGeometry, np.ndarray] | None:
+def _read_or_report(path, case_id: str, result: CaseCheck,
+                    is_label: bool = False) -> tuple[GridGeometry, np.ndarray] | None:
     """Header geometry and stored values of a file; an unreadable file becomes a problem."""
+    link_problem = _symlink_problem(path, case_id)
+    if link_problem is not None:
+        result.problems.append(link_problem)
+        return None
     try:
         header = read_image_header(path, case=case_id)
+        if header.GetDimension() not in (2, 3):  # checked before the pixels: a 4D file can be large
+            result.problems.append(_dimension_problem(path, case_id, header.GetSize(), is_label))
+            return None
         values = read_stored_values(path, case=case_id)
     except CmcsegError as e:
         result.problems.append(Problem(
@@ -113,6 +132,45 @@ def _read_or_report(path, case_id: str, result: CaseCheck) -> tuple[GridGeometry
     if header.GetNumberOfComponents() > 1:
         result.multi_component.add(str(path))
     return geometry, values
+
+
+def _symlink_problem(path, case_id: str) -> Problem | None:
+    """A symbolic link that leads nowhere: a loop (a link that points back to itself), or a dangling link."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        if e.errno == errno.ELOOP:
+            return Problem(
+                f"symbolic link loop: the link points to {target!r}, which leads back to the link itself, so there "
+                "is no image to read", file=str(path), case=case_id,
+                fix=f"replace the link {path} with the image file, or point it at the real file "
+                    f"(ln -sfn /path/to/the/real/{os.path.basename(path)} {path})",
+            )
+        return Problem(
+            f"broken symbolic link: it points to {target!r}, which does not exist", file=str(path), case=case_id,
+            fix="restore the file the link points to, or re-create the link to the real image file",
+        )
+
+
+def _dimension_problem(path, case_id: str, size, is_label: bool) -> Problem:
+    """A 4D (or higher) file: several channels or time points in one file, which cmcseg does not split itself."""
+    size = tuple(int(s) for s in size)
+    if is_label:
+        fix = "save the label as one 2D or 3D integer volume on the grid of the image it was drawn on"
+    else:
+        fix = ("split it into one 3D file per channel (or time point), named as nnU-Net expects: "
+               "CASE_0000.nii.gz, CASE_0001.nii.gz, ...; and declare each channel in dataset.json channel_names")
+    return Problem(
+        f"{len(size)}D image of size {size} (x, y, z, ...): cmcseg reads one 2D or 3D volume per file",
+        file=str(path), case=case_id, fix=fix,
+    )
 
 
 def _dimensionality(geometry: GridGeometry) -> int:
@@ -138,14 +196,30 @@ def _check_label_values(arr: np.ndarray, case: Case, label_values: tuple[int, ..
 
 
 def _misalignment_findings(case: Case, grids: dict[int, GridGeometry], channel_names: dict[int, str],
-                           ref_ch: int) -> list[Problem]:
+                           ref_ch: int, accept_no_overlap: bool = False) -> list[Problem]:
     ref = grids[ref_ch].as_3d()
     out = []
     for ch, grid in sorted(grids.items()):
         if ch == ref_ch:
             continue
         rel = modality_relation(grid.as_3d(), ref)
-        if rel.kind == "misaligned":
+        if rel.kind == "misaligned" and extents_disjoint(grid.as_3d(), ref):
+            ref_name = channel_names[ref_ch]
+            problem = (f"{channel_names[ch]} does not overlap {ref_name} at all (covers 0% of {ref_name}'s extent; "
+                       f"centres {rel.centre_offset_mm:.1f} mm apart): after resampling into the reference space its "
+                       "field of view is empty. This is almost always a header error (origin, spacing or direction)")
+            if accept_no_overlap:
+                out.append(Problem(problem + "; accepted with --accept-no-overlap: the modality counts as "
+                                   "missing in this case", file=str(case.images[ch]), case=case.case_id,
+                                   severity="warning"))
+            else:
+                out.append(Problem(
+                    problem, file=str(case.images[ch]), case=case.case_id,
+                    fix=f"correct the header of this file (compare its origin and direction with "
+                        f"{case.images[ref_ch]}); if the modalities truly do not overlap, rerun with "
+                        "--accept-no-overlap (the modality then counts as missing in this case)",
+                ))
+        elif rel.kind == "misaligned":
             out.append(Problem(
                 f"{channel_names[ch]} is on another grid than {channel_names[ref_ch]} and its extent differs "
                 f"(covers {rel.overlap_fraction:.0%}, centres {rel.centre_offset_mm:.1f} mm apart); "
@@ -156,21 +230,24 @@ def _misalignment_findings(case: Case, grids: dict[int, GridGeometry], channel_n
 
 
 def verify_dataset(dataset: Dataset, num_workers: int = 1, progress: bool = True,
-                   reference_channel: int | None = None) -> IntegrityReport:
+                   reference_channel: int | None = None, accept_no_overlap: bool = False) -> IntegrityReport:
     """Read every file of ``dataset`` and collect every problem (nothing is raised here).
 
     Misalignment findings are relative to ``reference_channel`` (pass the planner's choice so
     the report and the fingerprint describe the same relations); by default the declared
-    reference modality, else the lowest channel of each case.
+    reference modality, else the lowest channel of each case. A modality that does not overlap
+    the reference at all is an error, or a warning with ``accept_no_overlap``.
     """
     cases = dataset.cases + dataset.test_cases
     label_values = tuple(sorted(dataset.labels.values()))
     preferred = reference_channel
     if preferred is None and dataset.reference_modality:
         preferred = dataset.channel_index(dataset.reference_modality)
-    args = [(c, label_values, dataset.channel_names, dataset.unpaired, preferred) for c in cases]
+    args = [(c, label_values, dataset.channel_names, dataset.unpaired, preferred, accept_no_overlap) for c in cases]
     results = _map(check_case, args, num_workers, progress, desc="integrity check")
     problems = list(dataset.warnings)
+    if not dataset.cases:
+        problems.append(_no_training_cases(dataset))
     for r in results:
         problems.extend(r.problems)
     dim, dim_problems = _dataset_dimensionality(dataset, results)
@@ -178,6 +255,20 @@ def verify_dataset(dataset: Dataset, num_workers: int = 1, progress: bool = True
     order = {"error": 0, "warning": 1, "finding": 2}
     problems.sort(key=lambda p: (order.get(p.severity, 3), p.case, p.file))
     return IntegrityReport(dataset.name, problems, dim, len(cases))
+
+
+def _no_training_cases(dataset: Dataset) -> Problem:
+    """imagesTr holds no case: nothing to plan or train on."""
+    images_dir = dataset.folder / "imagesTr"
+    others = sorted(f.name for f in images_dir.iterdir() if not f.name.startswith(".")) if images_dir.is_dir() else []
+    seen = (f"it holds {len(others)} file(s), none named CASE_XXXX{dataset.file_ending} "
+            f"(e.g. {', '.join(others[:3])})" if others else "the folder is empty")
+    return Problem(
+        f"imagesTr holds no training cases: {seen}", file=str(images_dir),
+        fix=f"put the training images in {images_dir} as CASE_XXXX{dataset.file_ending}, one file per channel "
+            f"(e.g. case01_0000{dataset.file_ending}), and their labels in labelsTr/CASE{dataset.file_ending}; "
+            f"file_ending in dataset.json must match the files",
+    )
 
 
 def _dataset_dimensionality(dataset: Dataset, results: Iterable[CaseCheck]) -> tuple[str, list[Problem]]:

@@ -125,6 +125,26 @@ def labeled_subset(splits: dict, fold: int, fraction: float) -> list[str]:
     return order[: max(1, math.floor(fraction * len(order) + 0.5))]
 
 
+def describe_labeled_subset(splits: dict, fold: int, fraction: float) -> tuple[str, str | None]:
+    """What ``--labeled fraction`` gives in ``fold``, for the log: (an info line, a warning or None).
+
+    The warning says when the fraction asked for less than half a case (``fraction * n < 0.5``) and the
+    subset was rounded up to the one case every run keeps labeled: that run is not at the fraction asked."""
+    n = len(_fold(splits, fold)["labeled_order"])
+    labeled = labeled_subset(splits, fold, fraction)
+    k = len(labeled)
+    shown = ", ".join(labeled[:10]) + (f", ... ({k - 10} more)" if k > 10 else "")
+    rest = f"the other {n - k} train without labels" if k < n else "supervised: every training case keeps its label"
+    info = (f"--labeled {fraction:g} keeps {k} of {n} training cases of fold {fold} labeled: {shown} "
+            f"(effective fraction {k / n:.3g}); {rest}")
+    warning = None
+    if fraction * n < 0.5:
+        warning = (f"--labeled {fraction:g} of {n} training cases is {fraction * n:.3g} case(s), which rounds to 0; "
+                   f"at least one case keeps its label, so this run trains with 1 labeled case (effective fraction "
+                   f"{1 / n:.3g}, not {fraction:g}). Pass --labeled {1 / n:.3g} or more to ask for that explicitly")
+    return info, warning
+
+
 def unlabeled_subset(splits: dict, fold: int, fraction: float) -> list[str]:
     """The cases ``fold`` trains on without labels at ``fraction``: true unlabeled cases plus the labeled
     training cases left out of :func:`labeled_subset`."""

@@ -17,6 +17,8 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
+from cmcseg.errors import CmcsegError
+
 #: 2D images become single-slice 3D images with this slice spacing (nnU-Net uses 999 too),
 #: so that one code path serves 2D and 3D datasets.
 SPACING_2D_SLICE = 999.0
@@ -29,7 +31,7 @@ def as_3d(image: sitk.Image) -> sitk.Image:
     if image.GetDimension() == 3:
         return image
     if image.GetDimension() != 2:
-        raise ValueError(f"expected a 2D or 3D image, got {image.GetDimension()}D")
+        raise CmcsegError(unsupported_dimension_message(image.GetSize()))
     join = sitk.JoinSeriesImageFilter()
     join.SetSpacing(SPACING_2D_SLICE)
     join.SetOrigin(0.0)
@@ -39,6 +41,14 @@ def as_3d(image: sitk.Image) -> sitk.Image:
     d3[:2, :2] = d2
     vol.SetDirection(tuple(d3.ravel()))
     return vol
+
+
+def unsupported_dimension_message(size) -> str:
+    """Why an image that is not 2D or 3D (e.g. a 4D NIfTI holding several channels or time points) is refused."""
+    return (f"{len(size)}D image of size {tuple(int(s) for s in size)} (x, y, z, ...): cmcseg reads one 2D or 3D "
+            "volume per channel file. Fix: split it into one 3D file per channel or time point, named "
+            "CASE_0000.nii.gz, CASE_0001.nii.gz, ... as nnU-Net expects, and declare each in dataset.json "
+            "channel_names.")
 
 
 def resample_to_reference(
@@ -94,6 +104,8 @@ class GridGeometry:
     def as_3d(self) -> "GridGeometry":
         if len(self.size) == 3:
             return self
+        if len(self.size) != 2:
+            raise CmcsegError(unsupported_dimension_message(self.size))
         d3 = np.eye(3)
         d3[:2, :2] = np.asarray(self.direction).reshape(2, 2)
         return GridGeometry((*self.size, 1), (*self.spacing, SPACING_2D_SLICE), (*self.origin, 0.0), tuple(d3.ravel()))
@@ -177,6 +189,16 @@ def modality_relation(image: sitk.Image, reference: sitk.Image) -> ModalityRelat
     tolerance = 0.5 * max(reference.GetSpacing())
     kind = "same_space" if (offset <= tolerance and covers_ref >= 0.95 and covered_by_ref >= 0.95) else "misaligned"
     return ModalityRelation(kind, covers_ref, offset)
+
+
+def extents_disjoint(image: sitk.Image, reference: sitk.Image) -> bool:
+    """True when the two physical extents do not overlap at all (headers only): no sample point of either
+    extent lies inside the other. Resampling ``image`` into ``reference`` then leaves an empty field of view,
+    which almost always means a wrong origin, spacing or direction in a header."""
+    if same_grid(image, reference):
+        return False
+    return (_fraction_inside(_grid_points(reference), image) == 0.0
+            and _fraction_inside(_grid_points(image), reference) == 0.0)
 
 
 def image_to_array(image: sitk.Image) -> np.ndarray:
