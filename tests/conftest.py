@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmcseg.cli.main import main as cli_main
+from cmcseg.paths import WorkRoots
 from helpers import write_tiny_dataset
 
 
@@ -23,3 +25,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def planned(tmp_path_factory) -> WorkRoots:
+    """The tiny MSCMR phantom, synthesised and planned (3d_fullres) once per session (trainer and fault tests)."""
+    base = tmp_path_factory.mktemp("trainer_roots")
+    roots = WorkRoots(base / "raw", base / "preprocessed", base / "results")
+    flags = ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(roots.results)]
+    assert cli_main(["synth", "-d", "MSCMR", "--size", "tiny", *flags]) == 0
+    assert cli_main(["plan", "-d", "MSCMR", "-c", "3d_fullres", "-np", "1", *flags]) == 0
+    return roots

@@ -80,17 +80,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="session")
-def planned(tmp_path_factory) -> WorkRoots:
-    """The tiny MSCMR phantom, synthesised and planned (3d_fullres) once per session."""
-    base = tmp_path_factory.mktemp("trainer_roots")
-    roots = WorkRoots(base / "raw", base / "preprocessed", base / "results")
-    flags = ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(roots.results)]
-    assert cli_main(["synth", "-d", "MSCMR", "--size", "tiny", *flags]) == 0
-    assert cli_main(["plan", "-d", "MSCMR", "-c", "3d_fullres", "-np", "1", *flags]) == 0
-    return roots
-
-
-@pytest.fixture(scope="session")
 def planned_unpaired(planned: WorkRoots) -> WorkRoots:
     """The tiny AMOS phantom (CT and MRI from different patients), planned beside MSCMR."""
     flags = ["--raw", str(planned.raw), "--preprocessed", str(planned.preprocessed), "--results", str(planned.results)]
@@ -228,7 +217,7 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
     assert config["labeled_batch_size"] == 4 and config["unlabeled_batch_size"] == 4  # the plan's batch, ratio 1
     assert len(config["plans_sha256"]) == 64
 
-    saved = torch.load(folder / "checkpoint_final.pt", weights_only=False)
+    saved = torch.load(folder / "checkpoint_final.pt", weights_only=True)
     resumed = TinyCMCTrainer(request(roots, num_epochs=3, continue_training=True))
     resumed.initialize()
     assert resumed.current_epoch == 2 == saved["epoch"]
@@ -266,7 +255,7 @@ def test_sigkilled_run_leaves_loadable_checkpoints_and_resumes(planned, tmp_path
     assert not (folder / "checkpoint_final.pt").exists()
     for path in folder.glob("checkpoint*.pt"):
         assert "network" in load_checkpoint(path)  # none truncated
-    saved = torch.load(folder / "checkpoint_latest.pt", weights_only=False)
+    saved = torch.load(folder / "checkpoint_latest.pt", weights_only=True)
 
     resumed = TinyCMCTrainer(request(roots, num_epochs=3, iterations_per_epoch=10, continue_training=True))
     resumed.initialize()
