@@ -74,16 +74,26 @@ class DemoCMCTrainer(CMCTrainer):
         return plans
 
     def on_epoch_end(self, train_outputs: list, val_outputs: list) -> None:
-        """After the first epoch of a budgeted run, shorten training to the epochs that fit the budget."""
+        """After every epoch of a budgeted run, re-plan the epochs that fit what is left of the budget at the last
+        epoch's pace, so that the run ends on time even when the machine slows down (or speeds up) mid-run."""
         super().on_epoch_end(train_outputs, val_outputs)
-        if self.max_seconds is not None and self.current_epoch == 1:
-            epoch_seconds = max(1e-3, self.history.last("epoch_time", 1.0))
-            fitted = max(2, int(self.max_seconds / epoch_seconds))
-            if fitted < self.num_epochs:
-                log.info("demo: an epoch takes %.1f s, so %d epochs fit the %.0f s budget", epoch_seconds, fitted,
-                         self.max_seconds)
-                self.num_epochs = fitted
-                self.lr_scheduler.max_steps = fitted
+        started = getattr(self, "_run_started", None)
+        if self.max_seconds is None or started is None:
+            return
+        fitted = fit_epochs(self.max_seconds, time.monotonic() - started, self.history.last("epoch_time", 1.0),
+                            self.current_epoch)
+        if fitted != self.num_epochs:
+            log.info("demo: the last epoch took %.1f s; %d epoch(s) in all fit the %.0f s budget (was %d)",
+                     self.history.last("epoch_time", 1.0), fitted, self.max_seconds, self.num_epochs)
+            self.num_epochs = fitted
+            self.lr_scheduler.max_steps = fitted
+
+
+def fit_epochs(budget_s: float, elapsed_s: float, last_epoch_s: float, epochs_done: int) -> int:
+    """How many epochs in all fit ``budget_s``: those done, plus what is left of the budget at the last epoch's
+    pace (never fewer than those done: then training stops now)."""
+    left = int(max(0.0, budget_s - elapsed_s) / max(last_epoch_s, 1e-3))
+    return epochs_done + left
 
 
 register_trainer("demo", DemoCMCTrainer)

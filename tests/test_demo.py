@@ -1,11 +1,12 @@
-"""`cmcseg demo` end to end on the tiny phantom with a one-minute budget (slow: about a minute)."""
+"""`cmcseg demo` end to end on the tiny phantom with a one-minute budget (slow: about a minute); no wall-clock
+assertion (a busy machine would fail it at random): the budget arithmetic is tested on its own."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from cmcseg.cli.main import main as cli_main
-from cmcseg.demo import DemoCMCTrainer
+from cmcseg.demo import DemoCMCTrainer, fit_epochs
 from cmcseg.image_io import read_json
 from cmcseg.training.registry import get_trainer_class
 
@@ -41,4 +42,13 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert (predictions / "summary.json").is_file() and (predictions / "metrics.csv").is_file()
     model = work / "results" / "Dataset501_MSCMR" / "DemoCMCTrainer__3d_fullres__labeled0.2"
     assert (model / "plans.json").is_file() and (model / "dataset.json").is_file()  # a self-contained model folder
-    assert summary["timings_s"]["total"] < 60 + 45  # the budget, with slack for a busy machine
+    # the budget reached the trainer (how long the machine took is for benchmarks, not for a test)
+    config = read_json(model / "fold_0" / "training_config.json")
+    assert 0 < config["hyperparameters"]["max_seconds"] < 60
+
+
+def test_epochs_are_replanned_from_the_last_epoch_and_what_is_left():
+    assert fit_epochs(300, elapsed_s=60, last_epoch_s=30, epochs_done=1) == 1 + 8
+    assert fit_epochs(300, elapsed_s=200, last_epoch_s=60, epochs_done=3) == 3 + 1  # the machine slowed down
+    assert fit_epochs(300, elapsed_s=290, last_epoch_s=30, epochs_done=5) == 5  # no room left: stop now
+    assert fit_epochs(300, elapsed_s=400, last_epoch_s=30, epochs_done=5) == 5
