@@ -31,7 +31,7 @@ from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer
-from cmcseg.training.progress import MetricsHistory, plot_progress
+from cmcseg.training.progress import MetricsHistory, loss_metrics, plot_progress, progress_figure
 from cmcseg.training.registry import TRAINERS, get_trainer_class
 from cmcseg.training.trainer import TrainingRequest, batch_composition, select_fold_cases
 from cmcseg.training.validation import LabelInfo, case_dice
@@ -167,6 +167,22 @@ def test_history_roundtrip_and_plot(tmp_path):
     plot_progress(again, tmp_path / "progress.png")
     assert (tmp_path / "progress.png").read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_progress_after_one_epoch_shows_every_series_in_its_panel():
+    """Any2Seg's first epoch: total equals segmentation, and modalities_per_row is not a loss."""
+    history = MetricsHistory()
+    history.append(0, loss_metrics({"loss": 0.9, "segmentation": 0.9, "lscd": 0.0, "modalities_per_row": 2.5,
+                                    "weight/lscd": 0.0}) | {"pseudo_dice": 0.3, "lr": 0.01, "epoch_time": 4.0})
+    ax_loss, ax_weight, ax_dice, _, ax_lr, ax_time = progress_figure(history).axes
+    labels = {ax: [line.get_label() for line in ax.lines] for ax in (ax_loss, ax_weight)}
+    assert sorted(labels[ax_loss]) == ["lscd", "segmentation", "total"]
+    assert "modalities_per_row" in labels[ax_weight]
+    total = next(line for line in ax_loss.lines if line.get_label() == "total")
+    segmentation = next(line for line in ax_loss.lines if line.get_label() == "segmentation")
+    assert total.get_linewidth() > segmentation.get_linewidth()  # a band under the term, not hidden by it
+    for ax in (ax_loss, ax_dice, ax_lr, ax_time):  # one epoch is one point: it needs a marker to show
+        assert ax.lines and all(line.get_marker() not in (None, "", "None") for line in ax.lines)
 
 
 def test_case_dice_is_nan_for_a_class_absent_from_both():

@@ -33,7 +33,8 @@ WEIGHT_PREFIX = "weight/"
 #: history keys with this prefix are a head's mean predicted probability of a class (``mass/<head>/<class>``)
 MASS_PREFIX = "mass/"
 #: training diagnostics that are neither a loss nor a weight (e.g. the share of pseudo-labelled voxels)
-DIAGNOSTIC_KEYS = ("pseudo_label_kept",)
+#: step outputs that are not losses: drawn in the weights panel, never in the loss panel
+DIAGNOSTIC_KEYS = ("pseudo_label_kept", "modalities_per_row")
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -137,6 +138,14 @@ def _plot_series(ax, epochs: Sequence[int], history: MetricsHistory, keys: Itera
 
 def plot_progress(history: MetricsHistory, path: Path, title: str = "") -> None:
     """Draw the progress panels into ``path`` (PNG, atomic)."""
+    fig = progress_figure(history, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+
+
+def progress_figure(history: MetricsHistory, title: str = "") -> "Figure":
+    """The six panels (losses; weights and diagnostics; pseudo-Dice; foreground mass; learning rate; epoch time),
+    top to bottom; every series carries markers, so one epoch already shows."""
     # the Agg canvas directly, no pyplot: no display needed and no global backend switch
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -145,12 +154,16 @@ def plot_progress(history: MetricsHistory, path: Path, title: str = "") -> None:
     fig = Figure(figsize=(12, 22))
     FigureCanvasAgg(fig)
     ax_loss, ax_weight, ax_dice, ax_mass, ax_lr, ax_time = fig.subplots(6, 1)
-    _plot_series(ax_loss, epochs, history, history.keys_with_prefix(LOSS_PREFIX), strip=LOSS_PREFIX)
+    total = f"{LOSS_PREFIX}total"
+    if total in history.values:  # a wide pale band under the terms: visible even where one term equals it
+        _plot_series(ax_loss, epochs, history, [total], strip=LOSS_PREFIX, linewidth=6, alpha=0.35, color="black")
+    _plot_series(ax_loss, epochs, history, [k for k in history.keys_with_prefix(LOSS_PREFIX) if k != total],
+                 strip=LOSS_PREFIX)
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title or "training progress")
     _plot_series(ax_weight, epochs, history, history.keys_with_prefix(WEIGHT_PREFIX), strip=WEIGHT_PREFIX)
     _plot_series(ax_weight, epochs, history, [k for k in DIAGNOSTIC_KEYS if k in history.values], linestyle=":")
-    ax_weight.set_ylabel("loss weight / share")
+    ax_weight.set_ylabel("loss weight / share /\nmodalities per row")
     _plot_series(ax_mass, epochs, history, history.keys_with_prefix(MASS_PREFIX), strip=MASS_PREFIX, linewidth=1)
     ax_mass.set_ylabel("predicted foreground mass\n(head/class, unlabeled rows)")
     dice_keys = history.keys_with_prefix(DICE_PREFIX)
@@ -172,8 +185,7 @@ def plot_progress(history: MetricsHistory, path: Path, title: str = "") -> None:
             ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+    return fig
 
 
 def format_metrics(metrics: Mapping[str, float], keys: Iterator[str] | Sequence[str] | None = None) -> str:
