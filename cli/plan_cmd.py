@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"integrity check of {outcome.dataset.name} ({outcome.integrity.num_cases} cases, "
           f"{outcome.integrity.dimensionality}):")
     print(outcome.integrity.table())
+    print(outcome.integrity.verdict())
     if args.verify_only:
         return 0
     print()

@@ -31,6 +31,7 @@ from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.parallel import process_pool
 from cmcseg.image_io import geometry_of, read_image_header, read_json, write_json_atomic
+from cmcseg.preprocessing.alignment import SPACING_2D_SLICE
 from cmcseg.preprocessing.case_loading import label_grid_channel, load_case_in_reference_space
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.preprocessing.registration import load_transforms
@@ -372,12 +373,24 @@ def _relation_lines(fingerprint: dict) -> list[str]:
     return lines
 
 
+def _channel_range(comps: dict, modality: int) -> str:
+    """The input channel number(s) of a modality, e.g. ``1`` or ``3-5`` for an RGB modality."""
+    first = sum(int(comps[str(i)]) for i in range(modality))
+    n = int(comps[str(modality)])
+    return f"{first}" if n == 1 else f"{first}-{first + n - 1}"
+
+
 def summarize(fingerprint: dict, dataset_name: str = "") -> str:
     """A human-readable multi-line account of a fingerprint (cases, modalities, spacing, alignment, intensities)."""
     cases = fingerprint["cases"]
     n_labeled = sum(info["labeled"] for info in cases.values())
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=float)
+    flat = bool(len(spacings)) and bool(np.all(spacings[:, 0] >= SPACING_2D_SLICE))  # 2D: the placeholder slice axis
+    if flat:  # show (y, x) only: the z spacing of a 2D image is a placeholder, not a measurement
+        spacings, shapes, axes = spacings[:, 1:], shapes[:, 1:], "(y, x)"
+    else:
+        axes = "(z, y, x)"
     median_spacing = np.median(spacings, 0)
     anisotropy = float(median_spacing.max() / median_spacing.min())
     n_aniso = int(np.sum(spacings.max(1) / spacings.min(1) >= 3))
@@ -385,24 +398,25 @@ def summarize(fingerprint: dict, dataset_name: str = "") -> str:
     comps = fingerprint["channels_per_modality"]
     lines = [
         f"Dataset {dataset_name}: {len(cases)} training cases, {n_labeled} labeled, {len(cases) - n_labeled} "
-        f"unlabeled; pairing {fingerprint['pairing']}",
-        "Modalities: " + ", ".join(f"{i} {m}" + (f" ({comps[str(i)]} components)" if comps[str(i)] > 1 else "")
-                                   for i, m in enumerate(modalities))
+        f"unlabeled; pairing {fingerprint['pairing']}{'; 2D images' if flat else ''}",
+        "Modalities (input channels): " + ", ".join(
+            f"{m} ({_channel_range(comps, i)})" for i, m in enumerate(modalities))
         + f"; reference {fingerprint['reference_modality']}",
-        f"Spacing (z, y, x) mm: min {_fmt(spacings.min(0))}, median {_fmt(median_spacing)}, max {_fmt(spacings.max(0))}",
-        f"Shape after crop (z, y, x): min {_fmt(shapes.min(0), 0)}, median {_fmt(np.median(shapes, 0), 0)}, "
+        f"Spacing {axes} mm: min {_fmt(spacings.min(0))}, median {_fmt(median_spacing)}, max {_fmt(spacings.max(0))}",
+        f"Shape after crop {axes}: min {_fmt(shapes.min(0), 0)}, median {_fmt(np.median(shapes, 0), 0)}, "
         f"max {_fmt(shapes.max(0), 0)}; median relative size after cropping "
         f"{fingerprint['median_relative_size_after_cropping']:.2f}",
         f"Anisotropy of the median spacing: {anisotropy:.1f} ({n_aniso} of {len(cases)} cases at 3 or more)",
         *_relation_lines(fingerprint),
     ]
-    channel_names = [m for i, m in enumerate(modalities) for _ in range(comps[str(i)])]
+    channel_names = [m if comps[str(i)] == 1 else f"{m}[{k}]"
+                     for i, m in enumerate(modalities) for k in range(comps[str(i)])]
     for c, s in fingerprint["foreground_intensity_properties_per_channel"].items():
         how = fingerprint["intensity_sampling_per_channel"][c]
         if s["mean"] is None:
-            lines.append(f"Intensities of channel {c} ({channel_names[int(c)]}): no samples")
+            lines.append(f"Intensities of {channel_names[int(c)]} (input channel {c}): no samples")
             continue
-        lines.append(f"Intensities of channel {c} ({channel_names[int(c)]}, {how} inside its field of view): "
+        lines.append(f"Intensities of {channel_names[int(c)]} (input channel {c}, {how} inside its field of view): "
                      f"mean {s['mean']:.4g}, std {s['std']:.4g}, 0.5-99.5% [{s['percentile_00_5']:.4g}, "
                      f"{s['percentile_99_5']:.4g}]")
     return "\n".join(lines)

@@ -39,6 +39,8 @@ class CaseCheck:
     problems: list[Problem] = field(default_factory=list)
     dims: dict[str, int] = field(default_factory=dict)
     multi_component: set[str] = field(default_factory=set)
+    #: (modality, reference, overlap fraction, centre offset mm) of each modality on another grid (resampled)
+    misaligned: list[tuple[str, str, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +62,14 @@ class IntegrityReport:
 
     def table(self) -> str:
         return format_problem_table(self.problems)
+
+    def verdict(self) -> str:
+        """One line: the counts, and whether planning can go on."""
+        counts = {sev: sum(p.severity == sev for p in self.problems) for sev in ("error", "warning", "finding")}
+        tally = ", ".join(f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in counts.items())
+        if counts["error"]:
+            return f"verdict: {tally} in {self.num_cases} case(s): fix the errors above, then run cmcseg plan again"
+        return f"verdict: {tally} in {self.num_cases} case(s): ready to plan"
 
     def raise_if_fatal(self) -> None:
         if self.errors:
@@ -104,7 +114,8 @@ def check_case(case: Case, label_values: tuple[int, ...], channel_names: dict[in
                 ))
     if not unpaired and len(grids) > 1:
         ref_ch = preferred_label_channel if preferred_label_channel in grids else min(grids)
-        result.problems.extend(_misalignment_findings(case, grids, channel_names, ref_ch, accept_no_overlap))
+        result.problems.extend(_misalignment_findings(case, grids, channel_names, ref_ch, accept_no_overlap,
+                                                      result.misaligned))
     return result
 
 
@@ -196,7 +207,11 @@ def _check_label_values(arr: np.ndarray, case: Case, label_values: tuple[int, ..
 
 
 def _misalignment_findings(case: Case, grids: dict[int, GridGeometry], channel_names: dict[int, str],
-                           ref_ch: int, accept_no_overlap: bool = False) -> list[Problem]:
+                           ref_ch: int, accept_no_overlap: bool = False,
+                           misaligned: list[tuple[str, str, float, float]] | None = None) -> list[Problem]:
+    """Errors (or warnings) for modalities that miss the reference entirely; the overlapping ones on another grid
+    go to ``misaligned`` (summarised over the dataset by :func:`_resampling_findings`)."""
+    misaligned = [] if misaligned is None else misaligned
     ref = grids[ref_ch].as_3d()
     out = []
     for ch, grid in sorted(grids.items()):
@@ -220,12 +235,27 @@ def _misalignment_findings(case: Case, grids: dict[int, GridGeometry], channel_n
                         "--accept-no-overlap (the modality then counts as missing in this case)",
                 ))
         elif rel.kind == "misaligned":
-            out.append(Problem(
-                f"{channel_names[ch]} is on another grid than {channel_names[ref_ch]} and its extent differs "
-                f"(covers {rel.overlap_fraction:.0%}, centres {rel.centre_offset_mm:.1f} mm apart); "
-                "it will be resampled into the reference space",
-                file=str(case.images[ch]), case=case.case_id, severity="finding",
-            ))
+            misaligned.append((channel_names[ch], channel_names[ref_ch], rel.overlap_fraction, rel.centre_offset_mm))
+    return out
+
+
+def _resampling_findings(results: Iterable[CaseCheck], num_cases: int) -> list[Problem]:
+    """One finding per (modality, reference) pair on different grids, with how many cases and the ranges: an
+    expected fact that cmcseg handles, summarised once instead of once per case."""
+    pairs: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
+    for r in results:
+        for modality, reference, overlap, offset in r.misaligned:
+            pairs.setdefault((modality, reference), []).append((r.case_id, overlap, offset))
+    out = []
+    for (modality, reference), cases in sorted(pairs.items()):
+        overlaps, offsets = [c[1] for c in cases], [c[2] for c in cases]
+        out.append(Problem(
+            f"{modality} is on another grid than {reference} in {len(cases)} of {num_cases} case(s) (its extent covers "
+            f"{min(overlaps):.0%}-{max(overlaps):.0%} of {reference}'s, centres {min(offsets):.1f}-{max(offsets):.1f} "
+            f"mm apart); it will be resampled into the reference space",
+            case=f"{len(cases)} cases" if len(cases) > 1 else cases[0][0], severity="finding",
+            fix="nothing to do: cmcseg resamples it by the headers; add --register rigid if the headers disagree "
+                "with the anatomy"))
     return out
 
 
@@ -250,6 +280,7 @@ def verify_dataset(dataset: Dataset, num_workers: int = 1, progress: bool = True
         problems.append(_no_training_cases(dataset))
     for r in results:
         problems.extend(r.problems)
+    problems.extend(_resampling_findings(results, len(cases)))
     dim, dim_problems = _dataset_dimensionality(dataset, results)
     problems.extend(dim_problems)
     order = {"error": 0, "warning": 1, "finding": 2}

@@ -84,7 +84,7 @@ def plan_and_preprocess(
         integrity = verify_dataset(dataset, num_workers=num_workers, progress=progress,
                                    reference_channel=reference_channel, accept_no_overlap=accept_no_overlap)
     outcome = PlanOutcome(dataset, integrity, timings=timings)
-    log.info("integrity check of %s:\n%s", dataset.name, integrity.table())
+    log.info("integrity check of %s: %s", dataset.name, integrity.verdict())
     integrity.raise_if_fatal()
     if verify_only:
         return outcome

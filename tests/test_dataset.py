@@ -180,6 +180,19 @@ def test_misaligned_modality_is_a_finding_not_an_error(tmp_path: Path):
     assert finding.case == "case00" and "resampled into the reference space" in finding.problem
 
 
+def test_resampling_findings_are_one_row_per_modality_pair_with_a_fix_and_a_verdict(tmp_path: Path):
+    folder = write_tiny_dataset(tmp_path / "Dataset915_X", n_cases=3)
+    for case_id in ("case00", "case02"):
+        moved = sitk.ReadImage(str(image_file(folder, case_id, 1)))
+        moved.SetSpacing((1.5, 1.5, 6.0))
+        write_image(moved, image_file(folder, case_id, 1))
+    report = verify_dataset(Dataset.load(folder), progress=False)
+    (finding,) = [p for p in report.problems if p.severity == "finding"]
+    assert "T2 is on another grid than T1 in 2 of 3 case(s)" in finding.problem and finding.fix
+    assert report.verdict() == "verdict: 0 errors, 0 warnings, 1 finding in 3 case(s): ready to plan"
+    assert all(p.fix for p in report.problems)
+
+
 def test_all_single_slice_images_make_a_2d_dataset(tmp_path: Path):
     folder = tmp_path / "Dataset914_Flat"
     for i in range(2):

@@ -141,7 +141,7 @@ def test_unpaired_modality_without_labels_is_sampled_in_its_nonzero_region(tmp_p
     assert fp["foreground_intensity_properties_per_channel"]["0"]["median"] == pytest.approx(150, abs=10)
     assert fp["cases"]["case1"]["modalities"]["1"]["relation"] == {"kind": "unpaired"}
     assert set(fp["cases"]["case1"]["modalities"]) == {"1"}
-    assert "MR, nonzero inside its field of view" in fp["summary"] and "unpaired" in fp["summary"]
+    assert "MR (input channel 1, nonzero inside its field of view)" in fp["summary"] and "unpaired" in fp["summary"]
 
 
 def test_a_worker_error_reaches_the_parent_with_the_file_named(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from cmcseg.dataset import Dataset, image_file, label_file, write_dataset_json
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import write_image
 from cmcseg.plans import planner as planner_module
-from cmcseg.plans.fingerprint import extract_fingerprint
+from cmcseg.plans.fingerprint import extract_fingerprint, summarize
 from cmcseg.plans.planner import (
     PLANNERS,
     ResEncMPlanner,
@@ -236,6 +236,9 @@ def test_single_slice_dataset_plans_only_2d(tmp_path: Path) -> None:
     dataset = Dataset.load(folder)
     fp = extract_fingerprint(dataset, 0, num_workers=1, num_foreground_samples=1000, progress=False)
     assert fp["spacings"][0] == [999.0, 0.5, 0.5] and fp["shapes_after_crop"][0] == [1, 64, 80]
+    summary = summarize(fp, "Flat")  # the 999 placeholder of the slice axis is not shown as a measurement
+    assert "Spacing (y, x) mm: min 0.5x0.5" in summary and "999" not in summary and "Anisotropy of the median " \
+        "spacing: 1.0" in summary
     plans = plan_experiment(fp, dataset, memory_gb=2)
     assert set(plans["configurations"]) == {"2d"} and plans["dimensionality"] == "2d"
     assert plans["configurations"]["2d"]["spacing"] == [0.5, 0.5]
