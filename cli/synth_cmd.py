@@ -5,7 +5,11 @@ import argparse
 
 from cmcseg.cli.common import add_root_arguments, roots_from_args
 from cmcseg.paths import dataset_folder_for_new
-from cmcseg.phantoms import PHANTOMS, SIZES, synthesize
+
+#: ``cmcseg.phantoms.PHANTOMS`` and ``SIZES`` (checked by a test), listed here so that ``--help`` and argument
+#: errors do not import the phantom generators (and scipy)
+KINDS = ("AMOS", "DELIVER", "MSCMR", "TAO")
+SIZES = ("tiny", "small", "default")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -15,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "unlabeled cases, unpaired modalities) into the raw root. "
                     "Example: cmcseg synth -d MSCMR --size small",
     )
-    p.add_argument("-d", "--dataset", required=True, type=str.upper, choices=sorted(PHANTOMS),
+    p.add_argument("-d", "--dataset", required=True, type=str.upper, choices=KINDS,
                    help="which phantom to make")
     p.add_argument("--cases", type=int, default=None, help="number of cases (default depends on --size)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes identical files")
@@ -26,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmcseg.phantoms import synthesize  # imported here: --help stays fast
+
     roots = roots_from_args(args)
     name = args.name or args.dataset
     folder = roots.raw / dataset_folder_for_new(roots.raw, name)

@@ -134,7 +134,7 @@ def pair_cases(reference_dir: Path | str, prediction_dir: Path | str,
     if missing and not allow_missing:
         raise EvaluationError(
             f"{len(missing)} reference case(s) have no prediction in {prediction_dir}: {_few(missing)}. "
-            "Fix: predict those cases, or pass --chill (allow_missing=True) to evaluate the predicted cases only."
+            "Fix: predict those cases, or pass --chill to evaluate the predicted cases only."
         )
     if missing:
         log.warning("%d reference case(s) without a prediction are skipped: %s", len(missing), _few(missing))

@@ -60,3 +60,24 @@ def test_installed_package_imports_from_outside_the_source_tree(tmp_path: Path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     files = out.stdout.split()
     assert all(f.startswith(str(target)) for f in files), files
+
+
+def test_cli_name_lists_match_the_library_registries():
+    """synth and convert list their choices without importing the generators (fast --help); they must agree."""
+    from cmcseg.cli import convert_cmd, synth_cmd
+    from cmcseg.phantoms import PHANTOMS, SIZES
+    from cmcseg.preprocessing.converters import CONVERTERS
+
+    assert synth_cmd.KINDS == tuple(sorted(PHANTOMS)) and synth_cmd.SIZES == SIZES
+    assert convert_cmd.FORMATS == tuple(sorted(CONVERTERS))
+
+
+def test_help_does_not_import_torch_or_the_generators():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cmcseg.cli.main import build_parser\nbuild_parser()\n"
+            "heavy = [m for m in ('torch', 'monai', 'transformers', 'scipy.ndimage', 'cmcseg.phantoms', "
+            "'cmcseg.preprocessing.converters') if m in sys.modules]\nassert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

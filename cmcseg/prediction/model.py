@@ -298,7 +298,7 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
                          init, dict(first.training_config.get("hyperparameters", {})), [f for _, f in loaded],
                          checkpoint)
     _check_plans_and_dataset(model)
-    log.info("model: %s", model.describe())
+    log.debug("model: %s", model.describe())  # the CLI prints it
     return model
 
 

@@ -459,7 +459,7 @@ def predict_cases(cases: Sequence[InputCase], output_folder: Path | str, model: 
                Exporter(model, dataset, options.original_labels), options, report)
     report.seconds = time.perf_counter() - start
     write_json_atomic(report.as_dict(), output_folder / REPORT_FILE)
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the CLI prints it
     return report
 
 
