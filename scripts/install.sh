@@ -9,13 +9,20 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRA=${1:-}
+started=$SECONDS
+step() { echo "[install] ($1/4, $((SECONDS - started)) s) $2"; }
 if [ ! -x "$VENV/bin/python" ]; then
+    step 1 "creating $VENV"
     python3 -m venv "$VENV"
+else
+    step 1 "$VENV exists"
 fi
 PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "[install] torch not importable: installing $TORCH_SPEC"
+    step 2 "torch not importable: installing $TORCH_SPEC (about a minute; CPU wheel ~200 MB)"
     "$PY" -m pip install -q "$TORCH_SPEC"
+else
+    step 2 "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed: kept"
 fi
 pin=$(mktemp)
 trap 'rm -f "$pin"' EXIT
@@ -24,14 +31,22 @@ target="."
 [ -n "$EXTRA" ] && target=".[$EXTRA]"
 stamp="$VENV/.cmcseg-installed-$(cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)-${EXTRA:-base}"
 if [ ! -f "$stamp" ]; then
-    echo "[install] installing cmcseg${EXTRA:+[$EXTRA]} (constrained to $(cat "$pin"))"
-    "$PY" -m pip install -q -c "$pin" -e "$target"
+    step 3 "installing cmcseg${EXTRA:+[$EXTRA]} and its dependencies (nnunetv2, monai, transformers, ...), constrained to $(cat "$pin"): a few minutes on a fresh machine"
+    # one line per package as pip fetches it, so that the minutes are not silent
+    "$PY" -m pip install --progress-bar off -c "$pin" -e "$target" \
+        | { grep --line-buffered -E "^(Collecting|Successfully installed)" || true; } \
+        | sed -u -e 's/^Collecting /[install]     fetching /' -e 's/^Successfully installed .*/[install]     installed/'
     touch "$stamp"
+else
+    step 3 "cmcseg${EXTRA:+[$EXTRA]} already installed for this setup.cfg: skipped"
 fi
 # nnunetv2 -> timm pulls a torchvision that may not match the installed torch. Installed but not
 # importable, it breaks transformers (used by the Any2Seg teacher), which imports it whenever it is
 # installed. cmcseg never imports torchvision, so an unimportable one is removed; a working one stays.
 if "$PY" -m pip show -q torchvision >/dev/null 2>&1 && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
-    echo "[install] torchvision is installed but cannot be imported with this torch: uninstalling it"
+    step 4 "torchvision is installed but cannot be imported with this torch: uninstalling it"
     "$PY" -m pip uninstall -y -q torchvision
+else
+    step 4 "checked torchvision (absent or importable)"
 fi
+echo "[install] done in $((SECONDS - started)) s"
