@@ -81,6 +81,7 @@ def run_pair(raw_root: Path, folder_name: str, work: Path, workers: int) -> dict
     plans_ours = json.loads(next((work / "cmcseg_pre").glob("*/plans.json")).read_text())
     return {
         "dataset": folder_name,
+        "cases": len(list((raw_root / folder_name / "labelsTr").glob("*.nii.gz"))),
         "nnunet": vars(nn) | {"output_tail": ""},
         "cmcseg": vars(ours) | {"output_tail": ""},
         "ratio_cmcseg_over_nnunet": ours.ratio_to(nn),

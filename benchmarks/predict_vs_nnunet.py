@@ -104,8 +104,9 @@ def nnunet_worker(args: argparse.Namespace) -> None:
                                      config.network_arch_init_kwargs_req_import, len(dataset_json["channel_names"]),
                                      label_manager.num_segmentation_heads, allow_init=True, deep_supervision=False)
     print(f"nnU-Net network: {sum(p.numel() for p in network.parameters())} parameters", flush=True)
+    device = torch.device(args.device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta,
-                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+                                perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=False)
     predictor.manual_initialization(network, manager, config, [network.state_dict()], dataset_json,
                                     "nnUNetTrainer", (0, 1, 2))
     predictor.predict_from_files(args.input, args.output, save_probabilities=False, overwrite=True,
@@ -125,13 +126,13 @@ def run_nnunet(work: Path, images: Path, plans: dict, dataset_json: dict, tta: b
     output = work / f"nnunet_out_tta{int(tta)}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--nnunet-worker", "--input", str(images), "--output",
            str(output), "--plans", str(plans_file), "--dataset-json", str(dataset_file), "--threads",
-           str(args.threads), "--workers", str(args.workers)] + (["--tta"] if tta else [])
+           str(args.threads), "--workers", str(args.workers), "--device", args.device] + (["--tta"] if tta else [])
     return _checked(run_measured(cmd, env=_env(args.threads)), output, images)
 
 
 def run_cmcseg(work: Path, images: Path, model: Path, name: str, tta: bool, args) -> Measurement:
     output = work / f"cmcseg_{name}_out_tta{int(tta)}"
-    cmd = [str(BIN / "cmcseg"), "predict", "-i", str(images), "-o", str(output), "-m", str(model), "--device", "cpu",
+    cmd = [str(BIN / "cmcseg"), "predict", "-i", str(images), "-o", str(output), "-m", str(model), "--device", args.device,
            "-np", str(args.workers)] + ([] if tta else ["--no-tta"])
     return _checked(run_measured(cmd, env=_env(args.threads)), output, images)
 
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="background workers of both tools (default 2)")
     ap.add_argument("--variants", nargs="+", default=["same", "cmc"], choices=("same", "cmc"))
     ap.add_argument("--no-tta-only", action="store_true", help="skip the (8 times slower) TTA runs")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of both tools")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     # the nnU-Net worker mode (this script runs itself in a measured subprocess)
     ap.add_argument("--nnunet-worker", action="store_true", help=argparse.SUPPRESS)
@@ -189,7 +192,7 @@ def main() -> None:
                                         "ratio_cmcseg_over_nnunet": {k: round(v, 3)
                                                                      for k, v in ours.ratio_to(nn).items()}})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predict_vs_nnunet.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"predict_vs_nnunet{args.tag}.json").write_text(json.dumps(results, indent=2))
     print(f"{args.cases} TAO phantom cases ({args.size}), patch {results['settings']['patch_size']}, "
           f"{args.threads} torch thread(s), {args.workers} workers, CPU")
     print(f"{'TTA':<5} {'cmcseg net':<10} {'nnU-Net s/case':>14} {'cmcseg s/case':>13} {'time ratio':>10} "
@@ -199,7 +202,7 @@ def main() -> None:
               f"{r['cmcseg']['s_per_case']:>13.2f} {r['ratio_cmcseg_over_nnunet']['wall']:>10.2f} "
               f"{r['nnunet']['peak_tree_rss_gb']:>10.2f} {r['cmcseg']['peak_tree_rss_gb']:>9.2f} "
               f"{r['ratio_cmcseg_over_nnunet']['peak_tree_rss']:>9.2f}")
-    print(f"wrote {args.out / 'predict_vs_nnunet.json'}")
+    print(f"wrote {args.out / f'predict_vs_nnunet{args.tag}.json'}")
 
 
 if __name__ == "__main__":

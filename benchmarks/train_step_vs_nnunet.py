@@ -26,7 +26,12 @@ too when ``torch.cuda.is_available()``.
 Report: ours s/it, ours s/it per modality branch (ours / M), nnU-Net s/it, the ratio
 (ours per branch / nnU-Net), data-wait share of both. Goals: data wait < 5 %, ratio <= 1.
 
+On CUDA, ``--amp bf16`` runs both trainers' autocast in bfloat16 (nnU-Net's patched to it) and
+``--compile on`` wraps both networks in ``torch.compile`` (nnU-Net through its ``nnUNet_compile``);
+the peak of torch's allocated GPU memory is reported per trainer.
+
 Usage: python benchmarks/train_step_vs_nnunet.py [--memory-gb 0.75] [--iters 5] [--warmup 2] [--rounds 2]
+       [--devices auto|cpu|cuda] [--amp fp16|bf16] [--compile off|on] [--tag _bf16]
 Writes benchmarks/out/train_step_vs_nnunet.json.
 """
 from __future__ import annotations
@@ -126,6 +131,21 @@ def timed_loop(next_batch, step, warmup: int, iters: int, timer: PhaseTimer, syn
     return {"wait_s": waits, "step_s": steps, "cpu_s": cpus, "torch_threads": torch.get_num_threads()}
 
 
+#: --amp -> the trainers' autocast dtype on CUDA (both are off on CPU)
+AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def _reset_gpu_peak(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak(device: str) -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
+
+
 def _sync_for(device: str):
     import torch
     if device.startswith("cuda"):
@@ -147,6 +167,7 @@ def worker_ours(spec: dict) -> dict:
         """The whole objective from the first step (no warm-up, when only labeled rows run): what a step costs."""
 
         unlabeled_warmup = 0.0
+        amp_dtype = AMP_DTYPES[spec["amp"]]
 
     trainer = SteadyStateCMCTrainer(TrainingRequest(DATASET, FOLD, LABELED, roots=roots, device=spec["device"],
                                                     num_epochs=1, iterations_per_epoch=n, val_iterations=0,
@@ -159,30 +180,36 @@ def worker_ours(spec: dict) -> dict:
     sync = _sync_for(spec["device"])
     timer = PhaseTimer(sync)
     net = trainer.network
-    timer.module("forward (all)", net)
-    for enc in net.encoders:
-        timer.module("encoders", enc)
-    for dec in net.decoders:
-        timer.module("decoders", dec)
-    bottleneck = [*net.attention] if net.attention is not None else []
-    bottleneck += [net.fusion] if net.fusion is not None else []
-    for mod in bottleneck:
-        timer.module("attention + fusion", mod)
+    if spec["compile"]:  # the phase hooks would break the compiled graph: totals only
+        trainer.network = torch.compile(net)
+    else:
+        timer.module("forward (all)", net)
+        for enc in net.encoders:
+            timer.module("encoders", enc)
+        for dec in net.decoders:
+            timer.module("decoders", dec)
+        bottleneck = [*net.attention] if net.attention is not None else []
+        bottleneck += [net.fusion] if net.fusion is not None else []
+        for mod in bottleneck:
+            timer.module("attention + fusion", mod)
+        trainer.compute_losses = timer.wrap("forward + losses", trainer.compute_losses)
     timer.optimizer(trainer.optimizer)
-    trainer.compute_losses = timer.wrap("forward + losses", trainer.compute_losses)
 
     def step(batch):
         trainer.train_step(batch)
         trainer.global_step += 1
         trainer.iteration += 1
 
+    _reset_gpu_peak(spec["device"])
     try:
         result = timed_loop(lambda: next(trainer.dataloader), step, spec["warmup"], spec["iters"], timer, sync)
     finally:
         trainer.close()
     phases = dict(timer.totals)
-    phases["losses"] = phases.pop("forward + losses") - phases["forward (all)"]
+    if "forward + losses" in phases:
+        phases["losses"] = phases.pop("forward + losses") - phases["forward (all)"]
     return {**result, "phases_s": phases, "init_s": init_s, "branches": int(net.n_branches),
+            "peak_gpu_gb": _gpu_peak(spec["device"]),
             "parameters": sum(p.numel() for p in net.parameters()),
             "batch": {"labeled": trainer.labeled_batch_size, "unlabeled": trainer.unlabeled_batch_size},
             "patch_size": trainer.patch_size, "input_channels": int(sum(e.in_channels for e in net.encoders))}
@@ -192,6 +219,13 @@ def worker_nnunet(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    os.environ["nnUNet_compile"] = "t" if spec["compile"] else "f"  # nnU-Net compiles on CUDA unless told not to
+    if spec["amp"] == "bf16":  # nnU-Net's train_step calls torch.autocast(device) (fp16): make it bf16
+        import functools
+
+        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+
+        nnunet_trainer_module.autocast = functools.partial(torch.autocast, dtype=torch.bfloat16)
     plans = json.loads(Path(spec["nnunet_plans"]).read_text())
     dataset_json = json.loads(Path(spec["nnunet_dataset_json"]).read_text())
     t_init = time.perf_counter()
@@ -201,12 +235,14 @@ def worker_nnunet(spec: dict) -> dict:
     init_s = time.perf_counter() - t_init
     sync = _sync_for(spec["device"])
     timer = PhaseTimer(sync)
-    net = trainer.network
-    timer.module("forward (all)", net)
-    timer.module("encoders", net.encoder)
-    timer.module("decoders", net.decoder)
-    timer.module("losses", trainer.loss)
+    net = getattr(trainer.network, "_orig_mod", trainer.network)  # compiled: totals only
+    if net is trainer.network:
+        timer.module("forward (all)", net)
+        timer.module("encoders", net.encoder)
+        timer.module("decoders", net.decoder)
+        timer.module("losses", trainer.loss)
     timer.optimizer(trainer.optimizer)
+    _reset_gpu_peak(spec["device"])
     try:
         result = timed_loop(lambda: next(trainer.dataloader_train), trainer.train_step, spec["warmup"], spec["iters"],
                             timer, sync)
@@ -216,6 +252,7 @@ def worker_nnunet(spec: dict) -> dict:
             if finish is not None:
                 finish()
     return {**result, "phases_s": dict(timer.totals), "init_s": init_s, "branches": 1,
+            "peak_gpu_gb": _gpu_peak(spec["device"]),
             "parameters": sum(p.numel() for p in net.parameters()), "batch": {"labeled": trainer.batch_size},
             "patch_size": list(trainer.configuration_manager.patch_size), "input_channels": trainer.num_input_channels}
 
@@ -257,7 +294,8 @@ def prepare(work: Path, args) -> dict:
 
 def run_worker(kind: str, setup: dict, device: str, args, work: Path) -> dict:
     spec = {k: setup[k] for k in ("raw", "preprocessed", "results", "nnunet_plans", "nnunet_dataset_json")}
-    spec.update(device=device, warmup=args.warmup, iters=args.iters, threads=args.threads, workers=args.workers)
+    spec.update(device=device, warmup=args.warmup, iters=args.iters, threads=args.threads, workers=args.workers,
+                amp=args.amp, compile=args.compile == "on")
     return nd.run_worker(Path(__file__).resolve(), kind, spec, work, setup["env"])
 
 
@@ -283,6 +321,7 @@ def summarize_runs(runs: list[dict]) -> dict:
         "branches": runs[0]["branches"], "parameters": runs[0]["parameters"], "batch": runs[0]["batch"],
         "patch_size": runs[0]["patch_size"], "input_channels": runs[0]["input_channels"],
         "init_s": [r["init_s"] for r in runs], "peak_tree_rss_gb": max(r["peak_tree_rss_gb"] for r in runs),
+        "peak_gpu_gb": max((r.get("peak_gpu_gb") or 0.0) for r in runs) or None,
     }
 
 
@@ -298,6 +337,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per training process")
     ap.add_argument("--workers", type=int, default=1, help="data-augmentation processes of each trainer")
     ap.add_argument("--devices", default="auto", help="auto (cpu, plus cuda when available), cpu or cuda")
+    ap.add_argument("--amp", choices=tuple(AMP_DTYPES), default="fp16",
+                    help="mixed precision of both trainers on CUDA (off on CPU): fp16 (their default) or bf16")
+    ap.add_argument("--compile", choices=("off", "on"), default="off",
+                    help="torch.compile both networks (CUDA; nnU-Net's own nnUNet_compile switch)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (variants side by side)")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     nd.add_worker_arguments(ap, ("ours", "nnunet"))
     args = ap.parse_args()
@@ -337,7 +381,7 @@ def main() -> None:
     report["host"]["loadavg_end"] = loadavg()
     report["total_wall_s"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    out_file = args.out / "train_step_vs_nnunet.json"
+    out_file = args.out / f"train_step_vs_nnunet{args.tag}.json"
     out_file.write_text(json.dumps(report, indent=2))
     print_report(report)
     print(f"\nwrote {out_file}")
@@ -371,6 +415,10 @@ def print_report(report: dict) -> None:
               f"ours / nnU-Net = {d['ratio_ours_over_nnunet']:.2f}; "
               f"data wait {100 * o['data_wait_share']:.1f}% (goal < 5%: "
               f"{'met' if d['goal_data_wait_below_5pct'] else 'NOT met'})")
+        if o.get("peak_gpu_gb"):
+            print(f"peak GPU memory (torch allocated): ours {o['peak_gpu_gb']:.2f} GB, nnU-Net "
+                  f"{(n.get('peak_gpu_gb') or 0):.2f} GB; amp {report['args']['amp']}, compile "
+                  f"{report['args']['compile']}")
         print(f"main-process CPU time: ours per branch / nnU-Net = {d['ratio_cpu_ours_per_branch_over_nnunet']:.2f} "
               f"(torch threads: ours {o['torch_threads']}, nnU-Net {n['torch_threads']})")
         print("where the time goes, s per iteration:")

@@ -197,6 +197,7 @@ class TrainerBase:
     poly_exponent: float = 0.9
     grad_clip_norm: float = 12.0
     amp: bool = True  # mixed precision on CUDA only; always off on CPU
+    amp_dtype: str = "float16"  # "bfloat16" needs no loss scaling (the GradScaler is then off)
     # ---- schedule
     num_epochs: int = 1000
     iterations_per_epoch: int = 250
@@ -310,7 +311,8 @@ class TrainerBase:
         self.network = ddp.wrap_model(network, self.dist, self.device, self.ddp_find_unused_parameters)
         self.optimizer = self.configure_optimizer()
         self.lr_scheduler = self.configure_lr_scheduler()
-        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        self.grad_scaler = torch.amp.GradScaler(self.device.type,
+                                                enabled=self.use_amp and self.amp_dtype == "float16")
         self.build_losses()
         resumed = self.maybe_resume()
         self.write_training_config(resumed)
@@ -474,7 +476,7 @@ class TrainerBase:
     def autocast(self):
         """The mixed-precision context of the forward pass (a no-op on CPU)."""
         if self.use_amp:
-            return torch.autocast(self.device.type, enabled=True)
+            return torch.autocast(self.device.type, dtype=getattr(torch, self.amp_dtype), enabled=True)
         return nullcontext()
 
     def train_step(self, batch: dict) -> dict[str, float]:
