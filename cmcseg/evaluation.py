@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import atomic_path, read_image, write_json_atomic
+from cmcseg.image_io import IMAGE_EXTENSIONS, atomic_path, case_id_of, read_image, write_json_atomic  # noqa: F401
 from cmcseg.parallel import process_pool
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,6 @@ SUMMARY_FILE = "summary.json"
 SUMMARY_VERSION = 1
 
 #: Image extensions SimpleITK reads, longest first so ``.nii.gz`` wins over ``.gz``.
-IMAGE_EXTENSIONS = tuple(sorted(
-    (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".gipl", ".gipl.gz",
-     ".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".vtk", ".mnc", ".dcm"),
-    key=len, reverse=True,
-))
 _SPACING_RTOL = 1e-3
 _GRID_TOL = 1e-3
 
@@ -85,18 +80,6 @@ class EvaluationError(CmcsegError):
 
 
 # ---------------------------------------------------------------------------------------------- pairing
-def case_id_of(path: Path | str) -> str | None:
-    """Case id of an image file (name without its image extension), or None for a file that is no image."""
-    name = Path(path).name
-    if name.startswith("."):
-        return None
-    lower = name.lower()
-    for ext in IMAGE_EXTENSIONS:
-        if lower.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return None
-
-
 def list_label_maps(folder: Path | str) -> dict[str, Path]:
     """Case id -> image file of every label map in ``folder`` (not recursive)."""
     folder = Path(folder)

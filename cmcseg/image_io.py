@@ -32,6 +32,26 @@ def split_extension(name: str) -> tuple[str, str]:
     return stem, ext
 
 
+#: the image file extensions SimpleITK reads, longest first (so that .nii.gz wins over .gz)
+IMAGE_EXTENSIONS = tuple(sorted(
+    (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".gipl", ".gipl.gz",
+     ".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".vtk", ".mnc", ".dcm"),
+    key=len, reverse=True,
+))
+
+
+def case_id_of(path: Path | str) -> str | None:
+    """Case id of an image file (name without its image extension), or None for a file that is no image."""
+    name = Path(path).name
+    if name.startswith("."):
+        return None
+    lower = name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return None
+
+
 #: below this much free space a failed write is taken as "the disk is full" (libraries that hide errno)
 MIN_FREE_BYTES = 4 * 1024 * 1024
 

@@ -40,8 +40,6 @@ from dynamic_network_architectures.building_blocks.plain_conv_encoder import Pla
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
-from monai.networks.blocks import UnetOutBlock, UnetrUpBlock
-from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from cmcseg.errors import CmcsegError
@@ -499,7 +497,10 @@ class SwinUNETREncoder(ModalityEncoder):
             setattr(self, name, value)
         self.in_channels, self.fov_channels, self.spatial_dims = int(in_channels), int(fov_channels), int(spatial_dims)
         # Built through SwinUNETR so the transformer's configuration and parameter names are MONAI's own;
-        # its decoder half is dropped (build_decoder makes one per branch).
+        # its decoder half is dropped (build_decoder makes one per branch). MONAI is imported only here: its
+        # import takes seconds, and the residual encoder (the default) does not need it.
+        from monai.networks.nets import SwinUNETR
+
         full = SwinUNETR(in_channels=in_channels, out_channels=1, patch_size=self.patch_size, depths=self.depths,
                          num_heads=self.num_heads, window_size=self.window_size, feature_size=self.feature_size,
                          norm_name=self.norm_name, dropout_path_rate=self.dropout_path_rate,
@@ -567,6 +568,8 @@ class SwinUNETRDecoder(nn.Module):
 
     def __init__(self, spatial_dims: int, feature_size: int, num_classes: int, deep_supervision: bool,
                  norm_name: str = "instance"):
+        from monai.networks.blocks import UnetOutBlock, UnetrUpBlock  # only for this encoder (a slow import)
+
         super().__init__()
         self.deep_supervision = deep_supervision
         f = feature_size

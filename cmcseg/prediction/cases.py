@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from cmcseg.errors import CmcsegError
-from cmcseg.evaluation import case_id_of
+from cmcseg.image_io import case_id_of
 from cmcseg.registry import known_dataset
 
 log = logging.getLogger(__name__)
