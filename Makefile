@@ -16,5 +16,7 @@ install-test:
 demo: install
 	$(BIN)/cmcseg demo --work cmcseg_work/demo
 
+# the linter first (seconds; pyproject.toml [tool.ruff]), then the whole suite
 test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q

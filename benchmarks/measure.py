@@ -10,9 +10,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -34,7 +34,7 @@ class Measurement:
     returncode: int
     output_tail: str
 
-    def ratio_to(self, other: "Measurement") -> dict:
+    def ratio_to(self, other: Measurement) -> dict:
         return {"wall": self.wall_s / other.wall_s, "peak_tree_rss": self.peak_tree_rss_gb / other.peak_tree_rss_gb}
 
 

@@ -211,6 +211,7 @@ def table_result(table, channels_per_modality: list[int]) -> dict:
 
 def worker_any2seg(spec: dict) -> dict:
     import torch
+
     from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes
     from cmcseg.paths import WorkRoots
     from cmcseg.training.trainer import TrainingRequest
@@ -257,6 +258,7 @@ def nnunet_normalised_cases(spec: dict, cm_folder: Path, out_folder: Path, patch
     """
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
     from cmcseg.preprocessing.storage import load_case, write_case
 
     nn_folder = Path(spec["nnunet_preprocessed_data"])
@@ -303,6 +305,7 @@ def nnunet_predictor_full_set(trainer, spec: dict, cm_folder: Path, labels, metr
     import numpy as np
     import SimpleITK as sitk
     import torch
+
     from cmcseg.any2seg.subsets import SubsetScores
     from cmcseg.preprocessing.storage import load_case
     from cmcseg.training.validation import nanmean
@@ -326,6 +329,7 @@ def nnunet_predictor_full_set(trainer, spec: dict, cm_folder: Path, labels, metr
 
 def worker_nnunet(spec: dict) -> dict:
     import torch
+
     from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes, subset_metric_for
     from cmcseg.image_io import read_json
 

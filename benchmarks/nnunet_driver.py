@@ -24,8 +24,9 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -52,7 +52,8 @@ def brats_to_raw(src: Path, folder: Path) -> Path:
 
 
 def drop_unlabeled_cases(folder: Path) -> int:
-    """nnU-Net needs a label for every training case: remove the phantom's unlabeled ones (both tools see the same data)."""
+    """nnU-Net needs a label for every training case: remove the phantom's unlabeled ones (both tools see the same
+    data)."""
     meta = json.loads((folder / "dataset.json").read_text())
     ending = meta["file_ending"]
     labeled = {p.name[: -len(ending)] for p in (folder / "labelsTr").iterdir()}
@@ -85,7 +86,8 @@ def run_pair(raw_root: Path, folder_name: str, work: Path, workers: int) -> dict
         "nnunet": vars(nn) | {"output_tail": ""},
         "cmcseg": vars(ours) | {"output_tail": ""},
         "ratio_cmcseg_over_nnunet": ours.ratio_to(nn),
-        "plans": {name: {"nnunet": _cfg(plans_nn, name), "cmcseg": _cfg(plans_ours, name)} for name in ("3d_fullres", "2d")},
+        "plans": {name: {"nnunet": _cfg(plans_nn, name), "cmcseg": _cfg(plans_ours, name)}
+                  for name in ("3d_fullres", "2d")},
     }
 
 
@@ -117,7 +119,8 @@ def main() -> None:
     for r in results:
         for tool in ("nnunet", "cmcseg"):
             m = r[tool]
-            print(f"{r['dataset']:<18} {tool:<8} {m['wall_s']:8.1f} {m['peak_tree_rss_gb']:8.2f} {m['peak_main_rss_gb']:8.2f}")
+            print(f"{r['dataset']:<18} {tool:<8} {m['wall_s']:8.1f} {m['peak_tree_rss_gb']:8.2f} "
+                  f"{m['peak_main_rss_gb']:8.2f}")
         ratio = r["ratio_cmcseg_over_nnunet"]
         print(f"{'':<18} {'ratio':<8} {ratio['wall']:8.2f} {ratio['peak_tree_rss']:8.2f}")
         for name, pair in r["plans"].items():

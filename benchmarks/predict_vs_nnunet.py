@@ -57,7 +57,8 @@ def prepare_dataset(work: Path, size: str, cases: int) -> tuple[Path, dict, dict
     images.mkdir(exist_ok=True)
     for path in sorted((roots.raw / DATASET / "imagesTr").iterdir()):  # only the images: labels are not inputs
         (images / path.name).write_bytes(path.read_bytes())
-    return images, read_json(roots.preprocessed / DATASET / "plans.json"), read_json(roots.raw / DATASET / "dataset.json")
+    return (images, read_json(roots.preprocessed / DATASET / "plans.json"),
+            read_json(roots.raw / DATASET / "dataset.json"))
 
 
 def write_cmcseg_model(folder: Path, plans: dict, dataset_json: dict, single_branch: bool) -> tuple[Path, int]:
@@ -132,7 +133,8 @@ def run_nnunet(work: Path, images: Path, plans: dict, dataset_json: dict, tta: b
 
 def run_cmcseg(work: Path, images: Path, model: Path, name: str, tta: bool, args) -> Measurement:
     output = work / f"cmcseg_{name}_out_tta{int(tta)}"
-    cmd = [str(BIN / "cmcseg"), "predict", "-i", str(images), "-o", str(output), "-m", str(model), "--device", args.device,
+    cmd = [str(BIN / "cmcseg"), "predict", "-i", str(images), "-o", str(output), "-m", str(model),
+           "--device", args.device,
            "-np", str(args.workers)] + ([] if tta else ["--no-tta"])
     return _checked(run_measured(cmd, env=_env(args.threads)), output, images)
 

@@ -53,7 +53,7 @@ class PeakSampler:
             self.peak = max(self.peak, current_rss())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -157,8 +157,9 @@ def _run_nnunet(raw: Path, out: Path, plans: dict) -> str:
 
 def child(raw: Path, out: Path, resample: bool, shape_zyx: tuple[int, int, int], nnunet: bool = False) -> dict:
     """Runs in the measured process: import, note the baseline, preprocess, report."""
-    import cmcseg.preprocessing.preprocessor  # noqa: F401 - imports are not part of the measurement
     import nnunetv2.preprocessing.preprocessors.default_preprocessor  # noqa: F401
+
+    import cmcseg.preprocessing.preprocessor  # noqa: F401 - imports are not part of the measurement
 
     plans = ct_plans(resample, shape_zyx)
     baseline = current_rss()
@@ -168,7 +169,8 @@ def child(raw: Path, out: Path, resample: bool, shape_zyx: tuple[int, int, int],
     peak = max(sampler.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     case_bytes = int(np.prod(shape_zyx)) * 4
     return {"tool": "nnunet" if nnunet else "cmcseg", "shape_zyx": list(shape_zyx), "resample": resample,
-            "seconds": round(time.perf_counter() - start, 1),            "case_float32_mb": round(case_bytes / 2**20, 1), "baseline_rss_mb": round(baseline / 2**20, 1),
+            "seconds": round(time.perf_counter() - start, 1), "case_float32_mb": round(case_bytes / 2**20, 1),
+            "baseline_rss_mb": round(baseline / 2**20, 1),
             "peak_rss_mb": round(peak / 2**20, 1), "peak_above_baseline_mb": round((peak - baseline) / 2**20, 1),
             "peak_above_baseline_x_case": round((peak - baseline) / case_bytes, 2),
             "peak_x_case": round(peak / case_bytes, 2), "summary": summary}

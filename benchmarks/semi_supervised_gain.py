@@ -154,6 +154,7 @@ def head_scores(summary: dict) -> dict:
 
 def worker_ours(spec: dict) -> dict:
     import torch
+
     from cmcseg.paths import WorkRoots
     from cmcseg.training.trainer import TrainingRequest
 
@@ -190,6 +191,7 @@ def worker_nnunet(spec: dict) -> dict:
     import numpy as np
     import SimpleITK as sitk
     import torch
+
     from cmcseg.image_io import read_json
     from cmcseg.preprocessing.storage import load_case
     from cmcseg.training.validation import LabelInfo, case_dice, nanmean

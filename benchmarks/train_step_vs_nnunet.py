@@ -156,6 +156,7 @@ def _sync_for(device: str):
 # ============================================================================================ workers
 def worker_ours(spec: dict) -> dict:
     import torch
+
     from cmcseg.paths import WorkRoots
     from cmcseg.training.cmc_trainer import CMCTrainer
     from cmcseg.training.trainer import TrainingRequest
@@ -404,7 +405,7 @@ def print_report(report: dict) -> None:
               "in each)")
         print(f"{'':<26}{'s/it':>8}{'median':>8}{'min':>7}{'max':>7}{'cpu s/it':>9}{'data wait':>11}"
               f"{'params M':>10}  batch")
-        for name, r in (("ours (CMCTrainer, M=%d)" % o["branches"], o), ("nnU-Net (nnUNetTrainer)", n)):
+        for name, r in ((f"ours (CMCTrainer, M={o['branches']})", o), ("nnU-Net (nnUNetTrainer)", n)):
             print(f"{name:<26}{r['s_per_it']:8.2f}{r['s_per_it_median']:8.2f}{r['s_per_it_min']:7.2f}"
                   f"{r['s_per_it_max']:7.2f}{r['cpu_s_per_it']:9.2f}{100 * r['data_wait_share']:10.1f}%"
                   f"{r['parameters'] / 1e6:10.2f}  {r['batch']}")

@@ -16,7 +16,8 @@ def add_root_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def roots_from_args(args: argparse.Namespace) -> WorkRoots:
-    return resolve_roots(getattr(args, "raw", None), getattr(args, "preprocessed", None), getattr(args, "results", None))
+    return resolve_roots(getattr(args, "raw", None), getattr(args, "preprocessed", None),
+                         getattr(args, "results", None))
 
 
 def int_at_least(minimum: int, example: str):

@@ -10,12 +10,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from cmcseg import __version__
-from cmcseg.errors import WRITE_FAULTS, CmcsegError, WriteFaultError
-
 from cmcseg.cli import convert_cmd, demo_cmd, evaluate_cmd, plan_cmd, predict_cmd, synth_cmd, train_cmd
+from cmcseg.errors import WRITE_FAULTS, CmcsegError, WriteFaultError
 
 _COMMANDS = (synth_cmd, convert_cmd, plan_cmd, train_cmd, predict_cmd, evaluate_cmd, demo_cmd)
 

@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 from cmcseg.cli.common import (
-    add_root_arguments, add_unsafe_pickle_argument, float_in, int_at_least, roots_from_args,
+    add_root_arguments,
+    add_unsafe_pickle_argument,
+    float_in,
+    int_at_least,
+    roots_from_args,
 )
 from cmcseg.image_io import read_json
 
@@ -51,7 +55,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     any2seg.add_argument("--backbone", default=None, metavar="mit_b0..mit_b5",
                          help="SegFormer MiT backbone shared by the modalities (default mit_b0)")
     any2seg.add_argument("--backbone-weights", type=Path, default=None,
-                         help="local MiT weights (a .pth/.safetensors file or a Hugging Face folder); none: random init")
+                         help="local MiT weights (a .pth/.safetensors file or a Hugging Face folder); "
+                              "none: random init")
     any2seg.add_argument("--teacher", default=None, choices=("minilm", "languagebind"),
                          help="language teacher of the LSCD distillation (default minilm: offline, text only)")
     any2seg.add_argument("--teacher-weights", type=Path, default=None,

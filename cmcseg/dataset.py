@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cmcseg.errors import DatasetError, Problem
 from cmcseg.image_io import write_json_atomic
@@ -118,7 +119,7 @@ class Dataset:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, folder: Path | str) -> "Dataset":
+    def load(cls, folder: Path | str) -> Dataset:
         """Read ``dataset.json`` and scan the case files; raise DatasetError listing every structural problem."""
         folder = Path(folder)
         problems: list[Problem] = []

@@ -18,10 +18,11 @@ and ``intensity_sampling_per_channel`` says so.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
@@ -29,8 +30,8 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.parallel import process_pool
 from cmcseg.image_io import geometry_of, read_image_header, read_json, write_json_atomic
+from cmcseg.parallel import process_pool
 from cmcseg.preprocessing.alignment import SPACING_2D_SLICE
 from cmcseg.preprocessing.case_loading import label_grid_channel, load_case_in_reference_space
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
@@ -75,7 +76,7 @@ class CountedSample:
     counts: np.ndarray
 
     @classmethod
-    def empty(cls) -> "CountedSample":
+    def empty(cls) -> CountedSample:
         return cls(np.empty(0, np.float32), np.empty(0, np.int64))
 
     @property

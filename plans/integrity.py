@@ -15,16 +15,16 @@ import dataclasses
 import errno
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
-from cmcseg.parallel import process_pool
 from cmcseg.errors import CmcsegError, DatasetError, Problem, format_problem_table
 from cmcseg.image_io import read_image_header, read_stored_values
+from cmcseg.parallel import process_pool
 from cmcseg.preprocessing.alignment import GridGeometry, extents_disjoint, modality_relation
 from cmcseg.preprocessing.case_loading import label_grid_channel
 

@@ -1,4 +1,5 @@
-"""`cmcseg plan` as a library call: integrity check -> (registration) -> fingerprint -> plans -> splits -> preprocessing.
+"""`cmcseg plan` as a library call: integrity check -> (registration) -> fingerprint -> plans -> splits ->
+preprocessing.
 
 Each stage writes its JSON contract into ``<preprocessed>/DatasetNNN_NAME/`` so the next
 stage (or another machine) can start from it: ``fingerprint.json``, ``plans.json``,
@@ -12,10 +13,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cmcseg import __version__
 from cmcseg.dataset import Dataset

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,14 +202,16 @@ def _check_inputs(fingerprint: dict, configurations: Sequence[str], register: st
                           f"{FINGERPRINT_SCHEMA_VERSION}. Fix: rerun `cmcseg plan` to recompute the fingerprint.")
     unknown = [c for c in configurations if c not in CONFIGURATIONS]
     if unknown or not configurations:
-        raise CmcsegError(f"unknown configuration(s) {unknown or list(configurations)}. Fix: choose from {CONFIGURATIONS}.")
+        raise CmcsegError(f"unknown configuration(s) {unknown or list(configurations)}. Fix: choose from "
+                          f"{CONFIGURATIONS}.")
     if register not in REGISTER_CHOICES:
         raise CmcsegError(f"register={register!r}. Fix: choose one of {REGISTER_CHOICES}.")
     if topology not in PLANNERS:
         raise CmcsegError(f"unknown network topology {topology!r}. Fix: choose one of {sorted(PLANNERS)}.")
     if reference_channel is not None and int(reference_channel) != fingerprint["reference_channel"]:
         raise CmcsegError(
-            f"reference channel {reference_channel} differs from the fingerprint's ({fingerprint['reference_channel']}, "
+            f"reference channel {reference_channel} differs from the fingerprint's "
+            f"({fingerprint['reference_channel']}, "
             f"{fingerprint['reference_modality']}), which was measured in that reference space. Fix: recompute the "
             "fingerprint with the new reference.")
 
@@ -247,7 +250,8 @@ def plan_configurations(planner: ExperimentPlanner, configurations: Sequence[str
         "dimensionality": "2d" if is_2d_data else "3d",
         "transpose_forward": [int(i) for i in transpose_forward],
         "transpose_backward": [int(i) for i in transpose_backward],
-        "original_median_spacing_after_transp": [float(i) for i in np.median(fingerprint["spacings"], 0)[transpose_forward]],
+        "original_median_spacing_after_transp": [float(i) for i in
+                                                 np.median(fingerprint["spacings"], 0)[transpose_forward]],
         "original_median_shape_after_transp": [int(round(i)) for i in
                                                np.median(fingerprint["shapes_after_crop"], 0)[transpose_forward]],
         "configurations": out,

@@ -11,8 +11,8 @@ Conventions: a ``transform`` maps points of the reference (fixed) space to the m
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,11 +97,11 @@ class GridGeometry:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, image) -> "GridGeometry":
+    def of(cls, image) -> GridGeometry:
         return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                    tuple(image.GetDirection()))
 
-    def as_3d(self) -> "GridGeometry":
+    def as_3d(self) -> GridGeometry:
         if len(self.size) == 3:
             return self
         if len(self.size) != 2:

@@ -6,8 +6,8 @@ same aligned voxels.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk

@@ -10,7 +10,8 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 
 def find_nnunet_member(default_module: ModuleType, subpackage: str, name: str) -> Any | None:
-    """``name`` from ``default_module``, else searched in ``nnunetv2.preprocessing.<subpackage>`` as nnU-Net does; None if absent."""
+    """``name`` from ``default_module``, else searched in ``nnunetv2.preprocessing.<subpackage>`` as nnU-Net does;
+    None if absent."""
     member = getattr(default_module, name, None)
     if member is None:
         folder = str(Path(nnunetv2.__path__[0]) / "preprocessing" / subpackage)

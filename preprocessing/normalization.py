@@ -8,8 +8,6 @@ unchanged; outside it sets 0, so that "no data" reads as the normalised mean.
 """
 from __future__ import annotations
 
-from typing import Type
-
 import numpy as np
 from nnunetv2.preprocessing.normalization import default_normalization_schemes
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import ImageNormalization
@@ -17,7 +15,7 @@ from nnunetv2.preprocessing.normalization.default_normalization_schemes import I
 from cmcseg.preprocessing.nnunet_members import find_nnunet_member
 
 
-def normalization_class(name: str) -> Type[ImageNormalization]:
+def normalization_class(name: str) -> type[ImageNormalization]:
     """nnU-Net's normalisation class called ``name`` (ZScoreNormalization, CTNormalization, ...)."""
     cls = find_nnunet_member(default_normalization_schemes, "normalization", name)
     if cls is None:

@@ -23,10 +23,11 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,12 +39,12 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
-from cmcseg.preprocessing.nnunet_members import find_nnunet_member
 from cmcseg.errors import CmcsegError, WriteFaultError
-from cmcseg.parallel import process_pool
 from cmcseg.image_io import geometry_of, make_folder, read_image_header, write_fault
+from cmcseg.parallel import process_pool
 from cmcseg.preprocessing.alignment import GridGeometry
 from cmcseg.preprocessing.case_loading import load_case_in_reference_space
+from cmcseg.preprocessing.nnunet_members import find_nnunet_member
 from cmcseg.preprocessing.normalization import normalize_channel
 from cmcseg.preprocessing.registration import load_transforms, register_dataset
 from cmcseg.preprocessing.storage import case_files, load_case, read_properties, write_case
@@ -76,7 +77,7 @@ _SELF_CONTAINED_SCHEMES = {"ZScoreNormalization", "NoNormalization", "RescaleTo0
 class PreprocessingError(CmcsegError):
     """One or more cases could not be preprocessed; every failure is listed (case, file, reason)."""
 
-    def __init__(self, failures: Mapping[str, str], report: "PreprocessReport | None" = None):
+    def __init__(self, failures: Mapping[str, str], report: PreprocessReport | None = None):
         self.failures = dict(failures)
         self.report = report
         lines = "\n".join(f"  case {cid}: {msg}" for cid, msg in sorted(self.failures.items()))
@@ -126,7 +127,8 @@ def configuration_of(plans: Mapping, configuration: str) -> dict:
         return plans["configurations"][configuration]
     except KeyError:
         raise CmcsegError(f"configuration {configuration!r} is not in the plans (planned: "
-                          f"{', '.join(plans.get('configurations', {}))}). Fix: pick one of those, or plan it.") from None
+                          f"{', '.join(plans.get('configurations', {}))}). Fix: pick one of those, "
+                          "or plan it.") from None
 
 
 def input_channel_modalities(channels_per_modality: Mapping[Any, int]) -> list[int]:
@@ -138,7 +140,8 @@ def resampling_function(name: str) -> Callable:
     """nnU-Net's resampling function called ``name``."""
     fn = find_nnunet_member(default_resampling, "resampling", name)
     if fn is None:
-        raise CmcsegError(f"unknown resampling function {name!r} in the plans: not in nnunetv2.preprocessing.resampling")
+        raise CmcsegError(f"unknown resampling function {name!r} in the plans: not in "
+                          "nnunetv2.preprocessing.resampling")
     return fn
 
 
@@ -148,7 +151,7 @@ def foreground_labels(plans: Mapping) -> list[int]:
 
 
 # ---------------------------------------------------------------------- hashing
-def _hash_file(h: "hashlib._Hash", path: Path, block: int = 1 << 20) -> None:
+def _hash_file(h: hashlib._Hash, path: Path, block: int = 1 << 20) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.parallel import process_pool
 from cmcseg.image_io import atomic_path, make_folder, read_json, write_json_atomic
+from cmcseg.parallel import process_pool
 from cmcseg.preprocessing.alignment import as_3d, physical_centre
 from cmcseg.preprocessing.case_loading import read_case_images
 
@@ -318,7 +318,8 @@ def _verdict(before: float, after: float, rotation: float, translation: float, s
         problems.append(f"translation {translation:.1f} mm exceeds the plausible {max_translation:.1f} mm")
     if problems:
         return False, "; ".join(problems)
-    return True, f"metric improved {before:.4f} -> {after:.4f}; rotation {rotation:.2f} deg, translation {translation:.2f} mm"
+    return True, (f"metric improved {before:.4f} -> {after:.4f}; rotation {rotation:.2f} deg, "
+                  f"translation {translation:.2f} mm")
 
 
 # ---------------------------------------------------------------------- cases and files

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import blosc2
 import numpy as np
@@ -61,7 +62,7 @@ def blosc2_layout(shape: Sequence[int], patch_size: Sequence[int], itemsize: int
     return comp_blosc2_params(tuple(int(s) for s in shape), patch, itemsize)
 
 
-def _choose_filter(array: np.ndarray, blocks: tuple, chunks: tuple) -> "blosc2.Filter":
+def _choose_filter(array: np.ndarray, blocks: tuple, chunks: tuple) -> blosc2.Filter:
     """nnU-Net's trial compression (NOFILTER vs SHUFFLE); SHUFFLE where that helper is unavailable."""
     select = getattr(nnUNetDatasetBlosc2, "_select_filter", None)
     if select is None:
@@ -82,7 +83,7 @@ def write_array(array: np.ndarray, path: Path | str, patch_size: Sequence[int], 
         blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
 
 
-def read_array(path: Path | str, mmap: bool = True) -> "blosc2.NDArray":
+def read_array(path: Path | str, mmap: bool = True) -> blosc2.NDArray:
     """Open a blosc2 array read-only; memory-mapped unless ``mmap`` is False (or on Windows)."""
     kwargs: dict[str, Any] = {"mmap_mode": "r"} if mmap and os.name != "nt" else {}
     return blosc2.open(urlpath=str(path), mode="r", dparams={"nthreads": 1}, **kwargs)
@@ -146,7 +147,7 @@ def write_case(
 
 def load_case(
     folder: Path | str, case_id: str, mmap: bool = True
-) -> tuple["blosc2.NDArray", "blosc2.NDArray | None", "blosc2.NDArray", dict]:
+) -> tuple[blosc2.NDArray, blosc2.NDArray | None, blosc2.NDArray, dict]:
     """(data, seg or None, fov, properties) of a preprocessed case; the arrays are memory-mapped blosc2 arrays.
 
     Index them (``data[:, z0:z1, y0:y1, x0:x1]``) to get numpy arrays of a patch only.

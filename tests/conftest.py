@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_tiny_dataset
 
 from cmcseg.cli.main import main as cli_main
 from cmcseg.paths import WorkRoots
-from helpers import write_tiny_dataset
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 REF_SIZE, REF_SPACING = (64, 64, 24), (1.0, 1.0, 2.0)  # x, y, z
 MOV_SPACING = (1.5, 1.5, 2.5)
+IDENTITY = np.eye(3)
 STRUCTURE_CENTRE, STRUCTURE_RADII = (12.0, -6.0, 4.0), (14.0, 9.0, 10.0)  # mm, off-centre and asymmetric
 
 
@@ -25,7 +26,7 @@ def _euler_matrix(rx_deg: float, ry_deg: float, rz_deg: float) -> np.ndarray:
     return np.asarray(tx.GetMatrix()).reshape(3, 3)
 
 
-def _grid(size, spacing, direction=np.eye(3), centre=(0.0, 0.0, 0.0)) -> sitk.Image:
+def _grid(size, spacing, direction=IDENTITY, centre=(0.0, 0.0, 0.0)) -> sitk.Image:
     """An empty float32 image whose extent is centred on ``centre`` (mm)."""
     img = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     img.SetSpacing(tuple(float(s) for s in spacing))
@@ -158,7 +159,8 @@ def _gland_is_consistent(t2: sitk.Image, adc: sitk.Image, hbv: sitk.Image, gland
     bright = hbv_on_t2[g].mean() > 1.5 * hbv_on_t2[ring].mean()
     zz, yy, xx = np.nonzero(g)
     box = np.zeros_like(g)
-    box[max(0, zz.min() - 3): zz.max() + 4, max(0, yy.min() - 40): yy.max() + 41, max(0, xx.min() - 40): xx.max() + 41] = True
+    box[max(0, zz.min() - 3): zz.max() + 4, max(0, yy.min() - 40): yy.max() + 41,
+        max(0, xx.min() - 40): xx.max() + 41] = True
     distance = np.linalg.norm(_physical_centroid(t2, np.where(box, hbv_on_t2, 0)) - _physical_centroid(t2, g))
     return bool(bright and distance < 10.0)
 

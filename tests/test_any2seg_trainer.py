@@ -18,7 +18,11 @@ import SimpleITK as sitk
 import torch
 
 from cmcseg.any2seg.model import (
-    Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images,
+    Any2SegModel,
+    Any2SegProbabilities,
+    SubsetProbabilities,
+    fov_presence,
+    modality_images,
 )
 from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, scored_classes, write_subset_table
 from cmcseg.cli.main import main as cli_main
@@ -298,7 +302,8 @@ def test_an_mcubes_release_converts_plans_trains_and_predicts(tmp_path: Path) ->
             for folder in ("polL_aolp_sin", "polL_aolp_cos", "polL_dolp"):
                 (source / folder).mkdir(parents=True, exist_ok=True)
                 np.save(source / folder / f"{name}.npy", (rng.random((48, 40)) + (gt == 7)).astype(np.float32))
-            _png(source / "NIR_warped" / f"{name}.png", (rng.integers(0, 100, (48, 40)) + 100 * (gt == 0)).astype(np.uint8))
+            _png(source / "NIR_warped" / f"{name}.png",
+                 (rng.integers(0, 100, (48, 40)) + 100 * (gt == 0)).astype(np.uint8))
             _png(source / "GT" / f"{name}.png", gt)
         (source / "list_folder").mkdir(exist_ok=True)
         (source / "list_folder" / f"{split}.txt").write_text("\n".join(split_names) + "\n")

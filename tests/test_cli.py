@@ -34,7 +34,8 @@ def test_console_script_and_python_m_agree():
     exe = Path(sys.executable).with_name("cmcseg")
     a = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     b = subprocess.run([sys.executable, "-m", "cmcseg", "--help"], capture_output=True, text=True, check=True)
-    assert "synth" in a.stdout and a.stdout.replace("cmcseg", "") == b.stdout.replace("__main__.py", "").replace("cmcseg", "")
+    assert "synth" in a.stdout and (a.stdout.replace("cmcseg", "")
+                                    == b.stdout.replace("__main__.py", "").replace("cmcseg", ""))
 
 
 def test_expected_errors_are_one_clear_line_not_a_traceback(tmp_path: Path, capsys):
@@ -57,7 +58,8 @@ def test_installed_package_imports_from_outside_the_source_tree(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = ("import cmcseg, cmcseg.plans.integrity, cmcseg.preprocessing.alignment, cmcseg.cli.main; "
             "print(cmcseg.__file__); print(cmcseg.plans.integrity.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
     files = out.stdout.split()
     assert all(f.startswith(str(target)) for f in files), files
 

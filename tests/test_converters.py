@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import require_shared_data
 
 from cmcseg.dataset import Dataset, image_file, label_file
 from cmcseg.errors import CmcsegError, DatasetError
 from cmcseg.preprocessing.converters import CONVERTERS, convert
 from cmcseg.preprocessing.converters.pipeline import check_encodings_compatible
-from helpers import require_shared_data
 
 # ---------------------------------------------------------------------- fixture writers
 _OBLIQUE = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -304,7 +304,8 @@ def test_tao_layout(tmp_path: Path) -> None:
     report = convert("tao", source, tmp_path / "out", "TAO")
     ds = Dataset.load(tmp_path / "out")
     assert ds.modalities == ["T1", "T1c"] and ds.reference_modality == "T1"
-    assert [c.case_id for c in ds.labeled_cases] == ["orbit01"] and [c.case_id for c in ds.unlabeled_cases] == ["orbit02"]
+    assert ([c.case_id for c in ds.labeled_cases] == ["orbit01"]
+            and [c.case_id for c in ds.unlabeled_cases] == ["orbit02"])
     _assert_same_geometry(image_file(tmp_path / "out", "orbit01", 1), source / "orbit01" / "t1c.nii.gz")
     assert any("notes" in n for n in report.notes)
 

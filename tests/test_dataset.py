@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import ball_volume, write_tiny_dataset
 
 from cmcseg.dataset import Dataset, image_file, label_file, nnunet_label_dict, write_dataset_json
 from cmcseg.errors import DatasetError
 from cmcseg.image_io import write_image
 from cmcseg.paths import dataset_folder_for_new, find_dataset_folder, resolve_roots
 from cmcseg.plans.integrity import verify_dataset
-from helpers import ball_volume, write_tiny_dataset
 
 
 def _problems(excinfo) -> str:

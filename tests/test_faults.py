@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers import write_tiny_dataset
+from test_trainer import DATASET, TinyCMCTrainer, request, root_flags, subprocess_env
 
 from cmcseg.cli.main import main as cli_main
 from cmcseg.dataset import image_file
@@ -39,8 +41,6 @@ from cmcseg.prediction.predictor import output_paths
 from cmcseg.serialization import UnsafeFileError, check_plain_state, load_torch_file
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer
-from helpers import write_tiny_dataset
-from test_trainer import DATASET, TinyCMCTrainer, request, root_flags, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 RUN = "TinyCMCTrainer__3d_fullres__labeled0.5"
@@ -282,14 +282,19 @@ def test_read_only_preprocessed_root_is_a_clear_error(tiny_dataset: Path, tmp_pa
 # ============================================================================ install: CMC without transformers
 def test_cmc_training_and_prediction_work_without_transformers(trained: WorkRoots, tmp_path: Path):
     roots = WorkRoots(trained.raw, trained.preprocessed, tmp_path / "results")
+    train_args = ["train", "-d", "MSCMR", "-f", "0", "--labeled", "0.5", "--trainer", "test_trainer:TinyCMCTrainer",
+                  "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--device", "cpu", "-np", "0",
+                  *root_flags(roots)]
+    predict_args = ["predict", "-i", str(trained.raw / DATASET / "imagesTr"), "-o", str(tmp_path / "out"),
+                    "-m", str(roots.results / DATASET / RUN), "--device", "cpu", "--no-tta", "-f", "0"]
     script = (
         "import sys; sys.modules['transformers'] = None\n"  # any import of transformers now fails
         "from cmcseg.cli.main import main\n"
         "from cmcseg.errors import CmcsegError\n"
         "from cmcseg.training.registry import get_trainer_class\n"
-        f"code = main({['train', '-d', 'MSCMR', '-f', '0', '--labeled', '0.5', '--trainer', 'test_trainer:TinyCMCTrainer', '--epochs', '1', '--iters-per-epoch', '1', '--val-iters', '1', '--device', 'cpu', '-np', '0', *root_flags(roots)]!r})\n"
+        f"code = main({train_args!r})\n"
         "assert code == 0, code\n"
-        f"code = main({['predict', '-i', str(trained.raw / DATASET / 'imagesTr'), '-o', str(tmp_path / 'out'), '-m', str(roots.results / DATASET / RUN), '--device', 'cpu', '--no-tta', '-f', '0']!r})\n"
+        f"code = main({predict_args!r})\n"
         "assert code == 0, code\n"
         "try:\n"
         "    get_trainer_class('any2seg')\n"

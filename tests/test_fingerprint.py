@@ -1,4 +1,5 @@
-"""The fingerprint measures cases in the reference space: relations, FOV-only statistics, labels (cmcseg.plans.fingerprint)."""
+"""The fingerprint measures cases in the reference space: relations, FOV-only statistics, labels
+(cmcseg.plans.fingerprint)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ import SimpleITK as sitk
 
 from cmcseg.dataset import Dataset, image_file, label_file, write_dataset_json
 from cmcseg.errors import CmcsegError
-from cmcseg.plans import fingerprint as fingerprint_module
 from cmcseg.image_io import write_image
+from cmcseg.plans import fingerprint as fingerprint_module
 from cmcseg.plans.fingerprint import (
     SAMPLED_FOREGROUND,
     SAMPLED_NONZERO,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -62,13 +62,13 @@ class TinyTwoModalityNet(nn.Module):
     def encoder_for(self, modality: int) -> nn.Module:
         return self.encoders[min(modality, len(self.encoders) - 1)]
 
-    def forward(self, images: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    def forward(self, images: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         features = [self.encoder_for(m)(img) for m, img in enumerate(images)]
         logits = [self.heads[m](feat) for m, feat in enumerate(features)]
         return features, logits
 
 
-def _images(batch: int = 2, size: int = 8) -> List[Tensor]:
+def _images(batch: int = 2, size: int = 8) -> list[Tensor]:
     return [torch.randn(batch, 1, size, size, size) for _ in range(2)]
 
 
@@ -140,9 +140,9 @@ def test_mean_teacher_loss_is_softmax_mse() -> None:
 # --------------------------------------------------------------------------- CSC: memory and semantics
 
 
-def _saved_tensor_shapes(features: Sequence[Tensor]) -> List[Tuple[int, ...]]:
+def _saved_tensor_shapes(features: Sequence[Tensor]) -> list[tuple[int, ...]]:
     """Shapes of every tensor autograd saves for backward while computing CSC."""
-    shapes: List[Tuple[int, ...]] = []
+    shapes: list[tuple[int, ...]] = []
 
     def pack(tensor: Tensor) -> Tensor:
         shapes.append(tuple(tensor.shape))
@@ -231,7 +231,7 @@ def test_csc_rejects_single_modality_and_mismatched_shapes() -> None:
 # --------------------------------------------------------------------------- CAC
 
 
-def _probabilities(shape: Tuple[int, ...] = (2, NUM_CLASSES, 6, 6, 6), scale: float = 3.0) -> Tensor:
+def _probabilities(shape: tuple[int, ...] = (2, NUM_CLASSES, 6, 6, 6), scale: float = 3.0) -> Tensor:
     return torch.softmax(scale * torch.randn(shape), dim=1)
 
 
@@ -290,7 +290,7 @@ def test_deep_supervision_weights_follow_nnunet(num_outputs: int) -> None:
     assert deep_supervision_weights(1) == (1.0,)
 
 
-def _deep_supervision_logits(target: Tensor, num_outputs: int = 3, requires_grad: bool = False) -> List[Tensor]:
+def _deep_supervision_logits(target: Tensor, num_outputs: int = 3, requires_grad: bool = False) -> list[Tensor]:
     """Random logits at full, 1/2, 1/4 ... resolution for a (B, 1, *spatial) target."""
     shape = target.shape[2:]
     outputs = []
@@ -412,7 +412,7 @@ def test_rampup_rejects_bad_settings() -> None:
 # --------------------------------------------------------------------------- EMA teacher
 
 
-def _state(module: nn.Module) -> Dict[str, Tensor]:
+def _state(module: nn.Module) -> dict[str, Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
 

@@ -292,7 +292,8 @@ SWIN_PATCH = (64, 32, 32)  # divisible by 32; the /32 bottleneck keeps 2 voxels 
 
 def swin_plan_config() -> dict:
     return {"patch_size": list(SWIN_PATCH),
-            "architecture": {"arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d"}, "_kw_requires_import": ["conv_op"]}}
+            "architecture": {"arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d"},
+                             "_kw_requires_import": ["conv_op"]}}
 
 
 def write_published_swinvit(path: Path, feature_size: int = 12) -> dict[str, Tensor]:

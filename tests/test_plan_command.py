@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import require_shared_data
 
 from cmcseg.cli.main import main
 from cmcseg.dataset import image_file, label_file, write_dataset_json
@@ -16,7 +17,6 @@ from cmcseg.phantoms import synthesize
 from cmcseg.plans.plan_and_preprocess import plan_and_preprocess
 from cmcseg.plans.splits import labeled_subset
 from cmcseg.preprocessing.storage import load_case
-from helpers import require_shared_data
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,8 @@ def test_second_run_is_incremental_and_says_so(planned_mscmr, capsys):
 def test_verify_only_reports_and_stops_before_work(tmp_path: Path, capsys):
     roots = resolve_roots(tmp_path / "raw", tmp_path / "pre", tmp_path / "res")
     folder = synthesize("MSCMR", roots.raw / "Dataset501_MSCMR", size="tiny", cases=3)
-    code = main(["plan", "-d", "501", "--verify-only", "--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed)])
+    code = main(["plan", "-d", "501", "--verify-only", "--raw", str(roots.raw), "--preprocessed",
+                 str(roots.preprocessed)])
     assert code == 0 and "finding" in capsys.readouterr().out
     assert not roots.preprocessed.exists()
     # a fatal problem: the table names the file and nothing is written

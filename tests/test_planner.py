@@ -129,7 +129,8 @@ def test_plans_equal_nnunets_under_the_same_budget(nnunet_run, budget: float) ->
         assert cfg["normalization_schemes"] == ref["normalization_schemes"]
         assert cfg["use_mask_for_norm"] == ref["use_mask_for_norm"] == [True, True]
         assert cfg["architecture"]["network_class_name"] == ref["architecture"]["network_class_name"]
-        assert cfg["architecture"]["arch_kwargs"]["strides"] == [list(s) for s in ref["architecture"]["arch_kwargs"]["strides"]]
+        assert (cfg["architecture"]["arch_kwargs"]["strides"]
+                == [list(s) for s in ref["architecture"]["arch_kwargs"]["strides"]])
         assert cfg["batch_dice"] == ref["batch_dice"]
         # nnU-Net's VRAM estimate of the planned network stays within the budget
         arch = cfg["architecture"]
@@ -186,7 +187,8 @@ def _fingerprint(spacings, shapes, channels_per_modality: dict[int, int], relati
     n_channels = sum(channels_per_modality.values())
     stats = {"mean": 1.0, "median": 1.0, "std": 1.0, "min": 0.0, "max": 2.0, "percentile_99_5": 2.0,
              "percentile_00_5": 0.0}
-    return {"schema_version": 1, "spacings": [list(s) for s in spacings], "shapes_after_crop": [list(s) for s in shapes],
+    return {"schema_version": 1, "spacings": [list(s) for s in spacings],
+            "shapes_after_crop": [list(s) for s in shapes],
             "median_relative_size_after_cropping": relative_size, "reference_channel": 0, "reference_modality": "x",
             "channels_per_modality": {str(k): v for k, v in channels_per_modality.items()},
             "foreground_intensity_properties_per_channel": {str(c): stats for c in range(n_channels)}}

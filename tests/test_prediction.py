@@ -31,12 +31,19 @@ from cmcseg.image_io import read_json, write_image
 from cmcseg.networks.cmc import build_cmc_network
 from cmcseg.prediction.cases import find_input_cases
 from cmcseg.prediction.model import (
-    TrainedModel, check_model_dataset, load_trained_model, register_inference_builder, write_model_folder,
+    TrainedModel,
+    check_model_dataset,
+    load_trained_model,
+    register_inference_builder,
+    write_model_folder,
 )
 from cmcseg.prediction.predictor import PredictionOptions, predict_cases, subset_plans
 from cmcseg.prediction.revert import revert_case, write_segmentation
 from cmcseg.prediction.sliding_window import (
-    fold_ensemble, mirror_combinations, sliding_window_probabilities, with_mirroring,
+    fold_ensemble,
+    mirror_combinations,
+    sliding_window_probabilities,
+    with_mirroring,
 )
 from cmcseg.training.cmc_trainer import CMCTrainer
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from cmcseg.losses import (
-    PseudoLabelLoss, RampUp, SupervisedDiceCELoss, class_thresholds, confident_pseudo_labels, masked_agreement_loss,
+    PseudoLabelLoss,
+    RampUp,
+    SupervisedDiceCELoss,
+    class_thresholds,
+    confident_pseudo_labels,
+    masked_agreement_loss,
 )
 from cmcseg.networks.cmc import fov_weighted_ensemble
 from cmcseg.paths import WorkRoots

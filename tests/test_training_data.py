@@ -14,7 +14,10 @@ from cmcseg.networks.cmc import plan_num_classes
 from cmcseg.preprocessing.storage import write_case
 from cmcseg.training.augmentation import configure_spatial_augmentation, deep_supervision_scales, training_transforms
 from cmcseg.training.data import (
-    IGNORE_VALUE, build_training_loader, build_validation_patches, input_channels,
+    IGNORE_VALUE,
+    build_training_loader,
+    build_validation_patches,
+    input_channels,
     plan_deep_supervision_scales,
 )
 from cmcseg.training.sampler import TwoStreamBatchSampler

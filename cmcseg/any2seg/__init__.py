@@ -22,10 +22,10 @@ from cmcseg.any2seg.model import (
     Any2SegOutput,
     Any2SegProbabilities,
     SubsetProbabilities,
-    normalize_present,
     fov_presence,
     modality_images,
     non_empty_subsets,
+    normalize_present,
     sample_modality_subsets,
     stack_modalities,
 )
@@ -41,7 +41,8 @@ from cmcseg.any2seg.teachers import (
 __all__ = [
     "MIT_VARIANTS", "MiTBackbone", "build_mit_backbone", "convert_mit_state_dict", "load_mit_weights",
     "match_channels", "mit_config", "EMATeacherModel", "LSCDLoss", "LSCDTerms", "token_affinity",
-    "ModalityAgnosticFusion", "modality_agnostic_feature_fusion", "Any2SegModel", "Any2SegOutput", "Any2SegProbabilities",
+    "ModalityAgnosticFusion", "modality_agnostic_feature_fusion", "Any2SegModel", "Any2SegOutput",
+    "Any2SegProbabilities",
     "SubsetProbabilities",
     "normalize_present", "sample_modality_subsets", "non_empty_subsets", "modality_images",
     "fov_presence", "stack_modalities", "DEFAULT_TEMPLATE", "MEDICAL_TEMPLATE",

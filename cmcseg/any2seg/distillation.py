@@ -39,8 +39,8 @@ the backbone otherwise.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ class LSCDLoss(nn.Module):
         self.ignore_index = ignore_index
 
     @classmethod
-    def for_model(cls, model: Any2SegModel, text_dim: int, **options: float | int) -> "LSCDLoss":
+    def for_model(cls, model: Any2SegModel, text_dim: int, **options: float | int) -> LSCDLoss:
         """An LSCD loss whose projection fits ``model``'s ``inter_stage`` channels."""
         stage = int(options.get("inter_stage", -1))
         return cls(model.stage_channels[stage], text_dim, **options)
@@ -197,7 +197,7 @@ class EMATeacherModel(nn.Module):
         self.model: Any2SegModel = create_ema_teacher(student)
         self.model.eval()
 
-    def train(self, mode: bool = True) -> "EMATeacherModel":
+    def train(self, mode: bool = True) -> EMATeacherModel:
         """Stays in eval mode (no dropout, BatchNorm running statistics)."""
         super().train(False)
         return self

@@ -17,9 +17,9 @@ per-modality maps (zeros where a modality is absent) with the presence mask.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

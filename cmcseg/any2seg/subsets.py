@@ -12,15 +12,16 @@ validation case predicted from that subset alone. Two scores, as the two communi
 
 Classes (:func:`scored_classes`): for ``miou`` every class, 0 included (in DELIVER class 0 is
 Building, and a scene benchmark's mIoU averages all classes); for ``dice`` the foreground labels
-(nnU-Net's convention). An ``ignore`` label is never scored. The table is written as ``subsets.csv`` (a row per subset, a column per class, the
+(nnU-Net's convention). An ``ignore`` label is never scored. The table is written as ``subsets.csv``
+(a row per subset, a column per class, the
 mean last) and ``subsets.png`` (the same numbers as a heat map), both atomically.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -94,7 +95,8 @@ def _subset_groups(subsets: Sequence[tuple[int, ...]], num_classes: int, voxels:
     return [list(subsets[i:i + size]) for i in range(0, len(subsets), size)]
 
 
-def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | None, folder: Path, case_ids: Sequence[str],
+def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | None, folder: Path,
+                     case_ids: Sequence[str],
                      patch_size: Sequence[int], labels: LabelInfo, modality_names: Sequence[str],
                      device: torch.device, metric: str, overlap: float = 0.5, sw_batch_size: int = 1,
                      joint_predictor_for: Callable[[Sequence[tuple[int, ...]]], Predictor] | None = None,

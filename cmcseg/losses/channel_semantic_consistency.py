@@ -26,7 +26,7 @@ every voxel, allocating O(N^2 D); this module never forms an N x N tensor.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

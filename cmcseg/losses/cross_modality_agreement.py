@@ -20,7 +20,7 @@ would therefore also push both heads towards over-confidence instead of only tow
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.losses import DiceLoss
@@ -73,7 +73,7 @@ def soft_dice_agreement_loss(
 def cross_modality_agreement_loss(
     probabilities: Sequence[Tensor],
     include_background: bool = True,
-    detach_modality: Optional[int] = None,
+    detach_modality: int | None = None,
     smooth: float = 1e-5,
     check_probabilities: bool = True,
 ) -> Tensor:
@@ -114,7 +114,7 @@ class CrossModalityAgreementLoss(nn.Module):
     def __init__(
         self,
         include_background: bool = True,
-        detach_modality: Optional[int] = None,
+        detach_modality: int | None = None,
         smooth: float = 1e-5,
         check_probabilities: bool = True,
     ) -> None:

@@ -19,7 +19,7 @@ ignore value for the voxels that are not kept; it supervises each head's full-re
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -9,7 +9,7 @@ it against the same label map, and the heads' losses are averaged.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,10 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import Tensor, nn
 
-HeadOutput = Union[Tensor, Sequence[Tensor]]
+HeadOutput = Tensor | Sequence[Tensor]
 
 
-def deep_supervision_weights(num_outputs: int) -> Tuple[float, ...]:
+def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
     """nnU-Net's deep supervision weights for ``num_outputs`` outputs, highest resolution first.
 
     ``w_i = 2^-i``, then ``w_{n-1} = 0`` (the lowest resolution is not used), then ``w / sum(w)``.
@@ -37,7 +37,7 @@ def deep_supervision_weights(num_outputs: int) -> Tuple[float, ...]:
     return tuple(w / total for w in weights)
 
 
-def downsample_target(target: Tensor, shapes: Sequence[Sequence[int]]) -> List[Tensor]:
+def downsample_target(target: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
     """The label map ``(B, 1, *spatial)`` resized to each spatial shape with nearest-neighbour.
 
     Same logic as batchgeneratorsv2's ``DownsampleSegForDSTransform`` used by nnU-Net
@@ -46,8 +46,8 @@ def downsample_target(target: Tensor, shapes: Sequence[Sequence[int]]) -> List[T
     """
     if target.ndim < 3:
         raise ValueError(f"target must be (B, 1, *spatial), got shape {tuple(target.shape)}")
-    results: List[Tensor] = []
-    target_float: Optional[Tensor] = None
+    results: list[Tensor] = []
+    target_float: Tensor | None = None
     for shape in shapes:
         shape = tuple(int(s) for s in shape)
         if shape == tuple(target.shape[2:]):
@@ -71,7 +71,7 @@ def ignore_outside_fov(target: Tensor, fov: Tensor, ignore_value: int) -> Tensor
     return torch.where(fov > 0.5, target, torch.full_like(target, ignore_value))
 
 
-def _as_output_list(outputs: HeadOutput) -> List[Tensor]:
+def _as_output_list(outputs: HeadOutput) -> list[Tensor]:
     """One head's outputs as a list, highest resolution first (a single tensor becomes a list of one)."""
     if isinstance(outputs, Tensor):
         return [outputs]
@@ -95,7 +95,7 @@ class DeepSupervisedDiceCELoss(nn.Module):
     def __init__(
         self,
         batch_dice: bool = False,
-        ignore_label: Optional[int] = None,
+        ignore_label: int | None = None,
         weight_ce: float = 1.0,
         weight_dice: float = 1.0,
         smooth: float = 1e-5,
@@ -125,7 +125,7 @@ class DeepSupervisedDiceCELoss(nn.Module):
             dice_class=MemoryEfficientSoftDiceLoss,
         )
 
-    def forward(self, outputs: HeadOutput, target: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    def forward(self, outputs: HeadOutput, target: Tensor | Sequence[Tensor]) -> Tensor:
         """Loss of one head. ``target``: full-res ``(B, 1, *spatial)`` labels, or a list already resized."""
         output_list = _as_output_list(outputs)
         shapes = [o.shape[2:] for o in output_list]
@@ -156,7 +156,7 @@ class SupervisedDiceCELoss(DeepSupervisedDiceCELoss):
     """
 
     def forward(  # type: ignore[override]
-        self, head_outputs: Sequence[HeadOutput], target: Union[Tensor, Sequence[Tensor]]
+        self, head_outputs: Sequence[HeadOutput], target: Tensor | Sequence[Tensor]
     ) -> Tensor:
         """Mean over modality heads of the deep-supervised Dice+CE."""
         if isinstance(head_outputs, Tensor) or len(head_outputs) == 0:

@@ -16,8 +16,9 @@ input channel(s): the "same network, labeled cases only" baseline.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -49,7 +50,7 @@ def as_scales(output: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [output] if isinstance(output, Tensor) else list(output)
 
 
-def head_probabilities(output: "CMCOutput") -> list[Tensor]:
+def head_probabilities(output: CMCOutput) -> list[Tensor]:
     """Each head's full-resolution softmax ``(B, K, *)`` (float32) of a network output."""
     return [torch.softmax(as_scales(h)[0].float(), dim=1) for h in output.logits]
 
@@ -252,7 +253,8 @@ def plan_configuration(plans: Mapping[str, Any], configuration: str) -> dict:
     while "inherits_from" in config:
         parent = config.pop("inherits_from")
         if parent in seen or parent not in configs:
-            raise CmcsegError(f"plans.json: configuration {configuration!r} inherits from unknown or circular {parent!r}.")
+            raise CmcsegError(f"plans.json: configuration {configuration!r} inherits from unknown or circular "
+                              f"{parent!r}.")
         seen.add(parent)
         config = {**configs[parent], **config}
     return config

@@ -30,12 +30,12 @@ from __future__ import annotations
 import logging
 import pydoc
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -70,7 +70,7 @@ class ModalityEncoder(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def from_plan(cls, plan_config: Mapping[str, Any], in_channels: int, fov_channels: int = 1,
-                  **options: Any) -> "ModalityEncoder":
+                  **options: Any) -> ModalityEncoder:
         """Build the encoder for one configuration of plans.json (``plans["configurations"][name]``)."""
 
     @abstractmethod
@@ -386,7 +386,7 @@ class ResidualModalityEncoder(_PlanConvEncoder):
 
     @classmethod
     def from_plan(cls, plan_config: Mapping[str, Any], in_channels: int, fov_channels: int = 1,
-                  **options: Any) -> "ResidualModalityEncoder":
+                  **options: Any) -> ResidualModalityEncoder:
         if options:
             raise CmcsegError(f"the residual encoder takes no options, got {sorted(options)}.")
         k = resolve_arch_kwargs(plan_config)
@@ -414,7 +414,7 @@ class PlainModalityEncoder(_PlanConvEncoder):
 
     @classmethod
     def from_plan(cls, plan_config: Mapping[str, Any], in_channels: int, fov_channels: int = 1,
-                  **options: Any) -> "PlainModalityEncoder":
+                  **options: Any) -> PlainModalityEncoder:
         if options:
             raise CmcsegError(f"the plain encoder takes no options, got {sorted(options)}.")
         k = resolve_arch_kwargs(plan_config)
@@ -516,7 +516,7 @@ class SwinUNETREncoder(ModalityEncoder):
 
     @classmethod
     def from_plan(cls, plan_config: Mapping[str, Any], in_channels: int, fov_channels: int = 1,
-                  **options: Any) -> "SwinUNETREncoder":
+                  **options: Any) -> SwinUNETREncoder:
         patch = [int(p) for p in plan_config.get("patch_size", [])]
         divisor = int(options.get("patch_size", cls.patch_size)) ** 5
         if patch and any(p % divisor for p in patch):
@@ -538,7 +538,8 @@ class SwinUNETREncoder(ModalityEncoder):
         return SwinUNETRDecoder(self.spatial_dims, self.feature_size, num_classes, deep_supervision, self.norm_name)
 
     def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
-        """Load a SwinViT checkpoint in MONAI's published layout into ``swinViT`` (see :func:`swin_checkpoint_to_monai`).
+        """Load a SwinViT checkpoint in MONAI's published layout into ``swinViT`` (see
+        :func:`swin_checkpoint_to_monai`).
 
         The patch embedding's input channels are mapped by :func:`adapt_input_weight`.
         """
@@ -575,7 +576,8 @@ class SwinUNETRDecoder(nn.Module):
         f = feature_size
         channels = [16 * f, 8 * f, 4 * f, 2 * f, f, f]  # bottleneck, then each up block's output
         self.up_blocks = nn.ModuleList(
-            UnetrUpBlock(spatial_dims=spatial_dims, in_channels=channels[i], out_channels=channels[i + 1], kernel_size=3,
+            UnetrUpBlock(spatial_dims=spatial_dims, in_channels=channels[i], out_channels=channels[i + 1],
+                         kernel_size=3,
                          upsample_kernel_size=2, norm_name=norm_name, res_block=True) for i in range(5))
         # seg_layers[0] is the full-resolution head (SwinUNETR's ``out``), then /2, /4, /8, /16
         self.seg_layers = nn.ModuleList(

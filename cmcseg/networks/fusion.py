@@ -11,7 +11,7 @@ features and the fused map; a modality whose gate closes keeps its own features 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import ChannelSELayer, Convolution

@@ -10,8 +10,9 @@ dataset, so tests can measure alignment and segmentation against the exact answe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cmcseg.phantoms.abdomen import write_amos
 from cmcseg.phantoms.cardiac import write_mscmr

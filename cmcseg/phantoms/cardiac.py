@@ -20,13 +20,15 @@ evaluated exactly at voxel centres, and every third case is unlabeled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from cmcseg.phantoms.contrast import mr_magnitude, tissue_table
 from cmcseg.phantoms.geometry import (
     Anatomy,
     Grid,
@@ -39,7 +41,6 @@ from cmcseg.phantoms.geometry import (
     sample_labels,
     slices_to_cover,
 )
-from cmcseg.phantoms.contrast import mr_magnitude, tissue_table
 from cmcseg.phantoms.writing import (
     PhantomCase,
     PhantomInfo,

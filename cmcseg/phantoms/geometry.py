@@ -11,8 +11,8 @@ are in (x, y, z) world order. Point arrays have shape ``(..., 3)``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,7 +56,7 @@ class RigidMotion:
     def is_identity(self) -> bool:
         return not np.any(self.translation_mm) and not np.any(self.rotation_deg)
 
-    def resolved(self, default_center: Sequence[float]) -> "RigidMotion":
+    def resolved(self, default_center: Sequence[float]) -> RigidMotion:
         """The same motion with an explicit centre of rotation."""
         center = self.center_mm if self.center_mm is not None else default_center
         return RigidMotion(self.translation_mm, self.rotation_deg, center)
@@ -82,7 +82,7 @@ class RigidMotion:
         }
 
     @classmethod
-    def coerce(cls, value: "RigidMotion | Sequence[float] | dict | None") -> "RigidMotion | None":
+    def coerce(cls, value: RigidMotion | Sequence[float] | dict | None) -> RigidMotion | None:
         """Accept a RigidMotion, a translation ``(dx, dy, dz)`` or a dict of the constructor's fields."""
         if value is None or isinstance(value, RigidMotion):
             return value

@@ -13,10 +13,11 @@ is tilted a little (non-identity direction, the same for both sequences).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

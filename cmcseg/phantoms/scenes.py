@@ -19,9 +19,9 @@ The condition of every case is recorded in dataset.json under ``"conditions"``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import case_id_of

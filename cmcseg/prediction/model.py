@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,11 @@ from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.networks.cmc import (
-    build_cmc_network, head_probabilities, plan_channels_per_modality, plan_configuration, plan_num_classes,
+    build_cmc_network,
+    head_probabilities,
+    plan_channels_per_modality,
+    plan_configuration,
+    plan_num_classes,
 )
 from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
@@ -452,7 +456,8 @@ def write_model_folder(folder: Path | str, plans: Mapping, dataset_json: Mapping
     for fold, weights in fold_weights.items():
         fold_init = {"dataset": folder.parent.name, "configuration": "3d_fullres", "fold": int(fold),
                      "encoder": "residual", "shared_encoder": False, **dict(init or {})}
-        state = {"format_version": FORMAT_VERSION, "kind": checkpoint, "trainer": trainer_name, "network": dict(weights),
+        state = {"format_version": FORMAT_VERSION, "kind": checkpoint, "trainer": trainer_name,
+                 "network": dict(weights),
                  "plans_sha256": digest, "init": fold_init, "epoch": 0}
         save_checkpoint(state, folder / f"fold_{fold}" / f"checkpoint_{checkpoint}.pt")
         write_json_atomic({"trainer": trainer_name, "dataset": fold_init["dataset"],

@@ -25,10 +25,11 @@ import logging
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,11 +41,18 @@ from cmcseg.image_io import make_folder, write_json_atomic
 from cmcseg.paths import check_file_ending, check_name, contained
 from cmcseg.prediction.cases import InputCase, find_input_cases
 from cmcseg.prediction.model import (
-    TrainedModel, build_inference_networks, check_model_dataset, load_trained_model,
+    TrainedModel,
+    build_inference_networks,
+    check_model_dataset,
+    load_trained_model,
 )
 from cmcseg.prediction.revert import original_value_table, revert_case, write_probabilities, write_segmentation
 from cmcseg.prediction.sliding_window import (
-    Predict, check_step, fold_ensemble, sliding_window_probabilities, with_mirroring,
+    Predict,
+    check_step,
+    fold_ensemble,
+    sliding_window_probabilities,
+    with_mirroring,
 )
 from cmcseg.preprocessing.preprocessor import PreprocessedCase, input_channel_modalities, preprocess_case
 
@@ -125,7 +133,8 @@ def check_cases_fit_model(cases: Sequence[InputCase], model: TrainedModel) -> No
     trained = ", ".join(f"{c:04d} {n}" for c, n in sorted(expected.items()))
     if extra:
         example = next(c for c in cases if set(c.images) & set(extra))
-        raise CmcsegError(f"the input cases have {len(found)} modalities (channels {', '.join(f'{c:04d}' for c in found)}"
+        raise CmcsegError(f"the input cases have {len(found)} modalities "
+                          f"(channels {', '.join(f'{c:04d}' for c in found)}"
                           f"; e.g. {example.images[extra[0]].name}) but model {model.folder} was trained on "
                           f"{len(expected)} ({trained}). Fix: predict with a model trained on these modalities, or "
                           "remove the files of the channels it does not know.")
@@ -142,7 +151,8 @@ def check_cases_fit_model(cases: Sequence[InputCase], model: TrainedModel) -> No
 def missing_modality_error(case: InputCase, missing: Sequence[int], model: TrainedModel, ending: str) -> CmcsegError:
     """The error for a case without some modality, for a model that needs every modality."""
     folder = next(iter(case.images.values())).parent
-    what = ", ".join(f"{model.channel_names[c]} (channel {c:04d}, expected {folder / f'{case.case_id}_{c:04d}{ending}'})"
+    what = ", ".join(f"{model.channel_names[c]} (channel {c:04d}, "
+                     f"expected {folder / f'{case.case_id}_{c:04d}{ending}'})"
                      for c in missing)
     return CmcsegError(f"case {case.case_id}: modality {what} is missing. The {model.trainer_name} model needs every "
                        f"modality it was trained on ({', '.join(model.channel_names.values())}). Fix: add the file, "

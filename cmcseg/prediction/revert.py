@@ -17,8 +17,8 @@ them in reverse order, as nnU-Net's ``convert_predicted_logits_to_segmentation_w
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk

@@ -38,17 +38,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmcseg.any2seg.distillation import EMATeacherModel, LSCDLoss
 from cmcseg.any2seg.model import (
-    Any2SegModel, Any2SegProbabilities, SubsetProbabilities, fov_presence, modality_images, sample_modality_subsets,
+    Any2SegModel,
+    Any2SegProbabilities,
+    SubsetProbabilities,
+    fov_presence,
+    modality_images,
+    sample_modality_subsets,
 )
 from cmcseg.any2seg.subsets import (
-    evaluate_subsets, is_scene_dataset, scored_classes, subset_metric_for, write_subset_table,
+    evaluate_subsets,
+    is_scene_dataset,
+    scored_classes,
+    subset_metric_for,
+    write_subset_table,
 )
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.errors import CmcsegError

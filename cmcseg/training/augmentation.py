@@ -20,9 +20,9 @@ together, as nnU-Net does with multi-channel data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ class ShortAxisSafeGaussianBlur(GaussianBlurTransform):
         return super()._benchmark_wrapper(img, min(float(sigma), (2 * size - 1) / 6.0), dim_to_blur)
 
     @classmethod
-    def replacing(cls, blur: GaussianBlurTransform) -> "ShortAxisSafeGaussianBlur":
+    def replacing(cls, blur: GaussianBlurTransform) -> ShortAxisSafeGaussianBlur:
         """The same transform (same settings) with the cap."""
         safe = cls.__new__(cls)
         safe.__dict__.update(blur.__dict__)

@@ -42,7 +42,8 @@ a network with a single branch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -260,7 +261,8 @@ class CMCTrainer(TrainerBase):
 
     @torch.no_grad()
     def teacher_prediction(self, x: Tensor) -> Tensor:
-        """The EMA teacher's fused probabilities ``(B, K, *)`` of the weak view ``x`` (FOV- and reliability-weighted)."""
+        """The EMA teacher's fused probabilities ``(B, K, *)`` of the weak view ``x`` (FOV- and
+        reliability-weighted)."""
         self.teacher.eval()
         with self.autocast():
             output = self.teacher(x)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,10 @@ from cmcseg.networks.cmc import plan_configuration
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.preprocessing.storage import case_files, read_array, read_properties
 from cmcseg.training.augmentation import (
-    SpatialAugmentation, configure_spatial_augmentation, deep_supervision_scales, training_transforms,
+    SpatialAugmentation,
+    configure_spatial_augmentation,
+    deep_supervision_scales,
+    training_transforms,
     validation_transforms,
 )
 from cmcseg.training.sampler import TwoStreamBatchSampler, endless_batches
@@ -298,7 +302,7 @@ class TrainingBatches(Iterator[dict]):
         """Batches in one pass over the labeled cases."""
         return len(self.sampler)
 
-    def __iter__(self) -> "TrainingBatches":
+    def __iter__(self) -> TrainingBatches:
         return self
 
     def __next__(self) -> dict:
@@ -313,7 +317,7 @@ class TrainingBatches(Iterator[dict]):
         if shutdown is not None:
             shutdown()
 
-    def __enter__(self) -> "TrainingBatches":
+    def __enter__(self) -> TrainingBatches:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from cmcseg.image_io import atomic_path, make_folder, write_fault
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LOG_FILE = "log.txt"
 PLOT_FILE = "progress.png"
@@ -122,7 +126,7 @@ def loss_metrics(means: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def iteration_bar(iterable: Iterable, total: int, description: str, enabled: bool = True) -> "tqdm":
+def iteration_bar(iterable: Iterable, total: int, description: str, enabled: bool = True) -> tqdm:
     """A tqdm bar over one epoch's iterations (shows it/s; the trainer sets the loss as postfix)."""
     return tqdm(iterable, total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True,
                 unit="it")
@@ -143,7 +147,7 @@ def plot_progress(history: MetricsHistory, path: Path, title: str = "") -> None:
         fig.savefig(tmp, format="png", dpi=80)
 
 
-def progress_figure(history: MetricsHistory, title: str = "") -> "Figure":
+def progress_figure(history: MetricsHistory, title: str = "") -> Figure:
     """The six panels (losses; weights and diagnostics; pseudo-Dice; foreground mass; learning rate; epoch time),
     top to bottom; every series carries markers, so one epoch already shows."""
     # the Agg canvas directly, no pyplot: no display needed and no global backend switch

@@ -14,7 +14,7 @@ than one batch (``--labeled 0.05`` on a small dataset) still works.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler

@@ -30,10 +30,11 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,11 +50,29 @@ from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from cmcseg.training.data import build_training_loader, build_validation_patches
 from cmcseg.training.progress import (
-    DIAGNOSTIC_KEYS, DICE_PREFIX, LOSS_PREFIX, MASS_PREFIX, PLOT_FILE, WEIGHT_PREFIX, MetricsHistory,
-    attach_log_file, detach_log_file, epoch_means, format_metrics, iteration_bar, loss_metrics, plot_progress,
+    DIAGNOSTIC_KEYS,
+    DICE_PREFIX,
+    LOSS_PREFIX,
+    MASS_PREFIX,
+    PLOT_FILE,
+    WEIGHT_PREFIX,
+    MetricsHistory,
+    attach_log_file,
+    detach_log_file,
+    epoch_means,
+    format_metrics,
+    iteration_bar,
+    loss_metrics,
+    plot_progress,
 )
 from cmcseg.training.validation import (
-    BestTracker, LabelInfo, patch_counts, pseudo_dice_metrics, summarize, validate_case_outputs, write_summary,
+    BestTracker,
+    LabelInfo,
+    patch_counts,
+    pseudo_dice_metrics,
+    summarize,
+    validate_case_outputs,
+    write_summary,
 )
 
 log = logging.getLogger(__name__)

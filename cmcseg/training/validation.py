@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class LabelInfo:
     ignore_label: int | None
 
     @classmethod
-    def from_plans(cls, plans: Mapping) -> "LabelInfo":
+    def from_plans(cls, plans: Mapping) -> LabelInfo:
         """From ``plans["labels"]`` via nnU-Net's ``LabelManager`` (region-based labels are not supported here)."""
         manager = LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order"))
         if manager.has_regions:
@@ -66,8 +67,9 @@ class LabelInfo:
                    manager.ignore_label)
 
     @classmethod
-    def every_class(cls, plans: Mapping) -> "LabelInfo":
-        """Every class including value 0, as scene benchmarks score mIoU (in the DELIVER release class 0 is Building)."""
+    def every_class(cls, plans: Mapping) -> LabelInfo:
+        """Every class including value 0, as scene benchmarks score mIoU (in the DELIVER release class 0 is
+        Building)."""
         info = cls.from_plans(plans)
         by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
         values = tuple(range(info.num_classes))
@@ -180,7 +182,8 @@ def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -
     dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
                         num_classes=labels.num_classes, ignore_index=labels.ignore_label)[0]
     present = {value: bool((prediction == value).any() or (target == value).any()) for value in labels.values}
-    return {name: float(dice[value]) if present[value] else math.nan for name, value in zip(labels.names, labels.values)}
+    return {name: float(dice[value]) if present[value] else math.nan
+            for name, value in zip(labels.names, labels.values)}
 
 
 def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],

@@ -33,7 +33,12 @@ from pathlib import Path
 
 from cmcseg.errors import DatasetError, Problem
 from cmcseg.preprocessing.converters.base import (
-    Converter, LabelEncoding, SourceCase, SourceScan, duplicate_problem, identity_encoding,
+    Converter,
+    LabelEncoding,
+    SourceCase,
+    SourceScan,
+    duplicate_problem,
+    identity_encoding,
 )
 
 _AMOS_FILE = re.compile(r"^(?P<case>amos_(?P<id>\d+))\.nii\.gz$")

@@ -8,9 +8,10 @@ for every release and live in :mod:`cmcseg.preprocessing.converters.pipeline`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, ClassVar
 
 from cmcseg.errors import CmcsegError, Problem
 from cmcseg.registry import KNOWN_DATASETS, KnownDataset
@@ -47,7 +48,7 @@ class SourceScan:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, cases: Iterable[SourceCase], notes: Iterable[str] = ()) -> "SourceScan":
+    def of(cls, cases: Iterable[SourceCase], notes: Iterable[str] = ()) -> SourceScan:
         """The cases sorted by id (a stable order for the progress bar and the report)."""
         return cls(sorted(cases, key=lambda c: c.case_id), list(notes))
 

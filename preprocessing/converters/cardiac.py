@@ -12,12 +12,18 @@ from __future__ import annotations
 import re
 from abc import ABC
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 from cmcseg.errors import DatasetError, Problem
 from cmcseg.preprocessing.converters.base import (
-    Converter, SourceCase, SourceScan, duplicate_problem, top_folder, walk_files,
+    Converter,
+    SourceCase,
+    SourceScan,
+    duplicate_problem,
+    top_folder,
+    walk_files,
 )
 
 #: Sequence token in a file name -> registry modality.

@@ -42,7 +42,11 @@ from typing import Any
 
 from cmcseg.errors import DatasetError, Problem
 from cmcseg.preprocessing.converters.base import (
-    IGNORE_LABEL, Converter, LabelEncoding, SourceCase, SourceScan,
+    IGNORE_LABEL,
+    Converter,
+    LabelEncoding,
+    SourceCase,
+    SourceScan,
 )
 
 CONDITIONS = ("cloud", "fog", "night", "rain", "sun")
@@ -60,7 +64,9 @@ class DeliverConverter(Converter):
     fmt = "deliver"
     dataset = "DELIVER"
     file_ending = ".png"
-    layout = "{img,depth,event,lidar,semantic}/{cloud,fog,night,rain,sun}/{train,val,test}/SCENE/FRAME_{rgb,...}_VIEW.png"
+    layout = (
+        "{img,depth,event,lidar,semantic}/{cloud,fog,night,rain,sun}/{train,val,test}/SCENE/FRAME_{rgb,...}_VIEW.png"
+    )
     image_components = {"RGB": 3}
     label_component = 0
 

@@ -37,7 +37,11 @@ from pathlib import Path
 
 from cmcseg.errors import DatasetError, Problem
 from cmcseg.preprocessing.converters.base import (
-    IGNORE_LABEL, Converter, LabelEncoding, SourceCase, SourceScan,
+    IGNORE_LABEL,
+    Converter,
+    LabelEncoding,
+    SourceCase,
+    SourceScan,
 )
 
 #: Registry modality -> the (folder, extension) of each of its component files.

@@ -18,10 +18,10 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -30,10 +30,18 @@ from cmcseg.dataset import Dataset, image_file, label_file, write_dataset_json
 from cmcseg.errors import CmcsegError, DatasetError, ImageReadError, Problem
 from cmcseg.image_io import geometry_of, make_folder
 from cmcseg.preprocessing.converters.base import (
-    IGNORE_LABEL, ConversionProblem, Converter, LabelEncoding, SourceCase,
+    IGNORE_LABEL,
+    ConversionProblem,
+    Converter,
+    LabelEncoding,
+    SourceCase,
 )
 from cmcseg.preprocessing.converters.transfer import (
-    grid_problems, map_label_values, read_label_array, transfer_image, write_label,
+    grid_problems,
+    map_label_values,
+    read_label_array,
+    transfer_image,
+    write_label,
 )
 from cmcseg.registry import KnownDataset
 
@@ -76,7 +84,8 @@ class ConversionReport:
             f"{i} {m}" + (" (reference)" if m == self.reference_modality else "") for i, m in enumerate(self.modalities)
         )
         mapping = ", ".join(
-            f"{n} {v}<-{self.original_label_values.get(n, v)}" for n, v in sorted(self.labels.items(), key=lambda x: x[1])
+            f"{n} {v}<-{self.original_label_values.get(n, v)}"
+            for n, v in sorted(self.labels.items(), key=lambda x: x[1])
         )
         lines = [
             f"converted {self.num_training + self.num_test} case(s) of '{self.fmt}' from {self.source}",

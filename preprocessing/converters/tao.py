@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmcseg.preprocessing.converters.base import (
-    Converter, LabelEncoding, SourceCase, SourceScan, identity_encoding,
+    Converter,
+    LabelEncoding,
+    SourceCase,
+    SourceScan,
+    identity_encoding,
 )
 
 #: File stem (lower case) -> modality; "label" is the label.
