@@ -53,10 +53,11 @@ def check_name(value: object, what: str, source: str, max_length: int = 200) -> 
     return text
 
 
-def check_dataset_name(value: str, source: str = "dataset name") -> str:
+def check_dataset_name(value: str, source: str = "") -> str:
     """A dataset name as it becomes ``DatasetNNN_<name>``: letters, digits, ``_ . + -``."""
     if not DATASET_NAME_RE.match(str(value)):
-        raise UnsafeNameError(f"{source}: dataset name {value!r} is not allowed. Fix: use letters, digits, '_', '-', "
+        where = f"{source}: " if source else ""
+        raise UnsafeNameError(f"{where}dataset name {value!r} is not allowed. Fix: use letters, digits, '_', '-', "
                               "'+' and '.', starting with a letter or digit (e.g. MSCMR, MyData_2).")
     return str(value)
 
