@@ -217,7 +217,7 @@ def test_cli_train_writes_the_subset_table_and_predict_handles_missing_modalitie
 def test_continue_restores_the_ema_teacher_and_the_lscd_projection(planned: WorkRoots, tmp_path: Path) -> None:
     first = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=1))
     first.run()
-    saved = load_checkpoint(first.output_folder / "checkpoint_final.pt")
+    saved = load_checkpoint(first.output_folder / "checkpoint_latest.pt")
     resumed = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=2, continue_training=True))
     resumed.initialize()
     try:

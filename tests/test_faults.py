@@ -217,12 +217,16 @@ def test_fresh_start_moves_the_old_run_aside_and_continue_resumes_the_new_one(tr
         resumed.close()
 
 
-def test_continue_takes_the_checkpoint_with_the_highest_step(tmp_path: Path):
+def test_continue_takes_the_resumable_checkpoint_with_the_highest_step(tmp_path: Path):
     manager = CheckpointManager(tmp_path)
-    for kind, step in (("best", 4), ("latest", 9), ("final", 6)):
-        manager.save({"network": {}, "global_step": step, "epoch": step // 2}, kind)
-    assert manager.resume_path() == manager.path("latest")
-    manager.save({"network": {}, "global_step": 9, "epoch": 4}, "final")
+    full = {"network": {}, "optimizer": {}}  # what a resume needs; best and final keep only weights + metadata
+    for kind, step in (("best", 4), ("latest", 9), ("final", 12)):
+        manager.save({**full, "global_step": step, "epoch": step // 2}, kind)
+    assert "optimizer" not in load_checkpoint(manager.path("final"))
+    assert manager.resume_path() == manager.path("latest")  # final is further, but cannot be resumed
+    save_checkpoint({**full, "global_step": 12, "epoch": 6}, manager.path("final"))  # a full final (older cmcseg)
+    assert manager.resume_path() == manager.path("final")
+    save_checkpoint({**full, "global_step": 12, "epoch": 6}, manager.path("latest"))
     assert manager.resume_path() == manager.path("final")  # a tie: final first
 
 

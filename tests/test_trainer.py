@@ -195,7 +195,7 @@ def test_case_dice_is_nan_for_a_class_absent_from_both():
 
 def test_checkpoint_manager_cleans_stale_temporaries(tmp_path):
     manager = CheckpointManager(tmp_path)
-    manager.save({"network": {"w": torch.ones(2)}}, "latest")
+    manager.save({"network": {"w": torch.ones(2)}, "optimizer": {}}, "latest")
     (tmp_path / ".tmp-checkpoint_latest.pt-abc.pt").write_bytes(b"trunc")
     assert manager.resume_path() == tmp_path / "checkpoint_latest.pt"
     assert len(manager.remove_stale_temporaries()) == 1
@@ -233,7 +233,12 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
     assert config["labeled_batch_size"] == 4 and config["unlabeled_batch_size"] == 4  # the plan's batch, ratio 1
     assert len(config["plans_sha256"]) == 64
 
-    saved = torch.load(folder / "checkpoint_final.pt", weights_only=True)
+    final = torch.load(folder / "checkpoint_final.pt", weights_only=True)
+    saved = torch.load(folder / "checkpoint_latest.pt", weights_only=True)  # written again at the end
+    assert "optimizer" not in final and "rng" not in final and "extra" not in final  # final: weights + metadata
+    assert all(torch.equal(final["network"][k], v) for k, v in saved["network"].items())
+    size = {kind: (folder / f"checkpoint_{kind}.pt").stat().st_size for kind in ("final", "latest")}
+    assert size["final"] < 0.5 * size["latest"]  # no optimizer momentum, no EMA teacher
     resumed = TinyCMCTrainer(request(roots, num_epochs=3, continue_training=True))
     resumed.initialize()
     assert resumed.current_epoch == 2 == saved["epoch"]
@@ -373,7 +378,7 @@ def test_unpaired_dataset_trains_with_mean_teacher_that_reaches_the_encoders(pla
         trainer.close()
     folder = TinyCMCTrainer(TrainingRequest("AMOS", 0, 0.5, roots=roots, num_epochs=1, iterations_per_epoch=2,
                                             val_iterations=1, device="cpu", num_workers=0)).run()
-    final = load_checkpoint(folder / "checkpoint_final.pt")
+    final = load_checkpoint(folder / "checkpoint_latest.pt")  # the resumable one holds the teacher
     assert "teacher" in final["extra"] and "loss/mean_teacher" in final["history"]["values"]
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert set(summary["mean"]) == {"spleen", "right_kidney", "left_kidney", "liver", "aorta"}

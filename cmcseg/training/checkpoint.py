@@ -1,9 +1,14 @@
 """Checkpoints: ``checkpoint_{latest,best,final}.pt``, written atomically, and resuming from them.
 
-A checkpoint holds everything that ``--continue`` needs to carry on as if the run had not
-stopped: the network's weights, the optimizer (SGD momentum buffers), the GradScaler and the
+``checkpoint_latest.pt`` holds everything that ``--continue`` needs to carry on as if the run had
+not stopped: the network's weights, the optimizer (SGD momentum buffers), the GradScaler and the
 LR scheduler, the next epoch to run, the metrics history, the best EMA pseudo-Dice, any
-trainer-specific state (e.g. a mean teacher) and the random number generators' states.
+trainer-specific state (e.g. a mean teacher) and the random number generators' states. It is
+written every ``save_every`` epochs and once more at the end of training.
+
+``checkpoint_final.pt`` and ``checkpoint_best.pt`` are what prediction reads: the weights and the
+metadata that rebuild and check the network (:data:`INFERENCE_KEYS`), without the optimizer, the
+teacher or the RNG states, so each is the size of the weights (a third of ``latest`` for CMC).
 
 Every save goes through :func:`cmcseg.image_io.atomic_path`: ``torch.save`` writes a hidden
 ``.tmp-checkpoint_*.pt-XXXX.pt`` beside the target, which is renamed over it once complete.
@@ -35,6 +40,11 @@ CHECKPOINT_KINDS = ("latest", "best", "final")
 RESUME_ORDER = ("final", "latest", "best")
 #: 2: tensors and plain values only, loadable with ``weights_only=True`` (1 held NumPy RNG state)
 FORMAT_VERSION = 2
+#: checkpoints written with weights and metadata only (what prediction needs)
+WEIGHTS_ONLY_KINDS = ("best", "final")
+#: the entries a weights-only checkpoint keeps
+INFERENCE_KEYS = ("format_version", "kind", "trainer", "network", "init", "plans_sha256", "labeled_ids", "epoch",
+                  "global_step", "num_epochs", "history", "best")
 #: a fresh start moves an earlier run's checkpoints into ``previous_run_<UTC time>/``
 PREVIOUS_RUN_PREFIX = "previous_run_"
 #: what else of a run is moved aside with its checkpoints
@@ -99,10 +109,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", unsafe
     return state
 
 
-def checkpoint_progress(path: Path, unsafe_allow_pickle: bool = False) -> tuple[int, int]:
-    """(global step, epoch) recorded in a checkpoint, read memory-mapped (the weights are not copied)."""
+def checkpoint_progress(path: Path, unsafe_allow_pickle: bool = False) -> tuple[int, int, bool]:
+    """(global step, epoch, resumable) of a checkpoint, read memory-mapped (the weights are not copied);
+    resumable: it holds the optimizer state that ``--continue`` needs (weights-only ones do not)."""
     state = load_checkpoint(path, unsafe_allow_pickle=unsafe_allow_pickle, mmap=True)
-    return int(state.get("global_step", 0)), int(state.get("epoch", 0))
+    return int(state.get("global_step", 0)), int(state.get("epoch", 0)), "optimizer" in state
+
+
+def inference_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a full training state that prediction needs (:data:`INFERENCE_KEYS`)."""
+    return {key: state[key] for key in INFERENCE_KEYS if key in state}
 
 
 class CheckpointManager:
@@ -118,9 +134,10 @@ class CheckpointManager:
         return self.output_folder / f"checkpoint_{kind}.pt"
 
     def save(self, state: dict[str, Any], kind: str) -> Path:
-        """Write ``state`` as ``checkpoint_<kind>.pt`` atomically."""
+        """Write ``state`` as ``checkpoint_<kind>.pt`` atomically (weights and metadata only for best and final)."""
         path = self.path(kind)
-        save_checkpoint({"format_version": FORMAT_VERSION, "kind": kind, **state}, path)
+        state = {"format_version": FORMAT_VERSION, "kind": kind, **state}
+        save_checkpoint(inference_state(state) if kind in WEIGHTS_ONLY_KINDS else state, path)
         log.debug("saved %s", path)
         return path
 
@@ -129,16 +146,18 @@ class CheckpointManager:
         return [self.path(kind) for kind in RESUME_ORDER if self.path(kind).is_file()]
 
     def resume_path(self, unsafe_allow_pickle: bool = False) -> Path | None:
-        """The checkpoint ``--continue`` starts from: the one with the highest recorded step (then epoch); on a
+        """The checkpoint ``--continue`` starts from: of those that hold the optimizer state (``latest``, and
+        those of cmcseg before weights-only final/best), the one with the highest recorded step (then epoch); on a
         tie, final before latest before best. None if there is none.
 
-        A run that is killed after ``latest`` was written but before ``final`` was replaced resumes ``latest``;
-        a finished run resumes ``final``.
+        A run killed mid-training resumes its last ``latest``; a finished run resumes the ``latest`` written
+        at its end.
         """
         ranked = []
         for order, path in enumerate(self.existing()):
-            step, epoch = checkpoint_progress(path, unsafe_allow_pickle)
-            ranked.append((step, epoch, -order, path))
+            step, epoch, resumable = checkpoint_progress(path, unsafe_allow_pickle)
+            if resumable:
+                ranked.append((step, epoch, -order, path))
         return max(ranked)[3] if ranked else None
 
     def move_aside(self) -> Path | None:

@@ -598,8 +598,10 @@ class TrainerBase:
             log.warning("could not draw %s: %s", PLOT_FILE, e)
 
     def on_train_end(self) -> None:
-        """Hook: save the final checkpoint, run the full validation, write ``validation/summary.json``."""
+        """Hook: save the final checkpoints (``latest`` to resume from, ``final`` weights only), run the full
+        validation, write ``validation/summary.json``."""
         if self.is_main:
+            self.save_checkpoint("latest")
             self.save_checkpoint("final")
         ddp.barrier(self.dist)
         self.run_final_validation()
@@ -739,6 +741,12 @@ class TrainerBase:
             return False
         existing = self.checkpoints.resume_path(unsafe)
         if existing is None:
+            if self.checkpoints.existing():
+                raise CmcsegError(
+                    f"--continue: {self.output_folder} holds only weights-only checkpoints "
+                    f"({', '.join(p.name for p in self.checkpoints.existing())}), without the optimizer state a "
+                    "resume needs (checkpoint_latest.pt is missing). Fix: train without --continue (the old files "
+                    "are moved aside, not deleted).")
             log.warning("--continue: no checkpoint in %s; starting from scratch", self.output_folder)
             return False
         self.load_checkpoint(existing)
