@@ -33,6 +33,7 @@ import SimpleITK as sitk
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import atomic_path, read_json, write_json_atomic
 from cmcseg.paths import WorkRoots
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.registry import register_trainer
 
@@ -259,7 +260,7 @@ def run_demo(work: Path | str, minutes: float = 8.0, size: str = "small", device
     predictions = work / "predictions" / f"fold{FOLD}_validation"
     with _timed(timings, "predict"):
         report = predict_validation_cases(roots, fold_folder.parent, validation, predictions, device)
-    dataset_json = read_json(roots.raw / DATASET_FOLDER / "dataset.json")
+    dataset_json = read_json(roots.raw / DATASET_FOLDER / DATASET_FILE)
     labels = {int(v): str(k) for k, v in dataset_json["labels"].items() if int(v) != 0}
     references = [roots.raw / DATASET_FOLDER / "labelsTr" / f"{c}.nii.gz" for c in report.written]
     if not report.written:
@@ -267,7 +268,7 @@ def run_demo(work: Path | str, minutes: float = 8.0, size: str = "small", device
     with _timed(timings, "evaluate and draw"):
         dice = evaluate(roots, predictions, labels)
         first = report.written[0]
-        reference_channel = int(read_json(fold_folder.parent / "plans.json")["reference_channel"])
+        reference_channel = int(read_json(fold_folder.parent / PLANS_FILE)["reference_channel"])
         overlay = write_overlay(roots.raw / DATASET_FOLDER / "imagesTr" / f"{first}_{reference_channel:04d}.nii.gz",
                                 references[0], predictions / f"{first}.nii.gz", labels, work / OVERLAY_FILE,
                                 f"{first}: LGE, reference, cmcseg prediction (fold {FOLD}, --labeled "

@@ -23,6 +23,7 @@ from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.paths import WorkRoots, require_dataset_folder
+from cmcseg.plans.files import DATASET_FILE, FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA
 from cmcseg.plans.fingerprint import extract_fingerprint
 from cmcseg.plans.integrity import IntegrityReport, verify_dataset
@@ -34,9 +35,6 @@ from cmcseg.preprocessing.registration import register_dataset
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_FILE = "fingerprint.json"
-PLANS_FILE = "plans.json"
-SPLITS_FILE = "splits.json"
 REGISTRATION_DIR = "registration"
 #: folds need a labeled case to validate on and one to train on
 MIN_LABELED_FOR_SPLITS = 2
@@ -93,8 +91,8 @@ def plan_and_preprocess(
     out = roots.preprocessed / raw_folder.name
     make_folder(out)
     outcome.output_folder = out
-    shutil.copyfile(raw_folder / "dataset.json", out / ".dataset.json.tmp")
-    (out / ".dataset.json.tmp").replace(out / "dataset.json")
+    shutil.copyfile(raw_folder / DATASET_FILE, out / f".{DATASET_FILE}.tmp")
+    (out / f".{DATASET_FILE}.tmp").replace(out / DATASET_FILE)
     log.info("reference modality: %s", dataset.channel_names[reference_channel])
 
     transforms_folder = None

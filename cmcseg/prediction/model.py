@@ -42,6 +42,7 @@ from cmcseg.networks.cmc import (
     plan_num_classes,
 )
 from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.checkpoint import CHECKPOINT_KINDS, FORMAT_VERSION, load_checkpoint
@@ -50,8 +51,6 @@ from cmcseg.training.trainer import TRAINING_CONFIG_FILE, TrainerBase, plans_has
 
 log = logging.getLogger(__name__)
 
-PLANS_FILE = "plans.json"
-DATASET_FILE = "dataset.json"
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 #: ``builder(model) -> module`` whose ``forward(x)`` gives class probabilities ``(B, K, *spatial)``

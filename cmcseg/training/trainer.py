@@ -45,6 +45,7 @@ from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.networks.cmc import plan_configuration
 from cmcseg.paths import WorkRoots, require_preprocessed_dataset, resolve_roots
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
@@ -78,9 +79,6 @@ from cmcseg.training.validation import (
 log = logging.getLogger(__name__)
 
 TRAINING_CONFIG_FILE = "training_config.json"
-PLANS_FILE = "plans.json"
-SPLITS_FILE = "splits.json"
-DATASET_FILE = "dataset.json"
 
 
 @dataclass
