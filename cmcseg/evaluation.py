@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import IMAGE_EXTENSIONS, atomic_path, case_id_of, read_image, write_json_atomic  # noqa: F401
+from cmcseg.image_io import atomic_path, case_id_of, read_image, write_json_atomic
 from cmcseg.parallel import process_pool
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,9 @@ _ROOT_ENV = {
 }
 DEFAULT_WORK_DIR = "cmcseg_work"
 #: a dataset name: letters, digits, ``_ . + -``; it starts with a letter or digit (so never ``..``)
-DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
-_FOLDER_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_.+-]{0,99})$")
+_DATASET_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}"
+DATASET_NAME_RE = re.compile(rf"^{_DATASET_NAME}$")
+_FOLDER_RE = re.compile(rf"^Dataset(\d{{3}})_({_DATASET_NAME})$")
 #: a case id or modality name: no path separator, no control character, not starting with a dot or space
 _UNSAFE_NAME_RE = re.compile(r"[/\\\x00-\x1f\x7f]|^[. ]|\s$|^$")
 #: a file ending: one or two dotted parts of letters and digits (``.nii.gz``, ``.nrrd``, ``.png``)

@@ -242,9 +242,9 @@ def resolve_trainer_class(name: str) -> type | None:
     ``name`` comes from a checkpoint, i.e. from whoever made the model folder, so it is only looked up: a
     ``module:Class`` name is never imported from here.
     """
-    from cmcseg.training.registry import LAZY_TRAINERS, TRAINERS, get_trainer_class
+    from cmcseg.training.registry import get_trainer_class, is_builtin_name
 
-    if name in TRAINERS or any(name in (short, cls) for short, (_, cls) in LAZY_TRAINERS.items()):
+    if is_builtin_name(name):
         return get_trainer_class(name)
     todo, seen = [TrainerBase], set()
     while todo:

@@ -37,6 +37,11 @@ def register_trainer(name: str, trainer_class: type[TrainerBase]) -> None:
     TRAINERS[name] = trainer_class
 
 
+def is_builtin_name(name: str) -> bool:
+    """True for the name (short or class name) of a trainer cmcseg ships, imported or not yet."""
+    return name in TRAINERS or any(name in (short, cls) for short, (_, cls) in LAZY_TRAINERS.items())
+
+
 def _import_lazy(name: str) -> None:
     """Import the module of the lazily registered trainer ``name`` (a short name or its class name)."""
     for short, (module_name, class_name) in LAZY_TRAINERS.items():
