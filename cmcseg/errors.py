@@ -98,10 +98,11 @@ class WriteFaultError(CmcsegError):
         fix = ("free space there, or point the root (--raw/--preprocessed/--results, -o) at a disk with room"
                if full else "make it writable, or point the root (--raw/--preprocessed/--results, -o) at a "
                             "writable folder")
-        what = f"cannot write {path}: " if path is not None else "cannot write: "
+        what = f"cannot write {path}: " if path is not None else f"cannot create or write into {folder}: "
+        unfinished = " (the unfinished one was removed)" if path is not None else ""
         super().__init__(
             f"{what}the folder {folder} {reason}. Your input files are untouched and the files finished before "
-            f"are kept (the unfinished one was removed). Fix: {fix}, then run the same command again (cmcseg plan "
+            f"are kept{unfinished}. Fix: {fix}, then run the same command again (cmcseg plan "
             "skips finished cases; add --continue to cmcseg train or cmcseg predict).")
 
     def __reduce__(self):  # picklable, so a worker process can hand it back intact
