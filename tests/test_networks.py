@@ -362,3 +362,25 @@ def test_swinunetr_cmc_network_shapes_and_patch_check():
     bad["patch_size"] = [16, 32, 32]
     with pytest.raises(CmcsegError, match="divisible by 32"):
         build_encoder("swinunetr", bad, 2, feature_size=12)
+
+
+def test_single_branch_answers_for_each_modality_alone():
+    """One network over all modalities: each modality's own prediction is the network on that modality alone (the
+    other modalities' channels and FOV masks zeroed), the fused one is the network on all of them."""
+    torch.manual_seed(0)
+    net = build_cmc_network(tiny_plans(channels=(2, 1)), "3d_fullres", single_branch=True).eval()
+    net.set_deep_supervision(False)
+    x = tiny_input(channels=(2, 1))
+    alone = net.modality_alone(x, 1)
+    assert torch.equal(alone[:, 2], x[:, 2]) and torch.equal(alone[:, 4], x[:, 4])  # modality 1 and its FOV mask
+    assert not alone[:, [0, 1, 3]].any()  # modality 0's two channels and its FOV mask
+    with torch.no_grad():
+        fused, heads = net.predict_with_heads(x)
+        assert torch.allclose(fused, torch.softmax(net(x).logits[0], 1))
+        assert torch.allclose(heads[1], torch.softmax(net(alone).logits[0], 1))
+        assert not torch.allclose(heads[0], heads[1])
+    branches = build_cmc_network(tiny_plans(channels=(2, 1)), "3d_fullres").eval()
+    branches.set_deep_supervision(False)
+    with torch.no_grad():
+        fused, heads = branches.predict_with_heads(x)
+        assert len(heads) == 2 and torch.allclose(fused, branches.fuse(heads, x))

@@ -215,6 +215,28 @@ class CMCNetwork(nn.Module):
             return [[scale[m] for scale in per_scale] for m in range(self.n_branches)]
         return [dec(s) for dec, s in zip(self.decoders, skips)]
 
+    def modality_alone(self, x: Tensor, m: int) -> Tensor:
+        """``x`` with every modality but m absent: its image channels and FOV masks zeroed, as a case without
+        those sequences reaches the network."""
+        keep = x.new_zeros(x.shape[1])
+        start = sum(self.channels_per_modality[:m])
+        keep[start:start + self.channels_per_modality[m]] = 1
+        keep[sum(self.channels_per_modality) + m] = 1
+        return x * keep.reshape(1, -1, *[1] * (x.ndim - 2))
+
+    def predict_with_heads(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The fused probabilities and each modality's own ``(B, K, *)``, float32: a branch network's heads (one
+        forward pass); a single branch run once on all modalities and once on each modality alone (which a
+        network trained with the strong view's modality drop can answer)."""
+        if not self.single_branch:
+            heads = head_probabilities(self(x))
+            return self.fuse(heads, x), heads
+        fused = head_probabilities(self(x))[0]
+        if len(self.channels_per_modality) < 2:
+            return fused, [fused]
+        return fused, [head_probabilities(self(self.modality_alone(x, m)))[0]
+                       for m in range(len(self.channels_per_modality))]
+
     def forward(self, x: Tensor) -> CMCOutput:
         skips = self.encode(self.branch_inputs(x))
         bottlenecks = [s[-1] for s in skips]

@@ -359,13 +359,15 @@ class CMCProbabilities(nn.Module):
 
     @property
     def supports_heads(self) -> bool:
-        """True when there are several heads to show."""
-        return int(getattr(self.network, "n_branches", 1)) > 1
+        """True when there are several modalities to show alone (one branch each, or one network run on each)."""
+        return len(getattr(self.network, "channels_per_modality", [])) > 1
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.with_heads:
+            fused, heads = self.network.predict_with_heads(x)
+            return torch.cat([fused, *heads], dim=1)
         heads = head_probabilities(self.network(x))
-        fused = self.network.fuse(heads, x)
-        return torch.cat([fused, *heads], dim=1) if self.with_heads else fused
+        return self.network.fuse(heads, x)
 
 
 def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
