@@ -41,12 +41,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "supervised)")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="plan configuration (default 3d_fullres)")
     p.add_argument("--trainer", default="cmc",
-                   help="trainer: a registered name (cmc: 3D CMC; any2seg: 2D, any subset of modalities, with -c 2d) "
+                   help="trainer: a registered name (cmc: 3D CMC, one network over all modalities; cmc_branches: the "
+                        "paper's network, a branch per modality, about M times the cost; any2seg: 2D, any subset of "
+                        "modalities, with -c 2d) "
                         "or module:ClassName for your own subclass (default cmc)")
     p.add_argument("--encoder", default="residual",
                    help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
-    p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches")
+    p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches (--trainer cmc_branches)")
     p.add_argument("--unlabeled-weight", type=float_in(0.0, None, "--unlabeled-weight 1", low_inclusive=True),
                    default=None, metavar="W",
                    help="scales every unlabeled loss term (pseudo-labels, CSC, CAC; default 1). 0 trains the same "

@@ -13,6 +13,7 @@ from cmcseg.losses import (
     confident_pseudo_labels,
     masked_agreement_loss,
 )
+from cmcseg.losses.pseudo_label import merge_unlearned
 from cmcseg.networks.cmc import fov_weighted_ensemble
 from cmcseg.paths import WorkRoots
 from cmcseg.training.augmentation import StrongIntensityAugmentation
@@ -195,3 +196,27 @@ def test_teacher_horizon_is_a_fraction_of_the_run() -> None:
     assert _trainer_at(1000, 250, 0, 0).teacher_alpha == CMCTrainer.ema_alpha  # long run: the configured 0.99
     short = _trainer_at(10, 30, 0, 0)  # 300 iterations: horizon 15
     assert short.teacher_alpha == pytest.approx(1 - 1 / 15)
+
+
+def test_unlearned_classes_merge_into_background_and_their_labels_are_ignored() -> None:
+    """A class the head has not learned is never pushed down by background pseudo-labels: its probability counts as
+    background, and its own pseudo-labels are ignored; learned classes keep their labels, renumbered."""
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3])).reshape(1, K, 1, 1, 1).repeat(1, 1, 1, 1, 4)
+    target = torch.tensor([0, 1, 2, IGNORE]).reshape(1, 1, 1, 1, 4)
+    learned = torch.tensor([True, False, True])  # class 1 not learned yet
+    merged, renumbered = merge_unlearned(logits, target, learned, IGNORE)
+    assert merged.shape == (1, 2, 1, 1, 4)
+    assert torch.softmax(merged, 1)[0, :, 0, 0, 0].tolist() == pytest.approx([0.7, 0.3])  # bg + class 1, class 2
+    assert renumbered.flatten().tolist() == [0, IGNORE, 1, IGNORE]
+    # the loss: a background label no longer penalises mass on the unlearned class
+    student = _logits(1, K, 2, 4, 4, seed=3)
+    background = torch.zeros(1, 1, 2, 4, 4, dtype=torch.long)
+    plain = PseudoLabelLoss(IGNORE)([student], background)
+    marginal = PseudoLabelLoss(IGNORE)([student], background, learned=learned.reshape(1, K))
+    assert float(marginal) < float(plain)
+    marginal.backward()
+    probabilities = torch.softmax(student.detach(), 1)
+    step = student.detach() - 10.0 * student.grad  # a gradient step raises background + class 1 together
+    assert float(torch.softmax(step, 1)[:, :2].sum(1).mean()) > float(probabilities[:, :2].sum(1).mean())
+    everything = PseudoLabelLoss(IGNORE)([student], background, learned=torch.ones(1, K, dtype=torch.bool))
+    assert float(everything) == pytest.approx(float(plain))

@@ -58,6 +58,13 @@ class TinyCMCTrainer(CMCTrainer):
         return plans
 
 
+class TinyBranchesTrainer(TinyCMCTrainer):
+    """The paper's network (a branch per modality, CSC between them) at the tiny size."""
+
+    single_branch = False
+    strong_drop_modality = 0.0
+
+
 class DumpingTinyCMCTrainer(TinyCMCTrainer):
     """Test-only: every DDP rank saves its final parameters, to compare the ranks."""
 
@@ -213,8 +220,8 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
     log_text = (folder / "log.txt").read_text()
     assert "epoch 1" in log_text and "pseudo-Dice" in log_text
     # a collapse is visible as it happens: every term's weight, each head's foreground mass, each head's Dice
-    for needle in ("weight/pseudo_label", "weight/csc", "mass/LGE/RV", "mass/T2/myocardium", "head reliability",
-                   "head T2 alone"):
+    for needle in ("weight/pseudo_label", "weight/csc", "mass/all/RV", "mass/all/myocardium", "head reliability",
+                   "head T2 alone", "CSC is off"):
         assert needle in log_text, needle
     assert (folder / "progress.png").read_bytes()[:8] == PNG_MAGIC
     with Image.open(folder / "progress.png") as image:
@@ -289,10 +296,12 @@ def test_sigkilled_run_leaves_loadable_checkpoints_and_resumes(planned, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("term", ["csc", "pseudo_label", "cac"])
-def test_unlabeled_losses_send_gradient_into_encoders(planned, tmp_path, term):
-    """The public CMC code ran its unlabeled pass under no_grad; here each unlabeled term trains the encoders."""
-    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+@pytest.mark.parametrize("term, trainer_class", [("csc", TinyBranchesTrainer), ("pseudo_label", TinyBranchesTrainer),
+                                                 ("pseudo_label", TinyCMCTrainer), ("cac", TinyCMCTrainer)])
+def test_unlabeled_losses_send_gradient_into_encoders(planned, tmp_path, term, trainer_class):
+    """The public CMC code ran its unlabeled pass under no_grad; here each unlabeled term trains the encoders (every
+    branch's, or the one network's)."""
+    trainer = trainer_class(request(fresh_roots(planned, tmp_path)))
     trainer.initialize()
     try:
         trainer.supervised_weight = 0.0
@@ -356,7 +365,7 @@ def test_labeled_fraction_one_is_supervised(planned, tmp_path):
 def test_unpaired_dataset_trains_with_mean_teacher_that_reaches_the_encoders(planned_unpaired, tmp_path):
     """AMOS-like unpaired modalities: no CAC/CSC; a mean-teacher term per modality, with gradient."""
     roots = fresh_roots(planned_unpaired, tmp_path)
-    trainer = TinyCMCTrainer(TrainingRequest("AMOS", 0, 0.5, roots=roots, num_epochs=1, iterations_per_epoch=2,
+    trainer = TinyBranchesTrainer(TrainingRequest("AMOS", 0, 0.5, roots=roots, num_epochs=1, iterations_per_epoch=2,
                                              val_iterations=1, device="cpu", num_workers=0))
     trainer.initialize()
     try:

@@ -10,6 +10,13 @@ learns those labels inside its own field of view:
     keep(x)   = max_k p_T(k | x) >= tau[y_hat(x)]     (per-class thresholds: thin classes may need a lower one)
     L_pl      = 1/M sum_m [ CE + foreground soft Dice ](z_m, y_hat) over {x : keep(x) and fov_m(x)}
 
+Classes a head has not learned yet (its reliability, the EMA Dice on labeled rows, below a bar) are merged into
+background for that head, a marginal loss: ``p'(bg) = p(bg) + sum_{u unreliable} p(u)``, and their own
+pseudo-labels are ignored. A teacher that has not learned a thin class yet calls it background, confidently; a
+plain CE on those labels teaches the student that the class does not exist before the labeled rows can teach
+it (on real cardiac MRI the RV and scar never appeared). Merged, such a voxel only says "not one of the learned
+classes", which is true.
+
 The teacher is a detached target, so the good head (e.g. LGE, on the label grid) is never
 pulled towards a weak one; the fused target already carries the strong heads' votes. Hard
 labels reward confidence, unlike the symmetric soft-Dice agreement this replaces, which two
@@ -63,16 +70,36 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
         super().__init__(batch_dice=batch_dice, ignore_label=int(ignore_value))
 
     def forward(self, head_logits: Sequence[Tensor], pseudo_labels: Tensor,  # type: ignore[override]
-                head_fov: Tensor | None = None) -> Tensor:
+                head_fov: Tensor | None = None, learned: Tensor | None = None) -> Tensor:
         """``head_logits``: M full-resolution ``(B, K, *)`` logits; ``pseudo_labels``: ``(B, 1, *)`` from
-        :func:`confident_pseudo_labels`; ``head_fov``: ``(B, M, *)`` masks (None: every voxel in view)."""
+        :func:`confident_pseudo_labels`; ``head_fov``: ``(B, M, *)`` masks (None: every voxel in view);
+        ``learned``: ``(M, K)`` bool, the classes each head has learned (None: all); the others are merged into
+        background (see the module docstring)."""
         ignore = int(self.ignore_label)  # type: ignore[arg-type]
         losses = []
         for m, logits in enumerate(head_logits):
             target = pseudo_labels if head_fov is None else ignore_outside_fov(pseudo_labels, head_fov[:, m:m + 1],
                                                                                ignore)
+            if learned is not None and not bool(learned[m, 1:].all()):
+                logits, target = merge_unlearned(logits, target, learned[m], ignore)
             if bool((target != ignore).any()):
                 losses.append(super().forward([logits], [target]))
         if not losses:
             return sum(logits.sum() * 0.0 for logits in head_logits)
         return torch.stack(losses).mean()
+
+
+def merge_unlearned(logits: Tensor, target: Tensor, learned: Tensor, ignore_value: int) -> tuple[Tensor, Tensor]:
+    """``(B, K, *)`` logits and ``(B, 1, *)`` labels with the classes not ``learned`` (``(K,)`` bool; index 0,
+    background, always kept) merged into background: log-probabilities of background + those classes, then the
+    learned classes; labels renumbered, and labels of the merged classes ignored."""
+    keep = learned.clone().bool()
+    keep[0] = True
+    probabilities = torch.softmax(logits.float(), 1)
+    merged = probabilities[:, 0:1] + probabilities[:, ~keep].sum(1, keepdim=True)
+    columns = torch.cat([merged, probabilities[:, torch.nonzero(keep).flatten()[1:]]], 1)
+    lookup = torch.full((max(int(ignore_value), logits.shape[1]) + 1,), int(ignore_value), dtype=torch.long,
+                        device=target.device)
+    lookup[torch.nonzero(keep).flatten().to(target.device)] = torch.arange(int(keep.sum()), device=target.device)
+    renumbered = lookup[target.long().clamp(0, len(lookup) - 1)]
+    return columns.clamp_min(1e-8).log(), renumbered.to(target.dtype)

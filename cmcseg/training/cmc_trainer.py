@@ -3,17 +3,28 @@
 What it adds to :class:`~cmcseg.training.trainer.TrainerBase`: the CMC network
 (:func:`cmcseg.networks.build_cmc_network`), its losses, and how a batch feeds them.
 
+The network. By default (``single_branch = True``) one nnU-Net-style encoder-decoder takes every modality as input
+channels, with their field-of-view (FOV) masks; the teacher's prediction from all modalities teaches the student.
+With ``strong_drop_modality`` > 0 the student's view also loses a modality and must still give what the teacher read
+from all of them (off by default: on real cardiac MRI it cost accuracy, see README). One network costs what
+nnU-Net's costs; one branch per modality costs M times as much, and was less accurate on real cardiac MRI at
+equal iterations (benchmarks/semi_supervised_gain.py; see README). The paper's layout,
+an encoder-decoder per modality fused at the bottleneck, with CSC between the branches, is
+:class:`CMCBranchesTrainer` (``--trainer cmc_branches``). Each modality's own prediction is its branch's head, or
+the single network run on that modality alone (:meth:`CMCNetwork.predict_with_heads`).
+
 A batch holds the plan's batch of labeled rows first and, with unlabeled cases, unlabeled rows
 on top (``batch["labeled"]``). For paired datasets (every modality of a case on one grid):
 
-* **supervised**: nnU-Net's Dice+CE with deep supervision per modality head, on the labeled
+* **supervised**: nnU-Net's Dice+CE with deep supervision per head, on the labeled
   rows, each head only inside its modality's field of view (voxels outside are ignored);
 * **pseudo-label** (cross-modality teaching, :mod:`cmcseg.losses.pseudo_label`): an EMA teacher
   of the whole network sees the unlabeled rows as loaded (the weak view); its heads are fused
   with FOV and per-head, per-class reliability weights, and its confident argmax teaches every
   student head, which sees a strongly augmented copy (same spatial transform, per-modality
-  intensity perturbations, optionally one modality dropped), inside the head's field of view;
-* **CSC** (channel-wise semantic consistency) on the bottlenecks of all rows;
+  intensity perturbations, one modality dropped with probability ``strong_drop_modality``), inside the
+  field of view of the student's own input;
+* **CSC** (channel-wise semantic consistency, branches only) on the bottlenecks of all rows;
 * **CAC** (optional, weight 0 by default): each head's foreground probabilities against the
   fused teacher's, detached, inside the head's field of view, on unlabeled rows;
 
@@ -37,7 +48,7 @@ view. Two heads never see the same anatomy, so the cross-modality terms are repl
 mean-teacher consistency within each modality: the EMA teacher sees the clean input, the student
 sees it with Gaussian noise (inside each modality's field of view), and each head m is pulled
 towards the teacher's head m on the rows where modality m is present. The same term is used for
-a network with a single branch.
+a single-modality dataset.
 """
 from __future__ import annotations
 
@@ -77,18 +88,29 @@ class CMCTrainer(TrainerBase):
 
     # ---- network
     shared_decoder: bool = False
+    #: one nnU-Net-style encoder-decoder over every modality (as input channels) instead of a branch per modality:
+    #: the cross-modality teaching then comes from the student's strong view dropping modalities
+    single_branch: bool = True
     fusion: bool | None = None  # None: the network's default (on with >= 2 branches)
     channel_attention: bool | None = None
     # ---- supervised term
     supervised_weight: float = 1.0
     # ---- the unlabeled objective (paired); every term is scaled by unlabeled_weight (--unlabeled-weight)
     unlabeled_weight: float = 1.0
-    unlabeled_warmup: float = 0.1  # fraction of the run before any unlabeled term counts
+    #: fraction of the run before any unlabeled term counts: the teacher must have learned something first (the CMC
+    #: authors' code started at 70 %; at 10 % the pseudo-labels erased thin classes on real cardiac MRI)
+    unlabeled_warmup: float = 0.3
     unlabeled_rampup: float = 0.2  # fraction of the run over which the terms rise (sigmoid) to full weight
-    pseudo_label_weight: float = 1.0
+    pseudo_label_weight: float = 0.3  # the CMC authors' unlabeled weights peaked at 0.21; 1.0 hurt more (README)
     #: confidence a fused teacher voxel needs to become a pseudo-label: one value, or one per class (background
     #: first), e.g. lower for thin classes
     pseudo_label_threshold: float | tuple[float, ...] = 0.8
+    #: if set, background's threshold (overrides the first entry): the teacher is confidently "background" on most
+    #: of an uncertain thin structure, so a stricter background bar keeps those voxels out of the target
+    background_threshold: float | None = None
+    #: a head learns pseudo-labels only of the classes it has learned: reliability (EMA Dice on labeled rows) at
+    #: least this; the others are merged into background for it (:mod:`cmcseg.losses.pseudo_label`). 0: every class
+    learned_reliability: float = 0.0
     csc_weight: float = 0.1
     csc_temperature: float = 0.1
     cac_weight: float = 0.0  # the restricted agreement term (foreground, detached fused target, FOV-masked)
@@ -103,7 +125,7 @@ class CMCTrainer(TrainerBase):
     strong_brightness: float = 0.25
     strong_gamma: tuple[float, float] = (0.7, 1.5)
     strong_noise_std: float = 0.1
-    strong_drop_modality: float = 0.0
+    strong_drop_modality: float = 0.0  # probability that a row of the strong view loses one of its modalities
     # ---- mean teacher (unpaired, or a single branch)
     mean_teacher_weight: float = 0.1
     student_noise_std: float = 0.1
@@ -117,15 +139,19 @@ class CMCTrainer(TrainerBase):
             self.plans, self.configuration, encoder=request.encoder, shared_encoder=request.shared_encoder,
             encoder_weights=request.encoder_weights, deep_supervision=self.deep_supervision,
             shared_decoder=self.shared_decoder, fusion=self.fusion, channel_attention=self.channel_attention,
-            unsafe_allow_pickle=request.unsafe_allow_pickle)
+            single_branch=self.single_branch, unsafe_allow_pickle=request.unsafe_allow_pickle)
         self.channel_modalities = input_channel_modalities(self.plans["channels_per_modality"])
         self.num_modalities = len(self.plans["channels_per_modality"])
         paired = str(self.plans.get("pairing", "paired")).lower() != "unpaired"
-        self.cross_modality = paired and network.n_branches > 1
+        self.cross_modality = paired and (network.n_branches > 1 or (self.single_branch and self.num_modalities > 1))
         if not self.cross_modality:
-            why = "unpaired modalities" if not paired else "a single branch"
+            why = "unpaired modalities" if not paired else "a single modality"
             log.info("CMC with %s: mean-teacher consistency within each modality replaces the cross-modality "
                      "terms; CSC is off", why)
+        elif network.n_branches == 1 and self.csc_weight:
+            self.csc_weight = 0.0  # recorded as this run's value: CSC compares branch bottlenecks, one has no pair
+            log.info("CMC with one branch over all modalities: CSC is off (it compares the branches' bottlenecks); "
+                     "the modalities teach each other through the strong view's modality drop")
         return network
 
     def build_losses(self) -> None:
@@ -139,6 +165,8 @@ class CMCTrainer(TrainerBase):
         self.supervised_loss = SupervisedDiceCELoss(batch_dice=batch_dice, ignore_label=self.ignore_value)
         self.pseudo_label_loss = PseudoLabelLoss(self.ignore_value, batch_dice=batch_dice)
         self.pseudo_label_thresholds = class_thresholds(self.pseudo_label_threshold, self.labels.num_classes)
+        if self.background_threshold is not None:  # output 0 is background (nnU-Net's label convention)
+            self.pseudo_label_thresholds[0] = float(self.background_threshold)
         self.csc_loss = ChannelSemanticConsistencyLoss(self.csc_temperature)
         self.ramps = self.build_ramps()
         self.strong_view = StrongIntensityAugmentation(self.strong_contrast, self.strong_brightness, self.strong_gamma,
@@ -162,12 +190,17 @@ class CMCTrainer(TrainerBase):
         return len(self.channel_modalities)
 
     @property
+    def modality_names(self) -> list[str]:
+        """The plan's modality names, in channel order."""
+        names = [str(n) for n in self.plans.get("modalities", [])]
+        return names if len(names) == self.num_modalities else [str(m) for m in range(self.num_modalities)]
+
+    @property
     def head_names(self) -> list[str]:
         """One name per head: the modality names (a single branch: ``all``)."""
-        names = [str(n) for n in self.plans.get("modalities", [])]
         if ddp.unwrap_model(self.network).n_branches == 1:
             return ["all"]
-        return names if len(names) == self.num_modalities else [str(m) for m in range(self.num_modalities)]
+        return self.modality_names
 
     def modality_presence(self, x: Tensor) -> Tensor:
         """``(B, M)`` bool: True where the row's modality m has a non-empty field of view."""
@@ -220,11 +253,16 @@ class CMCTrainer(TrainerBase):
             fused = self.teacher_prediction(x[unlabeled])
             pseudo, keep = confident_pseudo_labels(fused, self.pseudo_label_thresholds, self.ignore_value)
             student_logits = [h[0][unlabeled] for h in heads]
+            # each head learns where its own (strong-view) input is in view: a dropped modality's head, or a single
+            # branch's voxels seen only by a dropped modality, are not asked to predict from nothing
+            student_fov = network.head_fov(student_input[unlabeled])
             if weights["pseudo_label"] > 0:
-                losses["pseudo_label"] = self.pseudo_label_loss(student_logits, pseudo, head_fov[unlabeled])
+                learned = network.head_reliability >= self.learned_reliability
+                losses["pseudo_label"] = self.pseudo_label_loss(student_logits, pseudo, student_fov, learned)
+                diagnostics["pseudo_label_classes"] = learned[:, 1:].float().sum(1).mean()
             if weights["cac"] > 0:
                 losses["cac"] = masked_agreement_loss([torch.softmax(z.float(), 1) for z in student_logits], fused,
-                                                      head_fov[unlabeled])
+                                                      student_fov)
             diagnostics["pseudo_label_kept"] = keep.float().mean()
         return self.step_outputs(losses, weights, diagnostics, heads, head_fov, labeled)
 
@@ -355,18 +393,18 @@ class CMCTrainer(TrainerBase):
         return network.fuse(head_probabilities(network(x)), x)
 
     def head_outputs(self) -> tuple[Callable[[Tensor], Tensor], list[str]] | None:
-        """The fused probabilities followed by each head's, in one forward pass, for the per-head Dice of the
-        validation summary; None for a single branch."""
+        """The fused probabilities followed by each modality's own (a branch network's heads; a single branch run on
+        each modality alone), for the per-modality Dice of the validation summary; None with one modality."""
         network = self.inference_network()
-        if network.n_branches < 2:
+        if self.num_modalities < 2:
             return None
 
         def predict_all(x: Tensor) -> Tensor:
             with self.autocast():
-                heads = head_probabilities(network(x))
-                return torch.cat([network.fuse(heads, x), *heads], dim=1).float()
+                fused, heads = network.predict_with_heads(x)
+                return torch.cat([fused, *heads], dim=1).float()
 
-        return predict_all, self.head_names
+        return predict_all, self.modality_names
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """The base lines, plus the per-head reliability weights."""
@@ -389,3 +427,9 @@ class CMCTrainer(TrainerBase):
         if "reliability_counts" in state:
             self.reliability_counts = torch.as_tensor(state["reliability_counts"], dtype=torch.float64)
 
+
+class CMCBranchesTrainer(CMCTrainer):
+    """The CMC paper's network: one encoder-decoder per modality, fused at the bottleneck, with CSC between the
+    branches' bottlenecks; about M times the cost of one network per step (``--trainer cmc_branches``)."""
+
+    single_branch = False

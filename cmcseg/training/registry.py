@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib
 
 from cmcseg.errors import CmcsegError
-from cmcseg.training.cmc_trainer import CMCTrainer
+from cmcseg.training.cmc_trainer import CMCBranchesTrainer, CMCTrainer
 from cmcseg.training.trainer import TrainerBase
 
 TRAINERS: dict[str, type[TrainerBase]] = {
     "cmc": CMCTrainer,
+    "cmc_branches": CMCBranchesTrainer,
 }
 #: name -> (module, class name) of trainers imported only when asked for; the module registers the name
 LAZY_TRAINERS = {
