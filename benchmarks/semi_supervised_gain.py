@@ -29,8 +29,11 @@ Iterations and seconds are reported for every arm. Every cmcseg arm uses the sam
 ResidualEncoderUNet topology with ``--features`` per stage and one block per stage; nnU-Net gets one such branch
 with the modalities as input channels.
 
-Ablations (``--arms``): ``cmc-no-pl`` (no pseudo-labels), ``cmc-no-csc``, ``cmc-cac`` (the restricted CAC on, weight
-0.1), ``cmc-tau0.6`` / ``cmc-tau0.95`` (confidence threshold), ``cmc-drop`` (strong view drops a modality).
+Ablations (``--arms``): ``cmc-no-pl`` (no pseudo-labels), ``cmc-cac`` (the restricted CAC on, weight 0.1),
+``cmc-tau0.6`` / ``cmc-tau0.95`` (confidence threshold), ``cmc-drop`` (the strong view drops a modality),
+``cmc-early`` (weight 1 from 10 % of the run, the schedule before), ``cmc-early-drop`` (and drop),
+``cmc-early-drop-merge`` (and unlearned classes merged into background), ``branches`` / ``branches-sup`` (the
+paper's network, a branch per modality, as (a) and (b)).
 
 Scoring: Dice per class of the argmax on the fold's validation cases in cmcseg's preprocessed space, with the same
 function for every arm (Gaussian sliding window, overlap 0.5, no mirroring); nnU-Net's own predictor for (c)/(e),
@@ -71,11 +74,15 @@ ARMS = {
     "nnunet-full": "(e) nnU-Net, all cases",
     "cmc-extra": "(a+) (a) + extra unlabeled",
     "cmc-no-pl": "(a) without pseudo-labels",
-    "cmc-no-csc": "(a) without CSC",
     "cmc-cac": "(a) + restricted CAC 0.1",
     "cmc-tau0.6": "(a) threshold 0.6",
     "cmc-tau0.95": "(a) threshold 0.95",
     "cmc-drop": "(a) strong view drops a modality",
+    "cmc-early": "(a) weight 1 from 10 %",
+    "cmc-early-drop": "(a) weight 1 from 10 %, drop 0.5",
+    "cmc-early-drop-merge": "(a) w 1 from 10 %, drop, merge",
+    "branches": "(a) with a branch per modality",
+    "branches-sup": "(b) with a branch per modality",
 }
 DEFAULT_ARMS = ("cmc", "supervised", "nnunet", "full", "nnunet-full", "cmc-extra")
 NNUNET_ARMS = ("nnunet", "nnunet-full")
@@ -136,12 +143,18 @@ def arm_trainer_class(arm: str):
             self.train_cpu_s = time.process_time() - self._clock[1]
             super().on_train_end()
 
+    early = {"pseudo_label_weight": 1.0, "unlabeled_warmup": 0.1}  # the schedule before the default changed
     overrides = {
         "cmc": {}, "full": {}, "supervised": {"unlabeled_weight": 0.0},
         "cmc-extra": {"extra_unlabeled": True},
-        "cmc-no-pl": {"pseudo_label_weight": 0.0}, "cmc-no-csc": {"csc_weight": 0.0}, "cmc-cac": {"cac_weight": 0.1},
+        "cmc-no-pl": {"pseudo_label_weight": 0.0}, "cmc-cac": {"cac_weight": 0.1},
         "cmc-tau0.6": {"pseudo_label_threshold": 0.6}, "cmc-tau0.95": {"pseudo_label_threshold": 0.95},
         "cmc-drop": {"strong_drop_modality": 0.5},
+        "cmc-early": early,
+        "cmc-early-drop": {**early, "strong_drop_modality": 0.5},
+        "cmc-early-drop-merge": {**early, "strong_drop_modality": 0.5, "learned_reliability": 0.5},
+        "branches": {"single_branch": False},
+        "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},
     }[arm]
     name = "Bench_" + arm.replace("-", "_").replace(".", "")
     return type(name, (BenchCMCTrainer,), dict(overrides))
@@ -182,7 +195,7 @@ def worker_ours(spec: dict) -> dict:
         "reliability": trainer.network.head_reliability.tolist(),
         "history": {"epochs": history["epochs"],
                     "values": {k: v for k, v in history["values"].items()
-                               if k.startswith(("loss", "weight", "mass")) or k == "pseudo_label_kept"}},
+                               if k.startswith(("loss", "weight", "mass")) or k.startswith("pseudo_label")}},
     }
 
 
@@ -327,12 +340,14 @@ def run_arm(arm: str, fold: int, setup: dict, args, budget_s: float | None = Non
 
 
 def run_fold(fold: int, arms: list[str], setup: dict, args) -> dict:
-    """(a) first (its training time is the nnU-Net arms' budget), then the other arms, one at a time."""
+    """(a) first (its training time is the nnU-Net arms' budget; without (a), the first cmcseg arm's), then the other
+    arms, one at a time."""
     results = {}
-    first = "cmc" if "cmc" in arms else None
+    ours = [a for a in arms if a not in NNUNET_ARMS]
+    first = "cmc" if "cmc" in arms else (ours[0] if ours else None)
     if first:
-        results["cmc"] = run_arm("cmc", fold, setup, args)
-    budget = results["cmc"]["train_wall_s"] if first else args.nnunet_seconds
+        results[first] = run_arm(first, fold, setup, args)
+    budget = results[first]["train_wall_s"] if first else args.nnunet_seconds
     for arm in arms:
         if arm != first:
             results[arm] = run_arm(arm, fold, setup, args, budget if arm in NNUNET_ARMS else None)
@@ -366,6 +381,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=HERE / "out")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the data, plans and nnU-Net preprocessing already prepared in --work")
     nd.add_worker_arguments(ap, ["nnunet", *[a for a in ARMS if a not in NNUNET_ARMS]])
     args = ap.parse_args()
 
@@ -384,7 +401,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="semi_supervised_gain_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        setup = prepare(work, args)
+        saved = work / "setup.json"
+        if args.reuse and saved.is_file():
+            setup = json.loads(saved.read_text())
+            setup["folds"] = {int(k): v for k, v in setup["folds"].items()}
+            args.patch = setup["cmcseg_plan"]["patch_size"]
+            missing = [f for f in args.folds if f not in setup["folds"]]
+            if missing:
+                raise SystemExit(f"{saved} was prepared without fold(s) {missing}; run without --reuse")
+        else:
+            setup = prepare(work, args)
+            saved.write_text(json.dumps(setup, indent=1))
         report["setup"] = {k: v for k, v in setup.items() if k not in ("env", "work")}
         report["setup"]["folds"] = {str(k): v for k, v in setup["folds"].items()}
         print(f"setup (data, cmcseg plan, nnU-Net plan and preprocess): {setup['setup_s']:.0f} s", flush=True)

@@ -48,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="residual",
                    help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
-    p.add_argument("--shared-encoder", action="store_true", help="one encoder for all modality branches (--trainer cmc_branches)")
+    p.add_argument("--shared-encoder", action="store_true",
+                   help="one encoder for all modality branches (--trainer cmc_branches)")
     p.add_argument("--unlabeled-weight", type=float_in(0.0, None, "--unlabeled-weight 1", low_inclusive=True),
                    default=None, metavar="W",
                    help="scales every unlabeled loss term (pseudo-labels, CSC, CAC; default 1). 0 trains the same "

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cmcseg.errors import CmcsegError
 from cmcseg.losses import (
     ChannelSemanticConsistencyLoss,
     PseudoLabelLoss,
@@ -105,9 +106,6 @@ class CMCTrainer(TrainerBase):
     #: confidence a fused teacher voxel needs to become a pseudo-label: one value, or one per class (background
     #: first), e.g. lower for thin classes
     pseudo_label_threshold: float | tuple[float, ...] = 0.8
-    #: if set, background's threshold (overrides the first entry): the teacher is confidently "background" on most
-    #: of an uncertain thin structure, so a stricter background bar keeps those voxels out of the target
-    background_threshold: float | None = None
     #: a head learns pseudo-labels only of the classes it has learned: reliability (EMA Dice on labeled rows) at
     #: least this; the others are merged into background for it (:mod:`cmcseg.losses.pseudo_label`). 0: every class
     learned_reliability: float = 0.0
@@ -135,6 +133,10 @@ class CMCTrainer(TrainerBase):
     def build_network(self) -> nn.Module:
         """The CMC network of the plan, with the encoder options of the request."""
         request = self.request
+        if request.shared_encoder and self.single_branch:
+            raise CmcsegError(f"--shared-encoder shares one encoder between modality branches, and {self.name} runs "
+                              "one network over all modalities (no branches). Fix: add --trainer cmc_branches, or drop "
+                              "--shared-encoder.")
         network = build_cmc_network(
             self.plans, self.configuration, encoder=request.encoder, shared_encoder=request.shared_encoder,
             encoder_weights=request.encoder_weights, deep_supervision=self.deep_supervision,
@@ -165,8 +167,6 @@ class CMCTrainer(TrainerBase):
         self.supervised_loss = SupervisedDiceCELoss(batch_dice=batch_dice, ignore_label=self.ignore_value)
         self.pseudo_label_loss = PseudoLabelLoss(self.ignore_value, batch_dice=batch_dice)
         self.pseudo_label_thresholds = class_thresholds(self.pseudo_label_threshold, self.labels.num_classes)
-        if self.background_threshold is not None:  # output 0 is background (nnU-Net's label convention)
-            self.pseudo_label_thresholds[0] = float(self.background_threshold)
         self.csc_loss = ChannelSemanticConsistencyLoss(self.csc_temperature)
         self.ramps = self.build_ramps()
         self.strong_view = StrongIntensityAugmentation(self.strong_contrast, self.strong_brightness, self.strong_gamma,
