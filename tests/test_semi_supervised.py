@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cmcseg.errors import CmcsegError
 from cmcseg.losses import (
     PseudoLabelLoss,
     RampUp,
@@ -220,3 +221,10 @@ def test_unlearned_classes_merge_into_background_and_their_labels_are_ignored() 
     assert float(torch.softmax(step, 1)[:, :2].sum(1).mean()) > float(probabilities[:, :2].sum(1).mean())
     everything = PseudoLabelLoss(IGNORE)([student], background, learned=torch.ones(1, K, dtype=torch.bool))
     assert float(everything) == pytest.approx(float(plain))
+
+
+def test_shared_encoder_without_branches_is_a_clear_error() -> None:
+    """The default CMC network has no branches to share an encoder between: say so, and name the trainer that has."""
+    trainer = CMCTrainer(TrainingRequest("X", 0, 0.2, roots=WorkRoots(*(["/nonexistent"] * 3)), shared_encoder=True))
+    with pytest.raises(CmcsegError, match="--trainer cmc_branches"):
+        trainer.build_network()
