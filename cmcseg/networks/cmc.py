@@ -9,9 +9,10 @@ unified fusion layer (:mod:`cmcseg.networks.fusion`); then the branch's own deco
 its own skips. ``forward`` returns :class:`CMCOutput`.
 
 With one branch (a single-modality dataset, or ``single_branch=True`` where all modalities are
-stacked as input channels as nnU-Net does) attention and fusion are off by default and the
-network is nnU-Net's architecture (encoder + ``UNetDecoder``) with the FOV mask(s) as extra
-input channel(s): the "same network, labeled cases only" baseline.
+stacked as input channels as nnU-Net does; the CMC trainer's default) attention and fusion are off
+and the network is nnU-Net's architecture (encoder + ``UNetDecoder``) with the FOV mask(s) as extra
+input channel(s). :meth:`CMCNetwork.predict_with_heads` then gives each modality's own prediction by
+running it with the other modalities absent.
 """
 from __future__ import annotations
 
