@@ -95,11 +95,12 @@ def merge_unlearned(logits: Tensor, target: Tensor, learned: Tensor, ignore_valu
     learned classes; labels renumbered, and labels of the merged classes ignored."""
     keep = learned.clone().bool()
     keep[0] = True
+    kept = torch.nonzero(keep).flatten()  # background first, then the learned classes
     probabilities = torch.softmax(logits.float(), 1)
-    merged = probabilities[:, 0:1] + probabilities[:, ~keep].sum(1, keepdim=True)
-    columns = torch.cat([merged, probabilities[:, torch.nonzero(keep).flatten()[1:]]], 1)
+    columns = torch.cat([probabilities[:, 0:1] + probabilities[:, ~keep].sum(1, keepdim=True),
+                         probabilities[:, kept[1:]]], 1)
     lookup = torch.full((max(int(ignore_value), logits.shape[1]) + 1,), int(ignore_value), dtype=torch.long,
                         device=target.device)
-    lookup[torch.nonzero(keep).flatten().to(target.device)] = torch.arange(int(keep.sum()), device=target.device)
+    lookup[kept.to(target.device)] = torch.arange(len(kept), device=target.device)
     renumbered = lookup[target.long().clamp(0, len(lookup) - 1)]
     return columns.clamp_min(1e-8).log(), renumbered.to(target.dtype)

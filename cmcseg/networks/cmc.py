@@ -225,14 +225,19 @@ class CMCNetwork(nn.Module):
         keep[sum(self.channels_per_modality) + m] = 1
         return x * keep.reshape(1, -1, *[1] * (x.ndim - 2))
 
+    def probabilities(self, x: Tensor) -> Tensor:
+        """The fused class probabilities ``(B, K, *)`` (float32) of input ``x``: the heads' softmax maps fused by
+        field of view and reliability (one head: its own)."""
+        return self.fuse(head_probabilities(self(x)), x)
+
     def predict_with_heads(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The fused probabilities and each modality's own ``(B, K, *)``, float32: a branch network's heads (one
-        forward pass); a single branch run once on all modalities and once on each modality alone (which a
-        network trained with the strong view's modality drop can answer)."""
+        forward pass); a single branch run once on all modalities and once on each modality alone (a network
+        trained with the strong view's modality drop learns to answer that)."""
         if not self.single_branch:
             heads = head_probabilities(self(x))
             return self.fuse(heads, x), heads
-        fused = head_probabilities(self(x))[0]
+        fused = self.probabilities(x)
         if len(self.channels_per_modality) < 2:
             return fused, [fused]
         return fused, [head_probabilities(self(self.modality_alone(x, m)))[0]

@@ -36,7 +36,6 @@ from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.networks.cmc import (
     build_cmc_network,
-    head_probabilities,
     plan_channels_per_modality,
     plan_configuration,
     plan_num_classes,
@@ -366,8 +365,7 @@ class CMCProbabilities(nn.Module):
         if self.with_heads:
             fused, heads = self.network.predict_with_heads(x)
             return torch.cat([fused, *heads], dim=1)
-        heads = head_probabilities(self.network(x))
-        return self.network.fuse(heads, x)
+        return self.network.probabilities(x)
 
 
 def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:

@@ -74,7 +74,7 @@ from cmcseg.losses import (
     update_ema_teacher,
 )
 from cmcseg.networks import build_cmc_network
-from cmcseg.networks.cmc import as_scales, head_probabilities
+from cmcseg.networks.cmc import as_scales
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import StrongIntensityAugmentation
@@ -89,8 +89,8 @@ class CMCTrainer(TrainerBase):
 
     # ---- network
     shared_decoder: bool = False
-    #: one nnU-Net-style encoder-decoder over every modality (as input channels) instead of a branch per modality:
-    #: the cross-modality teaching then comes from the student's strong view dropping modalities
+    #: one nnU-Net-style encoder-decoder over every modality (as input channels) instead of a branch per modality;
+    #: the teacher's prediction from all modalities teaches it (and, with strong_drop_modality, from fewer)
     single_branch: bool = True
     fusion: bool | None = None  # None: the network's default (on with >= 2 branches)
     channel_attention: bool | None = None
@@ -124,7 +124,7 @@ class CMCTrainer(TrainerBase):
     strong_gamma: tuple[float, float] = (0.7, 1.5)
     strong_noise_std: float = 0.1
     strong_drop_modality: float = 0.0  # probability that a row of the strong view loses one of its modalities
-    # ---- mean teacher (unpaired, or a single branch)
+    # ---- mean teacher (unpaired, or a single modality)
     mean_teacher_weight: float = 0.1
     student_noise_std: float = 0.1
     student_noise_clip: float = 0.2
@@ -153,7 +153,8 @@ class CMCTrainer(TrainerBase):
         elif network.n_branches == 1 and self.csc_weight:
             self.csc_weight = 0.0  # recorded as this run's value: CSC compares branch bottlenecks, one has no pair
             log.info("CMC with one branch over all modalities: CSC is off (it compares the branches' bottlenecks); "
-                     "the modalities teach each other through the strong view's modality drop")
+                     "the teacher's prediction from all modalities teaches the student (modality drop %.2f)",
+                     self.strong_drop_modality)
         return network
 
     def build_losses(self) -> None:
@@ -303,8 +304,7 @@ class CMCTrainer(TrainerBase):
         reliability-weighted)."""
         self.teacher.eval()
         with self.autocast():
-            output = self.teacher(x)
-        return self.teacher.fuse(head_probabilities(output), x)
+            return self.teacher.probabilities(x)
 
     @torch.no_grad()
     def update_reliability(self, heads: list[list[Tensor]], target: Tensor, labeled: Tensor, head_fov: Tensor) -> None:
@@ -390,7 +390,7 @@ class CMCTrainer(TrainerBase):
     def predict_probabilities(self, x: Tensor) -> Tensor:
         """The heads' softmax maps fused voxel-wise by FOV mask and per-head, per-class reliability."""
         network = self.inference_network()
-        return network.fuse(head_probabilities(network(x)), x)
+        return network.probabilities(x)
 
     def head_outputs(self) -> tuple[Callable[[Tensor], Tensor], list[str]] | None:
         """The fused probabilities followed by each modality's own (a branch network's heads; a single branch run on
