@@ -184,14 +184,14 @@ def load_dataset_json(env: Mapping[str, str], dataset_id: int) -> dict:
 
 
 def predict_files(trainer, inputs: Sequence[Sequence[str]], outputs_truncated: Sequence[str],
-                  tile_step_size: float = 0.5) -> None:
+                  tile_step_size: float = 0.5, use_mirroring: bool = False) -> None:
     """Predict cases with nnU-Net's own predictor and the trainer's in-memory network (Gaussian sliding
-    window, no mirroring, as cmcseg's validation), writing ``<output>.nii.gz`` segmentations."""
+    window; no mirroring by default, as cmcseg's validation), writing ``<output>.nii.gz`` segmentations."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=False,
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     parameters = [{k: v.detach().clone() for k, v in trainer.network.state_dict().items()}]

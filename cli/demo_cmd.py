@@ -16,10 +16,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "with --labeled 0.2 (a small CMC network, epochs fitted to the time budget), predicts the "
                     "held-out cases from their raw images, evaluates them against their labels, prints a Dice table "
                     "and writes an overlay PNG of one case. Everything goes under --work. "
-                    "Example: cmcseg demo --minutes 5.5",
+                    "Example: cmcseg demo --minutes 5",
     )
-    p.add_argument("--minutes", type=float_in(0.0, None, "--minutes 5.5"), default=5.5,
-                   help="time budget of the whole demo in minutes (default 5.5; training gets what is left after "
+    p.add_argument("--minutes", type=float_in(0.0, None, "--minutes 5"), default=5.0,
+                   help="time budget of the whole demo in minutes (default 5; training gets what is left after "
                         "synthesis and planning, minus half a minute for prediction and evaluation)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK,
                    help=f"work folder for raw/, preprocessed/, results/ and predictions/ (default {DEFAULT_WORK})")

@@ -23,8 +23,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--register", choices=("none", "rigid"), default="none",
                    help="add a rigid mutual-information registration of each modality onto the reference")
     p.add_argument("--memory-gb", type=float_in(0.0, None, "--memory-gb 8"), default=None,
-                   help="memory budget in GB for patch and batch size (default: 8 on a GPU, capped by its memory; "
-                        "4 on CPU-only machines, capped at a quarter of RAM)")
+                   help="memory budget in GB of a training step, process included: patch and batch are planned so "
+                        "that the estimated peak fits it (default: 8 on a GPU, capped by its memory; 4 on CPU-only "
+                        "machines, capped at a quarter of RAM)")
     p.add_argument("--verify-only", action="store_true", help="run the integrity check only")
     p.add_argument("--accept-no-overlap", action="store_true",
                    help="a modality whose physical extent does not overlap the reference modality's at all is an "
@@ -37,6 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from cmcseg.plans.plan_and_preprocess import plan_and_preprocess  # torch via nnunetv2: only when planning
+    from cmcseg.plans.planner import budget_summary
 
     outcome = plan_and_preprocess(
         args.dataset, roots_from_args(args), configurations=args.configurations, num_workers=args.num_processes,
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.fingerprint.get("summary", ""))
     for name, cfg in outcome.plans["configurations"].items():
         print(f"{name}: spacing {cfg['spacing']}, patch {cfg['patch_size']}, batch {cfg['batch_size']}")
+        print(f"  {budget_summary(outcome.plans, name)}")
     if outcome.splits:
         n_folds = len(outcome.splits["folds"])
         print(f"folds: {n_folds} over {len(outcome.dataset.labeled_cases)} labeled cases; "

@@ -67,11 +67,13 @@ def plan_and_preprocess(
     progress: bool = True,
     seed: int = 12345,
     accept_no_overlap: bool = False,
+    fit_memory: bool = True,
 ) -> PlanOutcome:
     """Run every planning stage on one raw dataset; stop before any work if the integrity check fails.
 
     ``accept_no_overlap`` turns a modality that does not overlap the reference at all (an error: almost
-    always a header error) into a warning; that modality's field of view is then empty in the case."""
+    always a header error) into a warning; that modality's field of view is then empty in the case.
+    ``fit_memory=False`` plans patch and batch by nnU-Net's rule alone (see :func:`plan_experiment`)."""
     raw_folder = require_dataset_folder(roots.raw, dataset_spec, "raw")
     dataset = Dataset.load(raw_folder)
     try:
@@ -113,7 +115,8 @@ def plan_and_preprocess(
     outcome.fingerprint = fingerprint
 
     plans = plan_experiment(fingerprint, dataset, configurations=configurations or ("2d", "3d_fullres"),
-                            memory_gb=memory_gb, reference_channel=reference_channel, register=register)
+                            memory_gb=memory_gb, reference_channel=reference_channel, register=register,
+                            fit_memory=fit_memory)
     write_json_atomic(plans, out / PLANS_FILE)
     outcome.plans = plans
 

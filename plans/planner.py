@@ -9,16 +9,18 @@ original PlainConvUNet planner is the other choice.
 
 Where cmcseg departs from nnU-Net (each is marked ``departs from nnU-Net`` below):
 
-* the memory budget defaults per device, not always 8 GB;
+* the memory budget defaults per device, not always 8 GB, and it bounds an estimate of everything
+  the training step holds (:mod:`cmcseg.plans.memory`), not only nnU-Net's feature-map count;
 * modalities with several components (RGB) expand into several input channels;
 * no ``3d_lowres``/cascade configuration (cmcseg's trainers do not cascade);
 * ``data_identifier`` is the configuration name (one plans file per preprocessed dataset).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,13 @@ from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json, write_json_atomic
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA_VERSION
+from cmcseg.plans.memory import (
+    DEFAULT_UNLABELED_RATIO,
+    ActivationCount,
+    MemoryEstimate,
+    estimate_step,
+    plan_activation_count,
+)
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 
 log = logging.getLogger(__name__)
@@ -216,10 +225,12 @@ def _check_inputs(fingerprint: dict, configurations: Sequence[str], register: st
             "fingerprint with the new reference.")
 
 
-def plan_configurations(planner: ExperimentPlanner, configurations: Sequence[str], num_training: int) -> dict:
+def plan_configurations(planner: ExperimentPlanner, configurations: Sequence[str], num_training: int,
+                        cache: dict | None = None) -> dict:
     """nnU-Net's ``plan_experiment`` without lowres, file writes and prints: transpose, spacing and configurations.
 
     A dataset of single-slice images (median shape 1 on the slice axis) gets only ``2d``, as in nnU-Net.
+    ``cache`` keeps nnU-Net's feature-map estimates per patch between calls (they do not depend on the budget).
     """
     fingerprint = planner.dataset_fingerprint
     transpose_forward, transpose_backward = planner.determine_transpose()
@@ -231,16 +242,19 @@ def plan_configurations(planner: ExperimentPlanner, configurations: Sequence[str
     n_voxels = float(np.prod(median_shape_t, dtype=np.float64) * num_training)
     is_2d_data = median_shape_t[0] == 1
 
-    cache: dict = {}
+    cache = {} if cache is None else cache
     out: dict[str, dict] = {}
-    if "3d_fullres" in configurations and not is_2d_data:
-        out["3d_fullres"] = planner.get_plans_for_configuration(
-            spacing_t, median_shape_t, planner.generate_data_identifier("3d_fullres"), n_voxels, cache)
-        out["3d_fullres"]["batch_dice"] = False  # nnU-Net's value when there is no 3d_lowres
-    if "2d" in configurations:
-        out["2d"] = planner.get_plans_for_configuration(
-            spacing_t[1:], median_shape_t[1:], planner.generate_data_identifier("2d"), n_voxels, cache)
-        out["2d"]["batch_dice"] = True
+    # nnU-Net builds each candidate network only to count its feature maps (arithmetic on the module tree): on
+    # the meta device the weights are neither allocated nor initialised, which was most of the planning time
+    with torch.device("meta"):
+        if "3d_fullres" in configurations and not is_2d_data:
+            out["3d_fullres"] = planner.get_plans_for_configuration(
+                spacing_t, median_shape_t, planner.generate_data_identifier("3d_fullres"), n_voxels, cache)
+            out["3d_fullres"]["batch_dice"] = False  # nnU-Net's value when there is no 3d_lowres
+        if "2d" in configurations:
+            out["2d"] = planner.get_plans_for_configuration(
+                spacing_t[1:], median_shape_t[1:], planner.generate_data_identifier("2d"), n_voxels, cache)
+            out["2d"]["batch_dice"] = True
     if not out:
         raise CmcsegError(f"the dataset holds single-slice (2D) images: only the 2d configuration applies, but "
                           f"{list(configurations)} was asked for. Fix: plan with -c 2d.")
@@ -266,31 +280,53 @@ def plan_experiment(
     reference_channel: int | None = None,
     register: str = "none",
     topology: str = "ResEncM",
-    branches: int | None = None,
+    branches: int = 1,
+    fit_memory: bool = True,
+    memory_device: str | None = None,
 ) -> dict:
     """Plan ``configurations`` for a dataset from its fingerprint; returns the JSON-ready plans.json content.
 
     ``memory_gb`` is the total memory budget (default: :func:`default_memory_gb`). Departure from
-    nnU-Net: cmcseg's networks run one branch per modality (CMC's modality branches; Any2Seg stacks
-    the modalities in the batch), so nnU-Net's patch/batch rule gets ``memory_gb / branches``, with
-    ``branches`` defaulting to the number of modalities; ``branches=1`` is nnU-Net's rule unchanged.
-    ``reference_channel`` defaults to the fingerprint's and must agree with it. ``topology`` picks the
-    network family (see ``PLANNERS``).
+    nnU-Net: nnU-Net's patch/batch rule proposes, then, with ``fit_memory``, the estimate of what the
+    default CMC trainer holds (:mod:`cmcseg.plans.memory`: its network with ``branches`` branches, the
+    labeled batch plus as many unlabeled rows, the EMA teacher, fp32 on a CPU) must fit ``memory_gb``
+    on ``memory_device`` (default: CUDA if available, else CPU); if it does not, nnU-Net's rule runs
+    again on a smaller budget until it does. ``fit_memory=False`` is nnU-Net's rule unchanged on
+    ``memory_gb / branches``. ``reference_channel`` defaults to the fingerprint's and must agree with
+    it. ``topology`` picks the network family (see ``PLANNERS``).
     """
     _check_inputs(fingerprint, configurations, register, topology, reference_channel)
     memory = default_memory_gb() if memory_gb is None else float(memory_gb)
     if memory <= 0:
         raise CmcsegError(f"memory budget {memory} GB must be positive. Fix: pass e.g. --memory-gb 8.")
-    branches = len(dataset.modalities) if branches is None else int(branches)
-    if branches < 1:
-        raise CmcsegError(f"branches must be at least 1, got {branches}")
+    branches = int(branches)
+    if branches not in (1, len(dataset.modalities)):
+        raise CmcsegError(f"branches must be 1 (one network) or {len(dataset.modalities)} (one per modality), "
+                          f"got {branches}")
     per_branch = memory / branches
     num_training = len(fingerprint["spacings"])
     channels_per_modality = fingerprint["channels_per_modality"]
     dataset_json = nnunet_dataset_json(dataset, channels_per_modality, num_training,
                                        fingerprint.get("foreground_intensity_properties_per_channel"))
-    planner = PLANNERS[topology](fingerprint, dataset_json, per_branch)
-    planned = plan_configurations(planner, configurations, num_training)
+
+    cache: dict = {}  # nnU-Net's feature-map counts per patch: the same at every budget
+
+    def plan_at(budget_gb: float, names: Sequence[str]) -> dict:
+        planner = PLANNERS[topology](fingerprint, dataset_json, budget_gb)
+        return plan_configurations(planner, names, num_training, cache)
+
+    planned = plan_at(memory if fit_memory else per_branch, configurations)
+    device = memory_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    estimates: dict[str, dict] = {}
+    if fit_memory:
+        context = {"channels_per_modality": dict(channels_per_modality), "labels": dict(dataset.labels)}
+        counts: dict[str, ActivationCount] = {}  # per network and patch; the batch only scales them
+        for name in list(planned["configurations"]):
+            cfg, estimate = fit_to_budget(
+                lambda budget, name=name: plan_at(budget, [name])["configurations"][name],
+                lambda cfg, name=name: configuration_estimate(context, name, cfg, device, branches, counts), memory)
+            planned["configurations"][name] = cfg
+            estimates[name] = {"device": device, **estimate.as_dict()}
     plans = {
         "schema_version": SCHEMA_VERSION,
         "plans_name": PLANS_NAME,
@@ -306,19 +342,82 @@ def plan_experiment(
         "label_interpolation": "nearest",
         "memory_budget_gb": memory,
         "network_branches": branches,
-        "memory_budget_per_branch_gb": per_branch,
+        "memory_rule": "cmcseg estimate" if fit_memory else "nnU-Net, budget / branches",
+        "memory_estimate_gb": estimates,
         "network_topology": topology,
-        "experiment_planner_used": type(planner).__name__,
+        "experiment_planner_used": PLANNERS[topology].__name__,
         "image_reader_writer": "SimpleITKIO",
         "label_manager": "LabelManager",
         **{k: v for k, v in planned.items() if k != "dimensionality"},
         "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
     }
     for name, cfg in planned["configurations"].items():
-        log.info("%s: spacing %s, patch %s, batch %d (%s GB budget over %d branch(es))", name,
-                 [round(float(s), 3) for s in cfg["spacing"]], [int(p) for p in cfg["patch_size"]], cfg["batch_size"],
-                 memory, branches)
+        log.info("%s: spacing %s, patch %s, batch %d: %s", name, [round(float(s), 3) for s in cfg["spacing"]],
+                 [int(p) for p in cfg["patch_size"]], cfg["batch_size"], budget_summary(plans, name))
     return _plain(plans)
+
+
+def configuration_estimate(context: Mapping[str, Any], name: str, cfg: Mapping[str, Any], device: str,
+                           branches: int, counts: dict[str, ActivationCount] | None = None) -> MemoryEstimate:
+    """The training-step estimate of configuration ``cfg`` (default trainer: labeled batch + as many unlabeled
+    rows, EMA teacher); ``counts`` memoises the activation counts by network and patch."""
+    key = json.dumps([name, cfg["patch_size"], cfg["architecture"], branches], sort_keys=True, default=str)
+    if counts is None or key not in counts:
+        plans = {**context, "configurations": {name: dict(cfg)}}
+        count = plan_activation_count(plans, name, single_branch=branches == 1, deep_supervision=True)
+        if counts is None:
+            counts = {}
+        counts[key] = count
+    batch = int(cfg["batch_size"])
+    return estimate_step(counts[key], batch, round(batch * DEFAULT_UNLABELED_RATIO), device)
+
+
+def fit_to_budget(plan_at: Callable[[float], dict], estimate: Callable[[dict], MemoryEstimate],
+                  budget_gb: float, steps: int = 6, fill: float = 0.85) -> tuple[dict, MemoryEstimate]:
+    """The configuration nnU-Net's rule plans at the largest budget whose training estimate fits ``budget_gb``.
+
+    nnU-Net's own plan is kept if it fits. Otherwise the budget handed to nnU-Net's rule is scaled by how the
+    room left for activations (``budget_gb`` minus the process and the weights) compares with what the plan's
+    activations need (halved when there is no room), at most ``steps`` times, and the largest plan that fits
+    wins; it stops once a plan fills ``fill`` of the budget. If nothing fits (the process and the weights alone
+    exceed the budget), the smallest plan tried, with a warning.
+    """
+    nnunet_budget = budget_gb
+    best: tuple[dict, MemoryEstimate] | None = None
+    smallest: tuple[dict, MemoryEstimate] | None = None
+    for _ in range(steps):
+        cfg = plan_at(nnunet_budget)
+        found = estimate(cfg)
+        if found.total_gb <= budget_gb:
+            if best is None or found.total_gb > best[1].total_gb:
+                best = cfg, found
+            if nnunet_budget == budget_gb or found.total_gb >= fill * budget_gb:
+                break
+        elif smallest is None or found.total_gb < smallest[1].total_gb:
+            smallest = cfg, found
+        fixed = found.baseline_gb + found.parameters_gb
+        room, needs = budget_gb - fixed, found.total_gb - fixed
+        # no room at all: a smaller patch also means a shallower network (fewer weights); halve and look again
+        scale = 0.5 if room <= 0 else min(1.0, 0.97 * room / max(needs, 1e-6))
+        nnunet_budget *= scale
+    if best is None:
+        best = smallest if smallest is not None else (cfg, found)
+        log.warning("a training step needs about %.2f GB even at the smallest patch tried (patch %s, batch %d), more "
+                    "than the %g GB budget; planned that patch (fix: plan with a larger --memory-gb)",
+                    best[1].total_gb, [int(p) for p in best[0]["patch_size"]], best[0]["batch_size"], budget_gb)
+    return best
+
+
+def budget_summary(plans: Mapping[str, Any], name: str) -> str:
+    """What the budget bought for configuration ``name``, in one line (the plan command prints it)."""
+    estimate = plans.get("memory_estimate_gb", {}).get(name)
+    budget = float(plans["memory_budget_gb"])
+    if not estimate:
+        return f"nnU-Net's rule on {budget:g} GB / {plans.get('network_branches', 1)} branch(es)"
+    return (f"estimated training peak {estimate['total_gb']:.2f} GB of the {budget:g} GB budget on "
+            f"{estimate['device']} (weights+optimizer+teacher {estimate['parameters_gb']:.2f}, activations "
+            f"{estimate['activations_gb']:.2f}, transients {estimate['transients_gb']:.2f}, batch "
+            f"{estimate['batch_gb']:.2f}, process {estimate['baseline_gb']:.2f})")
 
 
 def write_plans(plans: dict, path) -> None:

@@ -115,8 +115,8 @@ def test_planner_constants_are_nnunets(nnunet_run, topology: str, theirs) -> Non
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_plans_equal_nnunets_under_the_same_budget(nnunet_run, budget: float) -> None:
-    # one branch: nnU-Net's rule unchanged (cmcseg's default splits the budget over the modality branches)
-    plans = plan_experiment(nnunet_run["fingerprint"], nnunet_run["dataset"], memory_gb=budget, branches=1)
+    # nnU-Net's rule unchanged (cmcseg's default then fits the plan to its own estimate of the training step)
+    plans = plan_experiment(nnunet_run["fingerprint"], nnunet_run["dataset"], memory_gb=budget, fit_memory=False)
     theirs = nnunet_run["nnunet_plans"][budget]
     assert plans["transpose_forward"] == list(theirs["transpose_forward"])
     assert plans["original_median_spacing_after_transp"] == theirs["original_median_spacing_after_transp"]
@@ -143,14 +143,14 @@ def test_plans_equal_nnunets_under_the_same_budget(nnunet_run, budget: float) ->
         assert np.prod(plans["configurations"]["3d_fullres"]["patch_size"]) < np.prod(SHAPE)
 
 
-def test_budget_is_shared_by_the_modality_branches(nnunet_run) -> None:
-    """Two modality branches: each is planned with nnU-Net's rule at half the budget."""
+def test_nnunet_rule_shares_the_budget_among_modality_branches(nnunet_run) -> None:
+    """Without the estimate, two modality branches are each planned with nnU-Net's rule at half the budget."""
     fp, ds = nnunet_run["fingerprint"], nnunet_run["dataset"]
     # a budget small enough that nnU-Net's rule, not its dataset-size cap, decides the patch
-    shared = plan_experiment(fp, ds, ("3d_fullres",), memory_gb=0.5)
-    half = plan_experiment(fp, ds, ("3d_fullres",), memory_gb=0.25, branches=1)
-    whole = plan_experiment(fp, ds, ("3d_fullres",), memory_gb=0.5, branches=1)
-    assert shared["network_branches"] == 2 and shared["memory_budget_per_branch_gb"] == 0.25
+    shared = plan_experiment(fp, ds, ("3d_fullres",), memory_gb=0.5, branches=2, fit_memory=False)
+    half = plan_experiment(fp, ds, ("3d_fullres",), memory_gb=0.25, fit_memory=False)
+    whole = plan_experiment(fp, ds, ("3d_fullres",), memory_gb=0.5, fit_memory=False)
+    assert shared["network_branches"] == 2 and shared["memory_rule"] == "nnU-Net, budget / branches"
     cfg, cfg_half, cfg_whole = (p["configurations"]["3d_fullres"] for p in (shared, half, whole))
     assert (cfg["patch_size"], cfg["batch_size"]) == (cfg_half["patch_size"], cfg_half["batch_size"])
     assert np.prod(cfg["patch_size"]) * cfg["batch_size"] < np.prod(cfg_whole["patch_size"]) * cfg_whole["batch_size"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import ChannelSELayer, Convolution
 from torch import Tensor, nn
 
 
@@ -26,6 +25,7 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int):
         super().__init__()
+        from monai.networks.blocks import ChannelSELayer  # MONAI loads all its modules: only when built
         self.se = ChannelSELayer(spatial_dims, channels, r=max(1, min(self.reduction, channels)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -46,6 +46,7 @@ class UnifiedFusion(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, n_modalities: int):
         super().__init__()
         self.n_modalities = n_modalities
+        from monai.networks.blocks import Convolution  # MONAI loads all its modules: only when built
         self.mix = Convolution(spatial_dims, n_modalities * channels, channels, kernel_size=self.kernel_size,
                                act=("leakyrelu", {"negative_slope": self.negative_slope, "inplace": True}),
                                norm=("instance", {"affine": True}))

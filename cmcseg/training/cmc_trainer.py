@@ -75,6 +75,7 @@ from cmcseg.losses import (
 )
 from cmcseg.networks import build_cmc_network
 from cmcseg.networks.cmc import as_scales
+from cmcseg.plans.memory import MemoryEstimate, plan_memory_estimate
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import StrongIntensityAugmentation
@@ -156,6 +157,15 @@ class CMCTrainer(TrainerBase):
                      "the teacher's prediction from all modalities teaches the student (modality drop %.2f)",
                      self.strong_drop_modality)
         return network
+
+    def estimate_memory(self) -> MemoryEstimate:
+        """The planner's estimate for this run's network, batch (labeled + unlabeled rows) and device."""
+        request = self.request
+        return plan_memory_estimate(
+            self.plans, self.configuration, self.labeled_batch_size, self.unlabeled_batch_size, self.device.type,
+            encoder=request.encoder, shared_encoder=request.shared_encoder, deep_supervision=self.deep_supervision,
+            shared_decoder=self.shared_decoder, fusion=self.fusion, channel_attention=self.channel_attention,
+            single_branch=self.single_branch)
 
     def build_losses(self) -> None:
         """Loss modules, the ramps and the EMA teacher, from the class attributes."""

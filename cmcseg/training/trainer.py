@@ -46,6 +46,7 @@ from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.networks.cmc import plan_configuration
 from cmcseg.paths import WorkRoots, require_preprocessed_dataset, resolve_roots
 from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE
+from cmcseg.plans.memory import MemoryEstimate
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
@@ -331,6 +332,8 @@ class TrainerBase:
         self.grad_scaler = torch.amp.GradScaler(self.device.type,
                                                 enabled=self.use_amp and self.amp_dtype == "float16")
         self.build_losses()
+        self.memory_estimate = self.estimate_memory()
+        self.report_memory_estimate()
         resumed = self.maybe_resume()
         self.write_training_config(resumed)
         seed_everything(self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch)
@@ -398,6 +401,23 @@ class TrainerBase:
 
     def build_losses(self) -> None:
         """Hook: create the loss modules (called once the network exists)."""
+
+    def estimate_memory(self) -> MemoryEstimate | None:
+        """Hook: the estimated peak of this trainer's step (:mod:`cmcseg.plans.memory`); None if it has none."""
+        return None
+
+    def report_memory_estimate(self) -> None:
+        """Log the estimate against the plan's budget; warn when this run's batch or network exceeds it."""
+        estimate, budget = self.memory_estimate, self.plans.get("memory_budget_gb")
+        if estimate is None:
+            return
+        log.info("memory: estimated training peak %.2f GB on %s (%s)%s", estimate.total_gb, self.device.type,
+                 ", ".join(f"{k} {v:.2f}" for k, v in estimate.as_dict().items() if k != "total_gb"),
+                 f" of the plan's {budget:g} GB budget" if budget else "")
+        if budget and estimate.total_gb > float(budget) * 1.05:
+            log.warning("this run's estimated peak %.2f GB exceeds the plan's %g GB budget (the plan was made for "
+                        "another batch, trainer or device). Fix: re-plan with `cmcseg plan --memory-gb` for this "
+                        "machine, or expect up to that much memory", estimate.total_gb, float(budget))
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         """nnU-Net's SGD with Nesterov momentum over the network's parameters."""
@@ -779,6 +799,7 @@ class TrainerBase:
                 "num_epochs": self.num_epochs,
                 "iterations_per_epoch": self.iterations_per_epoch,
                 "val_iterations": self.val_iterations,
+                "memory_estimate_gb": self.memory_estimate.as_dict() if self.memory_estimate else None,
                 "hyperparameters": self.hyperparameters(),
             }
         write_json_atomic(config, path)
