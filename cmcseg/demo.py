@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import atomic_path, read_json, write_json_atomic
@@ -79,10 +81,25 @@ class DemoCMCTrainer(CMCTrainer):
             arch["n_conv_per_stage_decoder"] = [1] * (n - 1)
         return plans
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.adapt_threads(own_load=0.0)
+
+    def adapt_threads(self, own_load: float) -> None:
+        """Torch threads for the machine's load (see :func:`threads_for_load`); ``own_load`` is this run's share of
+        the 1-minute load average."""
+        threads = threads_for_load(os.getloadavg()[0] - own_load, os.cpu_count() or 1)
+        if threads != torch.get_num_threads():
+            log.info("demo: load average %.1f: %d torch thread(s) (was %d)", os.getloadavg()[0], threads,
+                     torch.get_num_threads())
+            torch.set_num_threads(threads)
+
     def on_epoch_end(self, train_outputs: list, val_outputs: list) -> None:
         """After every epoch of a budgeted run, re-plan the epochs that fit what is left of the budget at the last
-        epoch's pace, so that the run ends on time even when the machine slows down (or speeds up) mid-run."""
+        epoch's pace, so that the run ends on time even when the machine slows down (or speeds up) mid-run; and
+        re-pick the torch threads for the load."""
         super().on_epoch_end(train_outputs, val_outputs)
+        self.adapt_threads(own_load=float(torch.get_num_threads()))
         started = getattr(self, "_run_started", None)
         if self.max_seconds is None or started is None:
             return
@@ -93,6 +110,15 @@ class DemoCMCTrainer(CMCTrainer):
                      self.history.last("epoch_time", 1.0), fitted, self.max_seconds, self.num_epochs)
             self.num_epochs = fitted
             self.lr_scheduler.max_steps = fitted
+
+
+def threads_for_load(other_load: float, cores: int) -> int:
+    """Every core when the others leave them free; one thread as soon as other work holds about a core.
+
+    Intra-op threads wait for each other at every operation, so on an oversubscribed CPU two threads ran a demo
+    epoch 12x slower than idle (load 5 on 2 cores), where one thread was 1.5-2.8x faster than two.
+    """
+    return max(1, cores) if other_load < 1.0 else 1
 
 
 def fit_epochs(budget_s: float, elapsed_s: float, last_epoch_s: float, epochs_done: int) -> int:

@@ -52,3 +52,13 @@ def test_epochs_are_replanned_from_the_last_epoch_and_what_is_left():
     assert fit_epochs(300, elapsed_s=200, last_epoch_s=60, epochs_done=3) == 3 + 1  # the machine slowed down
     assert fit_epochs(300, elapsed_s=290, last_epoch_s=30, epochs_done=5) == 5  # no room left: stop now
     assert fit_epochs(300, elapsed_s=400, last_epoch_s=30, epochs_done=5) == 5
+
+
+def test_demo_threads_follow_the_load() -> None:
+    """Every core on an idle machine; one thread once other work holds a core (two threads then ran 12x slower)."""
+    from cmcseg.demo import threads_for_load
+
+    assert threads_for_load(0.2, 2) == 2
+    assert threads_for_load(1.5, 2) == 1
+    assert threads_for_load(4.0, 8) == 1
+    assert threads_for_load(0.0, 1) == 1

@@ -118,14 +118,28 @@ def _train_peak(roots, trainer: str, tmp_path: Path) -> tuple[float, dict]:
     return peak_kb * 1024 / GB, json.loads(config.read_text())["memory_estimate_gb"]
 
 
+@pytest.fixture(scope="module")
+def own_phantom(tmp_path_factory):
+    """A tiny MSCMR phantom planned for this module alone (the session's is shared with tests that change it)."""
+    from cmcseg.cli.main import main as cli_main
+    from cmcseg.paths import WorkRoots
+
+    base = tmp_path_factory.mktemp("memory_roots")
+    roots = WorkRoots(base / "raw", base / "preprocessed", base / "results")
+    flags = ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(roots.results)]
+    assert cli_main(["synth", "-d", "MSCMR", "--size", "tiny", *flags]) == 0
+    assert cli_main(["plan", "-d", "MSCMR", "-c", "3d_fullres", "-np", "1", *flags]) == 0
+    return roots
+
+
 @pytest.mark.slow
-def test_measured_training_peak_stays_within_the_estimate(planned, tmp_path) -> None:
+def test_measured_training_peak_stays_within_the_estimate(own_phantom, tmp_path) -> None:
     """A large and a small patch: the large run's peak RSS is within its estimate, and the estimate predicts how
     much more memory the large patch takes (so an estimate that forgot the unlabeled rows or the backward pass, or
     counted them twice, fails)."""
     torch.manual_seed(0)
-    small_peak, small = _train_peak(planned, "MemoryTrainer", tmp_path)
-    large_peak, large = _train_peak(planned, "LargePatchMemoryTrainer", tmp_path)
+    small_peak, small = _train_peak(own_phantom, "MemoryTrainer", tmp_path)
+    large_peak, large = _train_peak(own_phantom, "LargePatchMemoryTrainer", tmp_path)
     assert large["activations_gb"] > 0.25  # the step, not the process, dominates the difference
     assert large_peak <= large["total_gb"] + 0.1, (large_peak, large)
     measured, estimated = large_peak - small_peak, large["total_gb"] - small["total_gb"]
