@@ -148,11 +148,14 @@ def meta_network(build: Any, *args: Any, **kwargs: Any) -> nn.Module:
 
 def plan_activation_count(plans: Mapping[str, Any], configuration: str, **network_options: Any) -> ActivationCount:
     """The count for the CMC network of ``plans[configuration]`` at its patch size; ``network_options`` go to
-    :func:`cmcseg.networks.cmc.build_cmc_network` (default: one network over all modalities)."""
+    :func:`cmcseg.networks.cmc.build_cmc_network` (default: one network over all modalities, with the
+    encoder of the plan's topology)."""
     from cmcseg.networks.cmc import build_cmc_network, plan_channels_per_modality, plan_configuration
 
     config = plan_configuration(plans, configuration)
-    options = {"single_branch": True, **network_options}
+    # the encoder family of the plan's topology: ResEnc plans have blocks per stage, PlainConvUNet plans do not
+    residual = "n_blocks_per_stage" in config.get("architecture", {}).get("arch_kwargs", {})
+    options = {"single_branch": True, "encoder": "residual" if residual else "plain", **network_options}
     network = meta_network(build_cmc_network, plans, configuration, **options)
     channels = plan_channels_per_modality(plans)
     return count_saved_activations(network, (sum(channels) + len(channels), *[int(p) for p in config["patch_size"]]))
