@@ -237,7 +237,7 @@ def worker_any2seg(spec: dict) -> dict:
                                  trainer.preprocessed_folder / trainer.config["data_identifier"],
                                  trainer.cases.validation, trainer.patch_size,
                                  scored_classes(trainer.plans, trainer.subset_metric), trainer.modality_names,
-                                 trainer.device, trainer.subset_metric, trainer.sliding_window_overlap,
+                                 trainer.device, trainer.subset_metric, trainer.sliding_window_step,
                                  trainer.sliding_window_batch_size)
     return {**table_result(table, trainer.channels_per_modality), "metric": trainer.subset_metric,
             "modalities": list(trainer.modality_names), "iterations": trainer.steps_done,

@@ -52,6 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="no mirroring test-time augmentation (about 8 times faster for 3D, slightly less accurate)")
     p.add_argument("--step", type=_step, default=0.5,
                    help="sliding-window step as a fraction of the patch, in (0, 1] (default 0.5, nnU-Net's)")
+    p.add_argument("--sw-batch-size", type=int_at_least(1, "--sw-batch-size 4"), default=1,
+                   help="sliding windows per forward pass (default 1; more is faster on a GPU and needs more memory)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with the class probabilities on the original grid")
     p.add_argument("--save-heads", action="store_true",
@@ -79,7 +81,7 @@ def _folds(values: list[int | str] | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # imported here: torch, monai and the networks load only when predicting
+    # imported here: torch and the networks load only when predicting
     from cmcseg.prediction.model import find_model_folder
     from cmcseg.prediction.predictor import PredictionOptions, predict_folder
 
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities, save_heads=args.save_heads,
         original_labels=args.original_labels, device=args.device,
         continue_prediction=args.continue_prediction, num_workers=args.num_processes,
-        unsafe_allow_pickle=args.unsafe_allow_pickle,
+        sw_batch_size=args.sw_batch_size, unsafe_allow_pickle=args.unsafe_allow_pickle,
     )
     report = predict_folder(args.input, args.output, model_folder, options, dataset_spec=args.dataset,
                             preprocessed_dataset=preprocessed)

@@ -25,17 +25,18 @@ from cmcseg.any2seg.model import (
     modality_images,
 )
 from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, scored_classes, write_subset_table
+from cmcseg.checkpoint import load_checkpoint
 from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.paths import WorkRoots
 from cmcseg.prediction.model import build_inference_networks, load_trained_model
 from cmcseg.preprocessing.storage import load_case
+from cmcseg.sliding_window import predict_case
 from cmcseg.training.any2seg_trainer import Any2SegTrainer
-from cmcseg.training.checkpoint import load_checkpoint
 from cmcseg.training.registry import get_trainer_class
 from cmcseg.training.trainer import TrainingRequest
-from cmcseg.training.validation import LabelInfo, predict_case
+from cmcseg.training.validation import LabelInfo
 
 DATASET = "Dataset505_DELIVER"
 MODALITIES = ("RGB", "depth", "event", "lidar")

@@ -29,6 +29,7 @@ import torch
 from helpers import write_tiny_dataset
 from test_trainer import DATASET, TinyCMCTrainer, request, root_flags, subprocess_env
 
+from cmcseg.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from cmcseg.cli.main import main as cli_main
 from cmcseg.dataset import image_file
 from cmcseg.errors import CmcsegError, WriteFaultError
@@ -39,7 +40,6 @@ from cmcseg.paths import UnsafeNameError, WorkRoots, contained
 from cmcseg.prediction.model import load_trained_model
 from cmcseg.prediction.predictor import output_paths
 from cmcseg.serialization import UnsafeFileError, check_plain_state, load_torch_file
-from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py

@@ -39,10 +39,10 @@ from cmcseg.prediction.model import (
 )
 from cmcseg.prediction.predictor import PredictionOptions, predict_cases, subset_plans
 from cmcseg.prediction.revert import revert_case, write_segmentation
-from cmcseg.prediction.sliding_window import (
+from cmcseg.sliding_window import (
     fold_ensemble,
     mirror_combinations,
-    sliding_window_probabilities,
+    predict_case,
     with_mirroring,
 )
 from cmcseg.training.cmc_trainer import CMCTrainer
@@ -268,7 +268,7 @@ def test_mirroring_and_fold_ensemble_equal_hand_computed_mean():
     for batched in (True, False):
         predict = with_mirroring(fold_ensemble([fold(w) for w in weights]), (0, 1, 2), batched=batched)
         # one window covers the case, so the Gaussian weights cancel
-        got = sliding_window_probabilities(predict, data, fov, (4, 6, 5), torch.device("cpu"), step=0.5)
+        got = predict_case(predict, data, fov, (4, 6, 5), torch.device("cpu"), step=0.5)
         torch.testing.assert_close(got, by_hand, atol=1e-6, rtol=1e-5)
 
 

@@ -14,7 +14,7 @@ from cmcseg.losses import (
     confident_pseudo_labels,
     masked_agreement_loss,
 )
-from cmcseg.losses.pseudo_label import merge_unlearned
+from cmcseg.losses.pseudo_label import hold_background, merge_unlearned
 from cmcseg.networks.cmc import fov_weighted_ensemble
 from cmcseg.paths import WorkRoots
 from cmcseg.training.augmentation import StrongIntensityAugmentation
@@ -221,6 +221,16 @@ def test_unlearned_classes_merge_into_background_and_their_labels_are_ignored() 
     assert float(torch.softmax(step, 1)[:, :2].sum(1).mean()) > float(probabilities[:, :2].sum(1).mean())
     everything = PseudoLabelLoss(IGNORE)([student], background, learned=torch.ones(1, K, dtype=torch.bool))
     assert float(everything) == pytest.approx(float(plain))
+
+
+def test_background_pseudo_labels_wait_until_every_foreground_class_is_learned() -> None:
+    labels = torch.tensor([0, 1, 2, IGNORE, 0])[None, None]
+    held, taught = hold_background(labels, torch.tensor([0.9, 0.8, 0.2]), 0.5, IGNORE)
+    assert not taught and held.flatten().tolist() == [IGNORE, 1, 2, IGNORE, IGNORE]  # class 2 not learned yet
+    kept, taught = hold_background(labels, torch.tensor([0.9, 0.8, 0.6]), 0.5, IGNORE)
+    assert taught and torch.equal(kept, labels)
+    always, taught = hold_background(labels, torch.tensor([0.9, 0.0, 0.0]), 0.0, IGNORE)  # bar 0: always taught
+    assert taught and torch.equal(always, labels)
 
 
 def test_shared_encoder_without_branches_is_a_clear_error() -> None:

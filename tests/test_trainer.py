@@ -23,13 +23,13 @@ import pytest
 import torch
 from PIL import Image
 
+from cmcseg.checkpoint import CheckpointManager, load_checkpoint
 from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
 from cmcseg.losses import RampUp, class_thresholds
 from cmcseg.paths import WorkRoots
 from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
-from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.progress import MetricsHistory, loss_metrics, plot_progress, progress_figure
 from cmcseg.training.registry import TRAINERS, get_trainer_class

@@ -30,7 +30,8 @@ import torch
 from cmcseg.any2seg.model import non_empty_subsets
 from cmcseg.image_io import atomic_path
 from cmcseg.preprocessing.storage import load_case
-from cmcseg.training.validation import LabelInfo, Predictor, case_dice, nanmean, patch_counts, predict_case
+from cmcseg.sliding_window import predict_case
+from cmcseg.training.validation import LabelInfo, Predictor, case_dice, nanmean, patch_counts
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _subset_groups(subsets: Sequence[tuple[int, ...]], num_classes: int, voxels:
 def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | None, folder: Path,
                      case_ids: Sequence[str],
                      patch_size: Sequence[int], labels: LabelInfo, modality_names: Sequence[str],
-                     device: torch.device, metric: str, overlap: float = 0.5, sw_batch_size: int = 1,
+                     device: torch.device, metric: str, step: float = 0.5, sw_batch_size: int = 1,
                      joint_predictor_for: Callable[[Sequence[tuple[int, ...]]], Predictor] | None = None,
                      max_bytes: float = 2e9) -> pd.DataFrame:
     """The subset table: for each non-empty subset, every labeled case of ``case_ids`` predicted from it.
@@ -124,13 +125,13 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | Non
         if joint_predictor_for is None:
             for subset in subsets:
                 with torch.no_grad():
-                    probabilities = predict_case(predictor_for(subset), data, fov, patch_size, device, overlap,
+                    probabilities = predict_case(predictor_for(subset), data, fov, patch_size, device, step,
                                                  sw_batch_size)
                 scores[subset].add(probabilities, seg)
             continue
         for group in _subset_groups(subsets, labels.num_classes, int(np.prod(seg.shape)), max_bytes):
             with torch.no_grad():
-                stacked = predict_case(joint_predictor_for(group), data, fov, patch_size, device, overlap,
+                stacked = predict_case(joint_predictor_for(group), data, fov, patch_size, device, step,
                                        sw_batch_size)
             for subset, probabilities in zip(group, stacked.split(labels.num_classes, dim=0)):
                 scores[subset].add(probabilities, seg)

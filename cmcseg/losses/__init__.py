@@ -23,7 +23,7 @@ from cmcseg.losses.mean_teacher import (
     mean_teacher_consistency_loss,
     update_ema_teacher,
 )
-from cmcseg.losses.pseudo_label import PseudoLabelLoss, class_thresholds, confident_pseudo_labels
+from cmcseg.losses.pseudo_label import PseudoLabelLoss, class_thresholds, confident_pseudo_labels, hold_background
 from cmcseg.losses.rampup import RampUp, linear_rampup, sigmoid_rampup
 from cmcseg.losses.supervised import (
     DeepSupervisedDiceCELoss,
@@ -44,6 +44,7 @@ __all__ = [
     "channel_semantic_consistency_loss",
     "class_thresholds",
     "confident_pseudo_labels",
+    "hold_background",
     "create_ema_teacher",
     "cross_modality_agreement_loss",
     "deep_supervision_weights",

@@ -23,7 +23,6 @@ import itertools
 from collections.abc import Sequence
 
 import torch
-from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 #: Values outside [0 - tol, 1 + tol] mean the caller passed logits, not probabilities.
@@ -60,6 +59,8 @@ def soft_dice_agreement_loss(
     Uses ``monai.losses.DiceLoss(soft_label=True)`` (formula in the module docstring): symmetric in
     its arguments and exactly 0 when ``p_a == p_b``.
     """
+    from monai.losses import DiceLoss  # MONAI loads all of its modules: only when the term is computed
+
     dice = DiceLoss(
         include_background=include_background,
         soft_label=True,

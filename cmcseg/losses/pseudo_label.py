@@ -89,6 +89,16 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
         return torch.stack(losses).mean()
 
 
+def hold_background(pseudo_labels: Tensor, reliability: Tensor, bar: float, ignore_value: int) -> tuple[Tensor, bool]:
+    """``pseudo_labels`` with the background ones ignored while some foreground class's reliability (``(K,)``, the
+    best head's EMA Dice on labeled rows) is below ``bar``; also whether background is taught. A teacher that has
+    not learned a class calls it background, and that label is confident: held back, the unlabeled rows teach only
+    the classes the teacher knows, and the labeled rows alone decide where a class still being learned ends."""
+    if bar <= 0 or bool((reliability[1:] >= bar).all()):
+        return pseudo_labels, True
+    return torch.where(pseudo_labels == 0, torch.full_like(pseudo_labels, int(ignore_value)), pseudo_labels), False
+
+
 def merge_unlearned(logits: Tensor, target: Tensor, learned: Tensor, ignore_value: int) -> tuple[Tensor, Tensor]:
     """``(B, K, *)`` logits and ``(B, 1, *)`` labels with the classes not ``learned`` (``(K,)`` bool; index 0,
     background, always kept) merged into background: log-probabilities of background + those classes, then the

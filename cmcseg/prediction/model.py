@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cmcseg.checkpoint import CHECKPOINT_KINDS, FORMAT_VERSION, load_checkpoint
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
@@ -41,12 +42,8 @@ from cmcseg.networks.cmc import (
     plan_num_classes,
 )
 from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
-from cmcseg.plans.files import DATASET_FILE, PLANS_FILE
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, TRAINING_CONFIG_FILE, plans_hash
 from cmcseg.preprocessing.preprocessor import input_channel_modalities
-from cmcseg.training.augmentation import configure_spatial_augmentation
-from cmcseg.training.checkpoint import CHECKPOINT_KINDS, FORMAT_VERSION, load_checkpoint
-from cmcseg.training.cmc_trainer import CMCTrainer
-from cmcseg.training.trainer import TRAINING_CONFIG_FILE, TrainerBase, plans_hash
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +129,9 @@ class TrainedModel:
         axes = self.init.get("mirror_axes", getattr(self.trainer_class, "inference_allowed_mirroring_axes", None))
         if axes is not None:
             return tuple(int(a) for a in axes)
+        # checkpoints written before the trainer recorded its axes: nnU-Net's rule, which needs its trainer
+        from cmcseg.training.augmentation import configure_spatial_augmentation
+
         return configure_spatial_augmentation(self.patch_size).mirror_axes
 
     def dataset(self) -> Dataset:
@@ -242,6 +242,7 @@ def resolve_trainer_class(name: str) -> type | None:
     ``module:Class`` name is never imported from here.
     """
     from cmcseg.training.registry import get_trainer_class, is_builtin_name
+    from cmcseg.training.trainer import TrainerBase
 
     if is_builtin_name(name):
         return get_trainer_class(name)
@@ -382,7 +383,9 @@ def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> n
     return CMCProbabilities(network, model.num_image_channels)
 
 
-register_inference_builder(CMCTrainer, build_cmc_inference)
+#: the CMC trainer by name: importing it here would load the training stack before a model is even read
+CMC_TRAINER = "cmcseg.training.cmc_trainer.CMCTrainer"
+register_inference_builder(CMC_TRAINER, build_cmc_inference)
 
 
 def build_any2seg_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
@@ -413,7 +416,7 @@ def inference_builder(model: TrainedModel) -> InferenceBuilder:
     elif "cac_weight" in model.hyperparameters:  # a CMCTrainer subclass from a module not imported here
         log.info("trainer %s is not importable here; its hyperparameters are CMCTrainer's, so it is rebuilt as a "
                  "CMC network from plans.json", model.trainer_name)
-        return INFERENCE_BUILDERS[class_key(CMCTrainer)]
+        return INFERENCE_BUILDERS[CMC_TRAINER]
     raise CmcsegError(f"cmcseg predict does not know how to rebuild the network of trainer {model.trainer_name} "
                       f"({model.folder}). Fix: register an inference builder for it "
                       "(cmcseg.prediction.model.register_inference_builder), or import the module that defines it.")
@@ -445,8 +448,8 @@ def write_model_folder(folder: Path | str, plans: Mapping, dataset_json: Mapping
     imported models): plans.json, dataset.json, and per fold ``checkpoint_<kind>.pt`` (weights,
     trainer name, plans hash, ``init``) and ``training_config.json`` (hyperparameters). Atomic writes.
     """
+    from cmcseg.checkpoint import save_checkpoint
     from cmcseg.image_io import write_json_atomic
-    from cmcseg.training.checkpoint import save_checkpoint
 
     folder = Path(folder)
     write_json_atomic(dict(plans), folder / PLANS_FILE)

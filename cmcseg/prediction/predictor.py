@@ -47,14 +47,14 @@ from cmcseg.prediction.model import (
     load_trained_model,
 )
 from cmcseg.prediction.revert import original_value_table, revert_case, write_probabilities, write_segmentation
-from cmcseg.prediction.sliding_window import (
+from cmcseg.preprocessing.preprocessor import PreprocessedCase, input_channel_modalities, preprocess_case
+from cmcseg.sliding_window import (
     Predict,
     check_step,
     fold_ensemble,
-    sliding_window_probabilities,
+    predict_case,
     with_mirroring,
 )
-from cmcseg.preprocessing.preprocessor import PreprocessedCase, input_channel_modalities, preprocess_case
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,8 @@ class CasePredictor:
         return True
 
     def __call__(self, prepared: PreparedCase) -> np.ndarray:
-        probabilities = sliding_window_probabilities(self.predict, prepared.data, prepared.fov, self.patch_size,
-                                                     self.device, self.step, self.sw_batch_size)
+        probabilities = predict_case(self.predict, prepared.data, prepared.fov, self.patch_size, self.device,
+                                     self.step, self.sw_batch_size)
         return probabilities.numpy()
 
 

@@ -299,7 +299,7 @@ class Any2SegTrainer(TrainerBase):
         folder = self.preprocessed_folder / self.config["data_identifier"]
         table = evaluate_subsets(None, folder, self.cases.validation, self.patch_size,
                                  scored_classes(self.plans, self.subset_metric),
-                                 self.modality_names, self.device, self.subset_metric, self.sliding_window_overlap,
+                                 self.modality_names, self.device, self.subset_metric, self.sliding_window_step,
                                  self.sliding_window_batch_size, joint_predictor_for=joint_predictor_for)
         title = (f"{self.name} {self.preprocessed_folder.name} fold {self.fold}: "
                  f"{'mIoU' if self.subset_metric == 'miou' else 'Dice'} per modality subset")

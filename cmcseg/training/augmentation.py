@@ -31,7 +31,6 @@ from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransfo
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 __all__ = [
     "FOVToImageTransform", "ShortAxisSafeGaussianBlur", "SpatialAugmentation", "StrongIntensityAugmentation",
@@ -58,6 +57,15 @@ class SpatialAugmentation:
     mirror_axes: tuple[int, ...]
 
 
+def nnunet_trainer() -> type:
+    """nnU-Net's ``nnUNetTrainer`` class, whose static methods hold the rules and transforms used here. Imported
+    when first needed: its module loads seaborn and torch._dynamo (seconds), which ``cmcseg predict`` does not
+    need when it resolves a trainer class."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    return nnUNetTrainer
+
+
 def configure_spatial_augmentation(patch_size: Sequence[int]) -> SpatialAugmentation:
     """nnU-Net's ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` for ``patch_size`` (2D or 3D).
 
@@ -67,7 +75,7 @@ def configure_spatial_augmentation(patch_size: Sequence[int]) -> SpatialAugmenta
     shim = SimpleNamespace(configuration_manager=SimpleNamespace(patch_size=[int(p) for p in patch_size]),
                            print_to_log_file=lambda *args, **kwargs: None)
     rotation, dummy_2d, initial, mirror_axes = \
-        nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size(shim)
+        nnunet_trainer().configure_rotation_dummyDA_mirroring_and_inital_patch_size(shim)
     return SpatialAugmentation(tuple(int(p) for p in patch_size), (float(rotation[0]), float(rotation[1])),
                                bool(dummy_2d), tuple(int(p) for p in initial), tuple(int(a) for a in mirror_axes))
 
@@ -161,7 +169,7 @@ def training_transforms(
     spatial transforms (and the label/mask bookkeeping), e.g. to check that the modalities
     stay aligned.
     """
-    nnunet = nnUNetTrainer.get_training_transforms(
+    nnunet = nnunet_trainer().get_training_transforms(
         list(augmentation.patch_size), augmentation.rotation, None, augmentation.mirror_axes,
         augmentation.do_dummy_2d, use_mask_for_norm=list(use_mask_for_norm) if use_mask_for_norm else None)
     steps = _safe_blur(nnunet.transforms)
@@ -173,7 +181,7 @@ def training_transforms(
 def validation_transforms(ds_scales: Sequence[Sequence[float]] | None, channel_modalities: Sequence[int],
                           *, zero_outside_fov: bool = True) -> ComposeTransforms:
     """nnU-Net's validation pipeline (no augmentation) with the FOV masks moved to the image."""
-    nnunet = nnUNetTrainer.get_validation_transforms(None)
+    nnunet = nnunet_trainer().get_validation_transforms(None)
     return ComposeTransforms(list(nnunet.transforms)
                              + _fov_and_deep_supervision(channel_modalities, ds_scales, zero_outside_fov))
 

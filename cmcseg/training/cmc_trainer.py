@@ -68,6 +68,7 @@ from cmcseg.losses import (
     class_thresholds,
     confident_pseudo_labels,
     create_ema_teacher,
+    hold_background,
     ignore_outside_fov,
     masked_agreement_loss,
     mean_teacher_consistency_loss,
@@ -110,6 +111,9 @@ class CMCTrainer(TrainerBase):
     #: a head learns pseudo-labels only of the classes it has learned: reliability (EMA Dice on labeled rows) at
     #: least this; the others are merged into background for it (:mod:`cmcseg.losses.pseudo_label`). 0: every class
     learned_reliability: float = 0.0
+    #: background pseudo-labels count only once every foreground class's reliability (best head) reaches this; until
+    #: then the unlabeled rows teach the foreground classes the teacher is sure of (0: always teach background)
+    background_pseudo_label_bar: float = 0.0
     csc_weight: float = 0.1
     csc_temperature: float = 0.1
     cac_weight: float = 0.0  # the restricted agreement term (foreground, detached fused target, FOV-masked)
@@ -263,6 +267,9 @@ class CMCTrainer(TrainerBase):
         if teach:
             fused = self.teacher_prediction(x[unlabeled])
             pseudo, keep = confident_pseudo_labels(fused, self.pseudo_label_thresholds, self.ignore_value)
+            pseudo, background = hold_background(pseudo, network.head_reliability.max(0).values,
+                                                 self.background_pseudo_label_bar, self.ignore_value)
+            diagnostics["pseudo_label_background"] = x.new_tensor(float(background))
             student_logits = [h[0][unlabeled] for h in heads]
             # each head learns where its own (strong-view) input is in view: a dropped modality's head, or a single
             # branch's voxels seen only by a dropped modality, are not asked to predict from nothing

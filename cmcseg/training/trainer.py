@@ -16,21 +16,19 @@ Hyperparameters are plain class attributes, so a variant is a tiny subclass::
     class CMCTrainerLongRamp(CMCTrainer):
         unlabeled_warmup = 0.3
 
-The work lives in helpers of their own: :mod:`~cmcseg.training.checkpoint` (atomic checkpoints),
+The work lives in helpers of their own: :mod:`~cmcseg.checkpoint` (atomic checkpoints),
 :mod:`~cmcseg.training.progress` (log file, tqdm, history, ``progress.png``),
 :mod:`~cmcseg.training.validation` (pseudo-Dice, sliding-window validation) and
 :mod:`~cmcseg.training.ddp` (process group, model wrapping, rank-0-only writes).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +39,16 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch import Tensor, nn
 
+from cmcseg.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.networks.cmc import plan_configuration
 from cmcseg.paths import WorkRoots, require_preprocessed_dataset, resolve_roots
-from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE, TRAINING_CONFIG_FILE, plans_hash
 from cmcseg.plans.memory import MemoryEstimate
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
-from cmcseg.training.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from cmcseg.training.augmentation import SpatialAugmentation, configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader, build_validation_patches
 from cmcseg.training.progress import (
     DIAGNOSTIC_KEYS,
@@ -79,7 +78,6 @@ from cmcseg.training.validation import (
 
 log = logging.getLogger(__name__)
 
-TRAINING_CONFIG_FILE = "training_config.json"
 
 
 @dataclass
@@ -174,11 +172,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def plans_hash(plans: Mapping) -> str:
-    """SHA-256 of the plans as canonical JSON (what the network and the data were built from)."""
-    return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
-
-
 def batch_composition(batch_size: int, has_unlabeled: bool, unlabeled_ratio: float,
                       min_labeled: int) -> tuple[int, int]:
     """(labeled, unlabeled) items per batch.
@@ -231,7 +224,7 @@ class TrainerBase:
     # ---- bookkeeping
     save_every: int = 1  # epochs between checkpoint_latest saves (nnU-Net: 50; CPU epochs are long)
     pseudo_dice_ema_momentum: float = 0.9
-    sliding_window_overlap: float = 0.5
+    sliding_window_step: float = 0.5  # nnU-Net's tile_step_size: windows overlap by half a patch
     sliding_window_batch_size: int = 1
     ddp_find_unused_parameters: bool = True
     cudnn_benchmark: bool = True
@@ -642,14 +635,14 @@ class TrainerBase:
         else:
             predict, names = heads[0], ["fused", *heads[1]]
         per_output = validate_case_outputs(predict, names, folder, mine, self.patch_size, self.labels, self.device,
-                                           self.sliding_window_overlap, self.sliding_window_batch_size)
+                                           self.sliding_window_step, self.sliding_window_batch_size)
         merged: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
         for part in ddp.all_gather_objects(per_output, self.dist):
             for name in names:
                 merged[name].update(part[name])
         summary = summarize(merged["fused"], self.labels, trainer=self.name, configuration=self.configuration,
                             fold=self.fold, labeled_fraction=self.labeled_fraction, epochs_trained=self.current_epoch,
-                            sliding_window={"overlap": self.sliding_window_overlap, "mode": "gaussian",
+                            sliding_window={"step": self.sliding_window_step, "mode": "gaussian",
                                             "roi_size": self.patch_size})
         if len(names) > 1:
             summary["per_head"] = {name: summarize(merged[name], self.labels) for name in names[1:]}
@@ -702,8 +695,13 @@ class TrainerBase:
             "num_epochs": self.num_epochs,
             "init": {"dataset": self.preprocessed_folder.name, "configuration": self.configuration,
                      "fold": self.fold, "labeled_fraction": self.labeled_fraction, "seed": self.seed,
-                     **self.network_options()},
+                     "mirror_axes": list(self.spatial_augmentation().mirror_axes), **self.network_options()},
         }
+
+    def spatial_augmentation(self) -> SpatialAugmentation:
+        """Hook: rotation, scaling and mirroring of the training patches (nnU-Net's rule for the patch size). The
+        checkpoint records the mirror axes, so test-time mirroring flips what training flipped."""
+        return configure_spatial_augmentation(self.patch_size)
 
     def network_options(self) -> dict[str, Any]:
         """Hook: what, besides plans.json, rebuilds this trainer's network (stored as the checkpoint's ``init``)."""

@@ -6,7 +6,8 @@
   It is cheap and comparable from epoch to epoch, not a case-level Dice. The counts use
   nnU-Net's ``get_tp_fp_fn_tn``.
 * **Full validation**: every validation case of the fold is predicted on its whole preprocessed
-  array with MONAI's ``sliding_window_inference`` (Gaussian weighting, overlap 0.5), and Dice
+  array by :func:`cmcseg.sliding_window.predict_case` (nnU-Net's Gaussian-weighted windows, step 0.5, the
+  predictor's own function), and Dice
   per class per case is computed with MONAI's ``compute_dice``. The result goes to
   ``validation/summary.json`` (atomically). It is on the preprocessed grid; the predictor
   (``cmcseg predict``) exports on the original grid.
@@ -19,15 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from monai.metrics import compute_dice
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from torch import Tensor
@@ -35,6 +34,7 @@ from torch import Tensor
 from cmcseg.dataset import nnunet_label_dict
 from cmcseg.image_io import write_json_atomic
 from cmcseg.preprocessing.storage import load_case
+from cmcseg.sliding_window import Predict, predict_case
 from cmcseg.training.progress import DICE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 VALIDATION_DIR = "validation"
 SUMMARY_FILE = "summary.json"
 
-#: probabilities ``(B, K, *spatial)`` from an input ``(B, C + M, *spatial)``
-Predictor = Callable[[Tensor], Tensor]
+#: probabilities ``(B, K, *spatial)`` from an input ``(B, C + M, *spatial)`` (:mod:`cmcseg.sliding_window`)
+Predictor = Predict
 
 
 @dataclass(frozen=True)
@@ -155,28 +155,10 @@ def nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def predict_case(predict: Predictor, data: np.ndarray, fov: np.ndarray, patch_size: Sequence[int],
-                 device: torch.device, overlap: float = 0.5, sw_batch_size: int = 1) -> Tensor:
-    """Class probabilities ``(K, z, y, x)`` of one preprocessed case by Gaussian sliding window.
-
-    The network input is the modality channels followed by the FOV masks, as in training. A 2D
-    patch size predicts slice by slice (the slices are the sliding-window batch).
-    """
-    inputs = torch.from_numpy(np.concatenate([np.asarray(data, dtype=np.float32),
-                                              np.asarray(fov, dtype=np.float32)]))[None]
-    roi = [int(p) for p in patch_size]
-    if len(roi) == 2:
-        slices = inputs[0].permute(1, 0, 2, 3)
-        probabilities = sliding_window_inference(slices, roi, sw_batch_size, predict, overlap=overlap,
-                                                 mode="gaussian", sw_device=device, device="cpu")
-        return probabilities.permute(1, 0, 2, 3)
-    probabilities = sliding_window_inference(inputs, roi, sw_batch_size, predict, overlap=overlap, mode="gaussian",
-                                             sw_device=device, device="cpu")
-    return probabilities[0]
-
-
 def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -> dict[str, float]:
     """Dice per foreground class of the argmax of ``(K, *)`` probabilities against a ``(1, *)`` label map."""
+    from monai.metrics import compute_dice  # MONAI loads all of its modules: only when a case is scored
+
     prediction = probabilities.argmax(0, keepdim=True)[None]
     target = torch.from_numpy(np.asarray(reference).astype(np.int64))[None]
     dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
@@ -187,15 +169,15 @@ def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -
 
 
 def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],
-                   labels: LabelInfo, device: torch.device, overlap: float = 0.5,
+                   labels: LabelInfo, device: torch.device, step: float = 0.5,
                    sw_batch_size: int = 1) -> dict[str, dict[str, float]]:
     """Dice per class for each case of ``case_ids`` (all must be labeled), by sliding-window prediction."""
-    return validate_case_outputs(predict, ["prediction"], folder, case_ids, patch_size, labels, device, overlap,
+    return validate_case_outputs(predict, ["prediction"], folder, case_ids, patch_size, labels, device, step,
                                  sw_batch_size)["prediction"]
 
 
 def validate_case_outputs(predict: Predictor, names: Sequence[str], folder: Path, case_ids: Sequence[str],
-                          patch_size: Sequence[int], labels: LabelInfo, device: torch.device, overlap: float = 0.5,
+                          patch_size: Sequence[int], labels: LabelInfo, device: torch.device, step: float = 0.5,
                           sw_batch_size: int = 1) -> dict[str, dict[str, dict[str, float]]]:
     """Dice per class per case for each of several outputs that one predictor gives side by side.
 
@@ -211,7 +193,7 @@ def validate_case_outputs(predict: Predictor, names: Sequence[str], folder: Path
             log.warning("validation case %s has no label in %s; skipped", case_id, folder)
             continue
         with torch.no_grad():
-            probabilities = predict_case(predict, data[:], fov[:], patch_size, device, overlap, sw_batch_size)
+            probabilities = predict_case(predict, data[:], fov[:], patch_size, device, step, sw_batch_size)
         if probabilities.shape[0] != k * len(names):
             raise ValueError(f"the predictor gave {probabilities.shape[0]} channels, expected {k} x {len(names)}")
         reference = seg[:]
