@@ -191,6 +191,10 @@ def predict_files(trainer, inputs: Sequence[Sequence[str]], outputs_truncated: S
 
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
+    if use_mirroring and trainer.inference_allowed_mirroring_axes is None:
+        # nnU-Net sets the axes when it builds its data loaders; a trainer made only to predict has not, and
+        # nnUNetPredictor then silently skips mirroring
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)

@@ -14,6 +14,10 @@ each tool plans with its defaults (cmcseg: the CPU or GPU budget of ``cmcseg pla
   (resume state), and of nnU-Net's checkpoint;
 * **predict** (``--predict-cases N``): seconds per case and peak RSS of ``cmcseg predict`` and of
   nnU-Net's ``nnUNetPredictor`` on the same N cases, with and without mirroring TTA.
+* **final validation**: seconds per case of the trainer's end-of-training validation on the first N
+  validation cases (first ``--labeled`` fraction), the fused prediction alone and with each modality
+  alone as well (``per_head``, the default), against nnU-Net's TTA prediction per case (what
+  nnU-Net's own final validation runs).
 
 nnU-Net cannot read sequences on different grids, so it plans and predicts the aligned cases that
 cmcseg writes (``nnunet_driver.write_aligned_raw``). Weights are the few-step trained ones (timing
@@ -90,6 +94,7 @@ def worker_ours_train(spec: dict) -> dict:
     try:
         seconds = _timed_steps(lambda: next(trainer.dataloader), step, spec["warmup"], spec["iters"])
         final, latest = trainer.save_checkpoint("final"), trainer.save_checkpoint("latest")
+        validation = time_final_validation(trainer, spec.get("validation_cases", 0))
     finally:
         trainer.close()
     return {"s_per_it": seconds, "estimate": trainer.memory_estimate.as_dict(),
@@ -97,7 +102,27 @@ def worker_ours_train(spec: dict) -> dict:
             "batch": [trainer.labeled_batch_size, trainer.unlabeled_batch_size],
             "parameters": sum(p.numel() for p in trainer.network.parameters()),
             "checkpoint_final_mb": final.stat().st_size / 2 ** 20,
-            "checkpoint_latest_mb": latest.stat().st_size / 2 ** 20, "model_folder": str(trainer.output_folder.parent)}
+            "checkpoint_latest_mb": latest.stat().st_size / 2 ** 20, "model_folder": str(trainer.output_folder.parent),
+            "validation_s_per_case": validation}
+
+
+def time_final_validation(trainer, cases: int) -> dict[str, float]:
+    """Seconds per case of the end-of-training validation on the fold's first ``cases`` validation cases: the fused
+    prediction alone, and with each modality alone too (the default, for ``per_head``)."""
+    if cases <= 0 or not trainer.cases.validation:
+        return {}
+    import dataclasses
+
+    import monai.metrics  # noqa: F401  (loaded once per training run by the first case's Dice; not a per-case cost)
+
+    trainer.cases = dataclasses.replace(trainer.cases, validation=trainer.cases.validation[:cases])
+    seconds = {}
+    for tag, heads in (("fused", False), ("fused_and_each_modality", True)):
+        trainer.validate_each_modality = heads
+        start = time.perf_counter()
+        trainer.run_final_validation()
+        seconds[tag] = (time.perf_counter() - start) / len(trainer.cases.validation)
+    return seconds
 
 
 def _nnunet_trainer(spec: dict):
@@ -172,7 +197,9 @@ def prepare(work: Path, args) -> dict:
     splits = load_splits(pre / dataset / "splits.json")
     train, validation = list(splits["folds"][FOLD]["labeled_order"]), list(splits["folds"][FOLD]["val"])
     env = nd.nnunet_env(work, data_workers=1, threads=args.threads)
-    nd.write_aligned_raw(pre / dataset, plans, train + validation, Path(env["nnUNet_raw"]), NNUNET_ID, "REALSIZE")
+    aligned = "3d_fullres" if "3d_fullres" in args.configurations else args.configurations[0]
+    nd.write_aligned_raw(pre / dataset, plans, train + validation, Path(env["nnUNet_raw"]), NNUNET_ID, "REALSIZE",
+                         configuration=aligned)
     nn_plan = run_measured([str(nd.BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_ID), "-c",
                             *args.configurations, "-np", "2", "-npfp", "2"], env=env)
     if nn_plan.returncode != 0:
@@ -256,7 +283,8 @@ def main() -> None:
                 row["cmcseg"][str(fraction)] = nd.run_worker(Path(__file__), "ours_train", {
                     "dataset": setup["dataset"], "raw": setup["raw"], "preprocessed": setup["preprocessed"],
                     "results": str(work / f"results_{configuration}_{fraction}"), "configuration": configuration,
-                    "labeled": fraction, "threads": args.threads, "warmup": args.warmup, "iters": args.iters},
+                    "labeled": fraction, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
+                    "validation_cases": args.predict_cases if fraction == args.labeled[0] else 0},
                     work, {**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             nn_checkpoint = work / f"nnunet_{configuration}.pth"
             row["nnunet"] = nd.run_worker(Path(__file__), "nnunet_train", {
@@ -305,10 +333,15 @@ def print_report(report: dict) -> None:
             rows.append((f"{name}: predict s/case, {tag}", pred["cmcseg_s_per_case"], pred["nnunet_s_per_case"]))
             rows.append((f"{name}: predict peak RSS GB, {tag}", pred["cmcseg_peak_tree_rss_gb"],
                          pred["nnunet_peak_tree_rss_gb"]))
+        # nnU-Net's end-of-training validation predicts each case with mirroring: its TTA prediction is the reference
+        nn_tta = row.get("predict", {}).get("tta", {}).get("nnunet_s_per_case")
+        for tag, seconds in first.get("validation_s_per_case", {}).items():
+            rows.append((f"{name}: final validation s/case, {tag.replace('_', ' ')}", seconds, nn_tta))
     width = max(len(r[0]) for r in rows)
     print(f"{'':<{width}}  {'cmcseg':>9}  {'nnU-Net':>9}  {'ratio':>6}")
     for label, ours, theirs in rows:
-        print(f"{label:<{width}}  {ours:>9.2f}  {theirs:>9.2f}  {_ratio(ours, theirs):>6}")
+        theirs_text = f"{theirs:>9.2f}" if theirs is not None else f"{'-':>9}"
+        print(f"{label:<{width}}  {ours:>9.2f}  {theirs_text}  {_ratio(ours, theirs):>6}")
     print(f"load average: start {report['loadavg_start']}, end {report['loadavg_end']}")
     for note in notes:
         print(note)

@@ -115,6 +115,8 @@ class CMCTrainer(TrainerBase):
     #: then the unlabeled rows teach the foreground classes the teacher is sure of (0: always teach background)
     background_pseudo_label_bar: float = 0.0
     csc_weight: float = 0.1
+    #: the final validation also scores each modality alone (``per_head``): M more network passes per window
+    validate_each_modality: bool = True
     csc_temperature: float = 0.1
     cac_weight: float = 0.0  # the restricted agreement term (foreground, detached fused target, FOV-masked)
     ema_alpha: float = 0.99
@@ -413,7 +415,7 @@ class CMCTrainer(TrainerBase):
         """The fused probabilities followed by each modality's own (a branch network's heads; a single branch run on
         each modality alone), for the per-modality Dice of the validation summary; None with one modality."""
         network = self.inference_network()
-        if self.num_modalities < 2:
+        if self.num_modalities < 2 or not self.validate_each_modality:
             return None
 
         def predict_all(x: Tensor) -> Tensor:
