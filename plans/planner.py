@@ -372,15 +372,23 @@ def configuration_estimate(context: Mapping[str, Any], name: str, cfg: Mapping[s
     return estimate_step(counts[key], batch, round(batch * DEFAULT_UNLABELED_RATIO), device)
 
 
+#: nnU-Net's smallest batch: its planner fits the patch at this batch before it raises the batch to fill the budget
+MIN_BATCH_SIZE = 2
+
+
 def fit_to_budget(plan_at: Callable[[float], dict], estimate: Callable[[dict], MemoryEstimate],
                   budget_gb: float, steps: int = 6, fill: float = 0.85) -> tuple[dict, MemoryEstimate]:
     """The configuration nnU-Net's rule plans at the largest budget whose training estimate fits ``budget_gb``.
 
-    nnU-Net's own plan is kept if it fits. Otherwise the budget handed to nnU-Net's rule is scaled by how the
-    room left for activations (``budget_gb`` minus the process and the weights) compares with what the plan's
-    activations need (halved when there is no room), at most ``steps`` times, and the largest plan that fits
-    wins; it stops once a plan fills ``fill`` of the budget. If nothing fits (the process and the weights alone
-    exceed the budget), the smallest plan tried, with a warning.
+    nnU-Net's own plan is kept if it fits. If not, its batch is lowered first (down to nnU-Net's minimum of 2),
+    because nnU-Net's rule ranks the patch above the batch: it fits the patch at the smallest batch, then raises
+    the batch to fill the budget. Only when the smallest batch does not fit either is the budget handed to
+    nnU-Net's rule scaled (a smaller patch), by how the room left for activations (``budget_gb`` minus the
+    process and the weights) compares with what the plan's activations need at the smallest batch (halved when
+    there is no room), at
+    most ``steps`` times; each plan then gets the largest batch that fits, the largest plan wins, and the search
+    stops once a plan fills ``fill`` of the budget. If nothing fits (the process and the weights alone exceed the
+    budget), the smallest plan tried, with a warning.
     """
     nnunet_budget = budget_gb
     best: tuple[dict, MemoryEstimate] | None = None
@@ -388,15 +396,18 @@ def fit_to_budget(plan_at: Callable[[float], dict], estimate: Callable[[dict], M
     for _ in range(steps):
         cfg = plan_at(nnunet_budget)
         found = estimate(cfg)
-        if found.total_gb <= budget_gb:
-            if best is None or found.total_gb > best[1].total_gb:
-                best = cfg, found
-            if nnunet_budget == budget_gb or found.total_gb >= fill * budget_gb:
+        fitted = (cfg, found) if found.total_gb <= budget_gb else largest_batch_that_fits(cfg, estimate, budget_gb)
+        if fitted is not None:
+            if best is None or fitted[1].total_gb > best[1].total_gb:
+                best = fitted
+            if nnunet_budget == budget_gb or fitted[1].total_gb >= fill * budget_gb:
                 break
         elif smallest is None or found.total_gb < smallest[1].total_gb:
             smallest = cfg, found
-        fixed = found.baseline_gb + found.parameters_gb
-        room, needs = budget_gb - fixed, found.total_gb - fixed
+        # what the patch needs at the smallest batch decides how far to shrink it: the batch is lowered anyway
+        low = found if found.total_gb <= budget_gb else estimate({**cfg, "batch_size": MIN_BATCH_SIZE})
+        fixed = low.baseline_gb + low.parameters_gb
+        room, needs = budget_gb - fixed, low.total_gb - fixed
         # no room at all: a smaller patch also means a shallower network (fewer weights); halve and look again
         scale = 0.5 if room <= 0 else min(1.0, 0.97 * room / max(needs, 1e-6))
         nnunet_budget *= scale
@@ -406,6 +417,18 @@ def fit_to_budget(plan_at: Callable[[float], dict], estimate: Callable[[dict], M
                     "than the %g GB budget; planned that patch (fix: plan with a larger --memory-gb)",
                     best[1].total_gb, [int(p) for p in best[0]["patch_size"]], best[0]["batch_size"], budget_gb)
     return best
+
+
+def largest_batch_that_fits(cfg: dict, estimate: Callable[[dict], MemoryEstimate], budget_gb: float
+                            ) -> tuple[dict, MemoryEstimate] | None:
+    """``cfg`` with the largest batch below its own (at least :data:`MIN_BATCH_SIZE`) whose estimate fits; None
+    when even the smallest does not. The estimate is linear in the rows, so each try costs no network count."""
+    for batch in range(int(cfg["batch_size"]) - 1, MIN_BATCH_SIZE - 1, -1):
+        smaller = {**cfg, "batch_size": batch}
+        found = estimate(smaller)
+        if found.total_gb <= budget_gb:
+            return smaller, found
+    return None
 
 
 def budget_summary(plans: Mapping[str, Any], name: str) -> str:
