@@ -16,12 +16,13 @@ from torch import nn
 from cmcseg.plans.memory import (
     ACTIVATION_BYTES,
     GB,
+    MemoryEstimate,
     count_saved_activations,
     estimate_training_memory,
     meta_network,
     plan_memory_estimate,
 )
-from cmcseg.plans.planner import plan_experiment
+from cmcseg.plans.planner import fit_to_budget, plan_experiment
 from cmcseg.training.cmc_trainer import CMCTrainer
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -57,6 +58,28 @@ def test_estimate_adds_up_what_the_step_holds() -> None:
     assert supervised.activations_gb * GB == pytest.approx(1536 * ACTIVATION_BYTES["cpu"] * 2)
     assert semi.activations_gb == pytest.approx(2 * supervised.activations_gb)
     assert semi.total_gb > supervised.total_gb > supervised.baseline_gb
+
+
+def _toy_rule(budget_gb: float) -> dict:
+    """A stand-in for nnU-Net's rule: the patch grows with the budget, and the batch fills what is left (6)."""
+    return {"patch_size": [int(100 * budget_gb)], "batch_size": 6}
+
+
+def _toy_estimate(cfg: dict) -> MemoryEstimate:
+    """1 GB of process and weights, and 1 GB of activations per row per 100 voxels of patch."""
+    return MemoryEstimate(0.5, cfg["patch_size"][0] / 100 * cfg["batch_size"], 0.0, 0.0, 0.5)
+
+
+def test_the_batch_gives_way_before_the_patch() -> None:
+    # nnU-Net's plan at 8 GB (patch 800, batch 6) needs 49 GB; at batch 2 it still needs 17: the patch must
+    # shrink, to what fits at batch 2 (7 GB of room / 2 rows -> patch 339), and keeps batch 2
+    cfg, found = fit_to_budget(_toy_rule, _toy_estimate, 8.0)
+    assert cfg["batch_size"] == 2 and 300 <= cfg["patch_size"][0] <= 350 and found.total_gb <= 8.0
+    # nnU-Net's patch 200 at batch 6 needs 13 GB, at batch 3 7 GB: the patch stays and the batch gives way
+    cfg, found = fit_to_budget(lambda b: {"patch_size": [200], "batch_size": 6}, _toy_estimate, 8.0)
+    assert cfg == {"patch_size": [200], "batch_size": 3} and found.total_gb == pytest.approx(7.0)
+    cfg, _ = fit_to_budget(lambda b: {"patch_size": [100], "batch_size": 6}, _toy_estimate, 8.0)
+    assert cfg == {"patch_size": [100], "batch_size": 6}  # nnU-Net's own plan fits: kept as it is
 
 
 def test_plans_fit_their_budget_and_say_so(planned) -> None:
