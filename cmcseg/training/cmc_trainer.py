@@ -189,8 +189,12 @@ class CMCTrainer(TrainerBase):
         self.strong_view = StrongIntensityAugmentation(self.strong_contrast, self.strong_brightness, self.strong_gamma,
                                                        self.strong_noise_std, self.strong_drop_modality)
         student = ddp.unwrap_model(self.network)
-        self.teacher: nn.Module = create_ema_teacher(student)
-        self.teacher.set_deep_supervision(False)  # the teacher's targets are full resolution only
+        # on paired data the teacher only ever sees unlabeled rows: with every case labeled it would cost a copy of
+        # the weights (the planner's estimate leaves it out then) and an EMA update per step, for nothing
+        self.teacher: nn.Module | None = None
+        if self.cases.unlabeled or not self.cross_modality:
+            self.teacher = create_ema_teacher(student)
+            self.teacher.set_deep_supervision(False)  # the teacher's targets are full resolution only
         self.reliability_counts = torch.zeros(3, student.n_branches, self.labels.num_classes, dtype=torch.float64)
 
     def build_ramps(self) -> dict[str, RampUp]:
@@ -321,6 +325,7 @@ class CMCTrainer(TrainerBase):
     def teacher_prediction(self, x: Tensor) -> Tensor:
         """The EMA teacher's fused probabilities ``(B, K, *)`` of the weak view ``x`` (FOV- and
         reliability-weighted)."""
+        assert self.teacher is not None, "the teacher exists whenever there are unlabeled rows"
         self.teacher.eval()
         with self.autocast():
             return self.teacher.probabilities(x)
@@ -383,6 +388,7 @@ class CMCTrainer(TrainerBase):
 
     def mean_teacher_term(self, x: Tensor, student_heads: list[list[Tensor]], present: Tensor) -> Tensor:
         """Softmax-MSE between each student head and the EMA teacher's same head, on rows with that modality."""
+        assert self.teacher is not None, "unpaired data always has a teacher"
         self.teacher.train(self.network.training)
         with torch.no_grad():
             teacher_heads = [as_scales(h) for h in self.teacher(x).logits]
@@ -403,7 +409,8 @@ class CMCTrainer(TrainerBase):
 
     def on_after_optimizer_step(self) -> None:
         """Move the EMA teacher towards the student (its reliability buffer is copied)."""
-        update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.teacher_alpha, self.global_step)
+        if self.teacher is not None:
+            update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.teacher_alpha, self.global_step)
 
     # =================================================================================== prediction
     def predict_probabilities(self, x: Tensor) -> Tensor:
@@ -437,11 +444,14 @@ class CMCTrainer(TrainerBase):
     # =================================================================================== state
     def extra_state(self) -> dict[str, Any]:
         """The EMA teacher's weights and the reliability counts."""
-        return {"teacher": self.teacher.state_dict(), "reliability_counts": self.reliability_counts.clone()}
+        state: dict[str, Any] = {"reliability_counts": self.reliability_counts.clone()}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the EMA teacher and the reliability counts."""
-        if "teacher" in state:
+        if "teacher" in state and self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         if "reliability_counts" in state:
             self.reliability_counts = torch.as_tensor(state["reliability_counts"], dtype=torch.float64)
