@@ -200,7 +200,7 @@ def zero_filled(predict, channels: list[slice], subset: tuple[int, ...]):
 
 def table_result(table, channels_per_modality: list[int]) -> dict:
     """The subset table as JSON rows, the mean over subsets and the full-set score."""
-    from cmcseg.training.validation import nanmean
+    from cmcseg.evaluation import nanmean
 
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             for row in table.to_dict("records")]
@@ -307,8 +307,8 @@ def nnunet_predictor_full_set(trainer, spec: dict, cm_folder: Path, labels, metr
     import torch
 
     from cmcseg.any2seg.subsets import SubsetScores
+    from cmcseg.evaluation import nanmean
     from cmcseg.preprocessing.storage import load_case
-    from cmcseg.training.validation import nanmean
 
     raw, out = Path(spec["nnunet_raw_dataset"]), Path(spec["work"]) / "nnunet_predictions"
     out.mkdir(parents=True, exist_ok=True)
@@ -371,8 +371,8 @@ def worker_nnunet(spec: dict) -> dict:
 # ============================================================================================ orchestration
 def prepare(key: str, work: Path, args) -> dict:
     """Phantom, cmcseg plan (2d), the nnU-Net raw dataset of the aligned arrays, nnU-Net's plan and preprocessing."""
-    from cmcseg.networks.cmc import plan_channels_per_modality
     from cmcseg.phantoms import synthesize
+    from cmcseg.plans.plans import plan_channels_per_modality
     from cmcseg.plans.splits import labeled_subset, load_splits
 
     d = DATASETS[key]

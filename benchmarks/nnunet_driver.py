@@ -75,7 +75,7 @@ def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case
     """
     from cmcseg.dataset import image_file, label_file, write_dataset_json
     from cmcseg.image_io import array_to_image, write_image
-    from cmcseg.networks.cmc import plan_configuration
+    from cmcseg.plans.plans import plan_configuration
     from cmcseg.preprocessing.storage import load_case
 
     config = plan_configuration(plans, configuration)

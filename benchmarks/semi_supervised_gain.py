@@ -207,9 +207,10 @@ def worker_nnunet(spec: dict) -> dict:
     import SimpleITK as sitk
     import torch
 
+    from cmcseg.evaluation import case_dice, nanmean
     from cmcseg.image_io import read_json
+    from cmcseg.plans.plans import LabelInfo
     from cmcseg.preprocessing.storage import load_case
-    from cmcseg.training.validation import LabelInfo, case_dice, nanmean
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])

@@ -29,6 +29,9 @@ Conventions (where nnU-Net or MONAI leave a choice):
 * **Means.** ``mean[class][metric]`` is the nanmean over cases (nnU-Net);
   ``foreground_mean[metric]`` is the mean over the foreground classes' means, NaN classes
   (a class absent everywhere) left out.
+* **Probability maps.** Validation and the subset table score ``(K, *)`` probability maps on the
+  preprocessed grid with the same rules: :func:`case_dice` (MONAI's ``compute_dice`` of the argmax),
+  :func:`patch_counts` (nnU-Net's ``get_tp_fp_fn_tn``, summed over patches) and :func:`nanmean`.
 * **Files.** ``metrics.csv`` (one row per case x class; NaN is an empty cell, ``inf`` is
   ``inf``) and ``summary.json`` (strict JSON: NaN and inf are written as ``null``), both
   written atomically.
@@ -54,12 +57,15 @@ from monai.metrics import (
     compute_hausdorff_distance,
     compute_iou,
 )
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from torch import Tensor
 from tqdm import tqdm
 
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import atomic_path, case_id_of, read_image, write_json_atomic
 from cmcseg.parallel import process_pool
+from cmcseg.plans.plans import LabelInfo
 
 log = logging.getLogger(__name__)
 
@@ -441,3 +447,36 @@ def evaluate_folders(reference_dir: Path | str, prediction_dir: Path | str, labe
     per_case["name"] = [names.get(int(v), str(v)) for v in per_case["label"]]
     per_case = per_case[list(COLUMNS)].sort_values(["case", "label"], kind="stable").reset_index(drop=True)
     return EvaluationResult(per_case, summarize(per_case, wanted, names), list(wanted))
+
+
+# ------------------------------------------------ scores of probability maps (validation, subset tables)
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (NaN if there is none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -> dict[str, float]:
+    """Dice per foreground class of the argmax of ``(K, *)`` probabilities against a ``(1, *)`` label map."""
+    prediction = probabilities.argmax(0, keepdim=True)[None]
+    target = torch.from_numpy(np.asarray(reference).astype(np.int64))[None]
+    dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
+                        num_classes=labels.num_classes, ignore_index=labels.ignore_label)[0]
+    present = {value: bool((prediction == value).any() or (target == value).any()) for value in labels.values}
+    return {name: float(dice[value]) if present[value] else math.nan
+            for name, value in zip(labels.names, labels.values)}
+
+
+def patch_counts(probabilities: Tensor, target: Tensor, labels: LabelInfo) -> np.ndarray:
+    """``(3, n_foreground)`` TP, FP, FN summed over a batch, from probabilities and a ``(B, 1, *)`` label map."""
+    prediction = probabilities.argmax(1, keepdim=True)
+    target = target.to(prediction.device).long()
+    mask = None
+    if labels.ignore_label is not None:
+        mask = (target != labels.ignore_label).float()
+        target = torch.where(target == labels.ignore_label, torch.zeros_like(target), target)
+    onehot = torch.zeros_like(probabilities, dtype=torch.float32).scatter_(1, prediction, 1.0)
+    axes = [0] + list(range(2, probabilities.ndim))
+    tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes, mask=mask)
+    counts = torch.stack([tp, fp, fn]).detach().cpu().double().numpy()
+    return counts[:, list(labels.values)]

@@ -5,10 +5,6 @@ the raw ``dataset.json``; a model folder holds ``plans.json`` and ``dataset.json
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
-
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
 SPLITS_FILE = "splits.json"
@@ -16,8 +12,3 @@ DATASET_FILE = "dataset.json"
 #: a fold's record of how it was trained (trainer, hyperparameters), beside its checkpoints
 TRAINING_CONFIG_FILE = "training_config.json"
 
-
-def plans_hash(plans: Mapping) -> str:
-    """SHA-256 of the plans as canonical JSON (what the network and the data were built from); every checkpoint
-    records it, and prediction refuses a fold whose plans differ."""
-    return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()

@@ -32,9 +32,9 @@ from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import geometry_of, read_image_header, read_json, write_json_atomic
 from cmcseg.parallel import process_pool
+from cmcseg.plans.plans import input_channel_modalities
 from cmcseg.preprocessing.alignment import SPACING_2D_SLICE
 from cmcseg.preprocessing.case_loading import label_grid_channel, load_case_in_reference_space
-from cmcseg.preprocessing.preprocessor import input_channel_modalities
 from cmcseg.preprocessing.registration import load_transforms
 
 log = logging.getLogger(__name__)

@@ -150,7 +150,8 @@ def plan_activation_count(plans: Mapping[str, Any], configuration: str, **networ
     """The count for the CMC network of ``plans[configuration]`` at its patch size; ``network_options`` go to
     :func:`cmcseg.networks.cmc.build_cmc_network` (default: one network over all modalities, with the
     encoder of the plan's topology)."""
-    from cmcseg.networks.cmc import build_cmc_network, plan_channels_per_modality, plan_configuration
+    from cmcseg.networks.cmc import build_cmc_network
+    from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration
 
     config = plan_configuration(plans, configuration)
     # the encoder family of the plan's topology: ResEnc plans have blocks per stage, PlainConvUNet plans do not

@@ -185,8 +185,3 @@ def _keep_or_make_splits(dataset: Dataset, path: Path, seed: int) -> dict:
 
 def _cases_of(splits: dict) -> set[str]:
     return {c for fold in splits["folds"] for key in ("train", "val", "unlabeled") for c in fold.get(key, [])}
-
-
-def load_plans(preprocessed_folder: Path) -> dict:
-    """The plans.json of a planned dataset (the contract the trainers read)."""
-    return read_json(Path(preprocessed_folder) / PLANS_FILE)

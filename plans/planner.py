@@ -35,7 +35,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import read_json, write_json_atomic
+from cmcseg.image_io import write_json_atomic
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA_VERSION
 from cmcseg.plans.memory import (
     DEFAULT_UNLABELED_RATIO,
@@ -44,11 +44,10 @@ from cmcseg.plans.memory import (
     estimate_step,
     plan_activation_count,
 )
-from cmcseg.preprocessing.preprocessor import input_channel_modalities
+from cmcseg.plans.plans import SCHEMA_VERSION, input_channel_modalities
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 PLANS_NAME = "cmcsegPlans"
 CONFIGURATIONS = ("2d", "3d_fullres")
 REGISTER_CHOICES = ("none", "rigid")
@@ -446,12 +445,3 @@ def budget_summary(plans: Mapping[str, Any], name: str) -> str:
 def write_plans(plans: dict, path) -> None:
     """Write plans.json atomically."""
     write_json_atomic(plans, path)
-
-
-def load_plans(path) -> dict:
-    """Read plans.json, refusing a schema this version does not know."""
-    plans = read_json(path)
-    if plans.get("schema_version") != SCHEMA_VERSION:
-        raise CmcsegError(f"{path}: plans schema_version {plans.get('schema_version')!r}, expected {SCHEMA_VERSION}. "
-                          "Fix: rerun `cmcseg plan`.")
-    return plans

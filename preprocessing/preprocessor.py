@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +41,7 @@ from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError, WriteFaultError
 from cmcseg.image_io import geometry_of, make_folder, read_image_header, write_fault
 from cmcseg.parallel import process_pool
+from cmcseg.plans.plans import foreground_labels, input_channel_modalities, plan_configuration
 from cmcseg.preprocessing.alignment import GridGeometry
 from cmcseg.preprocessing.case_loading import load_case_in_reference_space
 from cmcseg.preprocessing.nnunet_members import find_nnunet_member
@@ -122,20 +122,6 @@ class PreprocessedCase:
 
 
 # ---------------------------------------------------------------------- plan helpers
-def configuration_of(plans: Mapping, configuration: str) -> dict:
-    try:
-        return plans["configurations"][configuration]
-    except KeyError:
-        raise CmcsegError(f"configuration {configuration!r} is not in the plans (planned: "
-                          f"{', '.join(plans.get('configurations', {}))}). Fix: pick one of those, "
-                          "or plan it.") from None
-
-
-def input_channel_modalities(channels_per_modality: Mapping[Any, int]) -> list[int]:
-    """The modality of each input channel (a modality with 3 components, RGB, gives 3 channels)."""
-    return [int(m) for m in sorted(channels_per_modality, key=int) for _ in range(int(channels_per_modality[m]))]
-
-
 def resampling_function(name: str) -> Callable:
     """nnU-Net's resampling function called ``name``."""
     fn = find_nnunet_member(default_resampling, "resampling", name)
@@ -143,11 +129,6 @@ def resampling_function(name: str) -> Callable:
         raise CmcsegError(f"unknown resampling function {name!r} in the plans: not in "
                           "nnunetv2.preprocessing.resampling")
     return fn
-
-
-def foreground_labels(plans: Mapping) -> list[int]:
-    """Label values to sample locations for: every label but background (and an 'ignore' label)."""
-    return sorted(int(v) for k, v in plans["labels"].items() if int(v) != 0 and k != "ignore")
 
 
 # ---------------------------------------------------------------------- hashing
@@ -166,7 +147,7 @@ def case_content_hash(case: Case, plans: Mapping, configuration: str,
     whose scheme uses them (CT), and the preprocessor version. File names, not folders,
     enter the hash: a moved dataset is not redone.
     """
-    cfg = configuration_of(plans, configuration)
+    cfg = plan_configuration(plans, configuration)
     schemes = cfg.get("normalization_schemes", [])
     props = plans.get("foreground_intensity_properties_per_channel", {})
     used_props = {str(c): props.get(str(c)) for c, s in enumerate(schemes) if s not in _SELF_CONTAINED_SCHEMES}
@@ -233,7 +214,7 @@ def preprocess_case(
     Memory: the case's float32 data is held about once, plus what nnU-Net's resampling
     allocates (it works in float64, one channel at a time here).
     """
-    cfg = configuration_of(plans, configuration)
+    cfg = plan_configuration(plans, configuration)
     reference_channel = next(iter(case.images)) if dataset.unpaired else int(plans["reference_channel"])
     aligned = load_case_in_reference_space(dataset, case, reference_channel, transforms,
                                            plans.get("label_interpolation", "nearest"))
@@ -424,7 +405,7 @@ def _run_case_job(dataset: Dataset, case: Case, plans: Mapping, configuration: s
         transforms = load_transforms(transforms_folder, case.case_id) if transforms_folder else None
         result = preprocess_case(dataset, case, plans, configuration, transforms)
         result.properties["content_hash"] = content_hash
-        cfg = configuration_of(plans, configuration)
+        cfg = plan_configuration(plans, configuration)
         write_case(out_dir, case.case_id, result.data, result.seg, result.fov, result.properties, cfg["patch_size"])
         return case.case_id, None
     except WriteFaultError:  # the output folder, not the case: stop, and do not blame the raw files
@@ -466,7 +447,7 @@ def preprocess_dataset(
     case and file.
     """
     start = time.perf_counter()
-    cfg = configuration_of(plans, configuration)
+    cfg = plan_configuration(plans, configuration)
     out_dir = Path(out_folder) / cfg["data_identifier"]
     make_folder(out_dir)
     _remove_stale_temporaries(out_dir)

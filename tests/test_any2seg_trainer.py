@@ -30,13 +30,13 @@ from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.paths import WorkRoots
+from cmcseg.plans.plans import LabelInfo
 from cmcseg.prediction.model import build_inference_networks, load_trained_model
 from cmcseg.preprocessing.storage import load_case
 from cmcseg.sliding_window import predict_case
 from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.registry import get_trainer_class
 from cmcseg.training.trainer import TrainingRequest
-from cmcseg.training.validation import LabelInfo
 
 DATASET = "Dataset505_DELIVER"
 MODALITIES = ("RGB", "depth", "event", "lidar")

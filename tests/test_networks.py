@@ -19,10 +19,10 @@ from cmcseg.networks import (
     WeightsMismatchError,
     build_cmc_network,
     build_encoder,
-    plan_num_classes,
     register_encoder,
     split_modalities,
 )
+from cmcseg.plans.plans import plan_num_classes
 
 PATCH = (16, 32, 32)  # (z, y, x)
 ARCH_KWARGS = {

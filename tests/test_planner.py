@@ -18,11 +18,11 @@ from cmcseg.plans.planner import (
     PLANNERS,
     ResEncMPlanner,
     default_memory_gb,
-    load_plans,
     normalization_channel_name,
     plan_experiment,
     write_plans,
 )
+from cmcseg.plans.plans import load_plans
 
 PHANTOM = "Dataset931_PlanPhantom"
 SHAPE = (32, 48, 48)  # numpy z, y, x

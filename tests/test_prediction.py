@@ -45,6 +45,7 @@ from cmcseg.sliding_window import (
     predict_case,
     with_mirroring,
 )
+from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.cmc_trainer import CMCTrainer
 
 DATASET = "Dataset950_Geo"
@@ -436,6 +437,18 @@ def test_subset_plans_for_models_that_accept_missing_modalities(geo):
     assert sub["reference_channel"] == 1
     assert len(sub["configurations"]["3d_fullres"]["normalization_schemes"]) == 1
     assert plans["channels_per_modality"] == {"0": 1, "1": 1}  # the model's plans are not modified
+
+
+@pytest.mark.parametrize("patch_size", [(4, 128, 128), (32, 32, 32), (64, 48)])
+def test_mirror_axes_of_an_old_checkpoint_follow_nnunet_rule(cmc_model, patch_size):
+    """A checkpoint without recorded axes mirrors what nnU-Net's augmentation rule mirrored for its patch, without
+    prediction importing the training stack to ask."""
+    model = load_trained_model(cmc_model, [0])
+    model.init.pop("mirror_axes", None)
+    model.trainer_class = None
+    model.plans = copy.deepcopy(model.plans)
+    model.plans["configurations"][model.configuration]["patch_size"] = list(patch_size)
+    assert model.mirror_axes == configure_spatial_augmentation(patch_size).mirror_axes
 
 
 def test_api_predict_cases_reports_every_case(geo, cmc_model, tmp_path):

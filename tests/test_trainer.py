@@ -26,15 +26,16 @@ from PIL import Image
 from cmcseg.checkpoint import CheckpointManager, load_checkpoint
 from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
+from cmcseg.evaluation import case_dice
 from cmcseg.losses import RampUp, class_thresholds
 from cmcseg.paths import WorkRoots
+from cmcseg.plans.plans import LabelInfo
 from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.progress import MetricsHistory, loss_metrics, plot_progress, progress_figure
 from cmcseg.training.registry import TRAINERS, get_trainer_class
 from cmcseg.training.trainer import TrainingRequest, batch_composition, select_fold_cases
-from cmcseg.training.validation import LabelInfo, case_dice
 
 TESTS_DIR = Path(__file__).resolve().parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-from cmcseg.networks.cmc import plan_num_classes
+from cmcseg.plans.plans import plan_num_classes
 from cmcseg.preprocessing.storage import write_case
 from cmcseg.training.augmentation import configure_spatial_augmentation, deep_supervision_scales, training_transforms
 from cmcseg.training.data import (

@@ -7,7 +7,7 @@ validation case predicted from that subset alone. Two scores, as the two communi
   counts summed over ALL cases of the subset (the dataset-level IoU of semantic-segmentation
   benchmarks), then the mean over the classes that occur (in the reference or the prediction);
 * ``dice`` (medical data): per case and class the Dice of the argmax (MONAI's
-  ``compute_dice`` through :func:`cmcseg.training.validation.case_dice`), then the mean over
+  ``compute_dice`` through :func:`cmcseg.evaluation.case_dice`), then the mean over
   cases (NaN where a class is absent from both), then over classes.
 
 Classes (:func:`scored_classes`): for ``miou`` every class, 0 included (in DELIVER class 0 is
@@ -28,10 +28,12 @@ import pandas as pd
 import torch
 
 from cmcseg.any2seg.model import non_empty_subsets
+from cmcseg.evaluation import case_dice, nanmean, patch_counts
 from cmcseg.image_io import atomic_path
+from cmcseg.plans.plans import LabelInfo
 from cmcseg.preprocessing.storage import load_case
+from cmcseg.sliding_window import Predict as Predictor
 from cmcseg.sliding_window import predict_case
-from cmcseg.training.validation import LabelInfo, Predictor, case_dice, nanmean, patch_counts
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,6 @@ from cmcseg.networks.cmc import (
     CMCNetwork,
     CMCOutput,
     build_cmc_network,
-    plan_channels_per_modality,
-    plan_configuration,
-    plan_num_classes,
     split_modalities,
 )
 from cmcseg.networks.encoders import (
@@ -18,7 +15,7 @@ from cmcseg.networks.encoders import (
 from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
 
 __all__ = [
-    "CMCNetwork", "CMCOutput", "build_cmc_network", "plan_channels_per_modality", "plan_configuration",
-    "plan_num_classes", "split_modalities", "ENCODERS", "ModalityEncoder", "WeightsMismatchError", "build_encoder",
+    "CMCNetwork", "CMCOutput", "build_cmc_network",
+    "split_modalities", "ENCODERS", "ModalityEncoder", "WeightsMismatchError", "build_encoder",
     "register_encoder", "ChannelAttention", "UnifiedFusion",
 ]

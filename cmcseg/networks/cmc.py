@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from torch import Tensor, nn
 
-from cmcseg.dataset import nnunet_label_dict
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.encoders import ModalityEncoder, build_encoder
 from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
+from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration, plan_num_classes
 
 log = logging.getLogger(__name__)
 
@@ -254,40 +253,6 @@ class CMCNetwork(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- building
-def plan_channels_per_modality(plans: Mapping[str, Any]) -> list[int]:
-    """Components per modality in modality order, from ``plans["channels_per_modality"]``."""
-    try:
-        cpm = plans["channels_per_modality"]
-        return [int(cpm[k]) for k in sorted(cpm, key=int)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CmcsegError(f"plans.json has no usable channels_per_modality ({e!r}). Fix: rerun `cmcseg plan`.") from e
-
-
-def plan_num_classes(plans: Mapping[str, Any]) -> int:
-    """Output channels, by nnU-Net's ``LabelManager`` (an ``ignore`` label is not predicted; regions count as heads)."""
-    if "labels" not in plans:
-        raise CmcsegError("plans.json has no labels. Fix: rerun `cmcseg plan`.")
-    return LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order")).num_segmentation_heads
-
-
-def plan_configuration(plans: Mapping[str, Any], configuration: str) -> dict:
-    """``plans["configurations"][configuration]``, with ``inherits_from`` resolved as nnU-Net does."""
-    configs = plans.get("configurations", {})
-    if configuration not in configs:
-        raise CmcsegError(f"plans.json has no configuration {configuration!r}. Fix: choose one of {sorted(configs)} "
-                          "or plan it with `cmcseg plan -c`.")
-    config = dict(configs[configuration])
-    seen = {configuration}
-    while "inherits_from" in config:
-        parent = config.pop("inherits_from")
-        if parent in seen or parent not in configs:
-            raise CmcsegError(f"plans.json: configuration {configuration!r} inherits from unknown or circular "
-                              f"{parent!r}.")
-        seen.add(parent)
-        config = {**configs[parent], **config}
-    return config
-
-
 def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str = "residual",
                       shared_encoder: bool = False, encoder_weights: Path | str | None = None,
                       deep_supervision: bool = True, *, shared_decoder: bool = False, fusion: bool | None = None,

@@ -35,15 +35,17 @@ from cmcseg.checkpoint import CHECKPOINT_KINDS, FORMAT_VERSION, load_checkpoint
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
-from cmcseg.networks.cmc import (
-    build_cmc_network,
+from cmcseg.networks.cmc import build_cmc_network
+from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, TRAINING_CONFIG_FILE
+from cmcseg.plans.plans import (
+    check_plans,
+    input_channel_modalities,
     plan_channels_per_modality,
     plan_configuration,
     plan_num_classes,
+    plans_hash,
 )
-from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
-from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, TRAINING_CONFIG_FILE, plans_hash
-from cmcseg.preprocessing.preprocessor import input_channel_modalities
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,9 @@ class TrainedModel:
         axes = self.init.get("mirror_axes", getattr(self.trainer_class, "inference_allowed_mirroring_axes", None))
         if axes is not None:
             return tuple(int(a) for a in axes)
-        # checkpoints written before the trainer recorded its axes: nnU-Net's rule, which needs its trainer
-        from cmcseg.training.augmentation import configure_spatial_augmentation
-
-        return configure_spatial_augmentation(self.patch_size).mirror_axes
+        # checkpoints written before the trainer recorded its axes were trained with nnU-Net's rule
+        # (configure_rotation_dummyDA_mirroring_and_inital_patch_size): every axis of the patch, 2D and 3D alike
+        return tuple(range(len(self.patch_size)))
 
     def dataset(self) -> Dataset:
         """The dataset as the preprocessor sees it (channels, labels, pairing; no cases)."""
@@ -274,7 +275,7 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
         raise CmcsegError(f"{folder} is a fold folder. Fix: pass its parent, the model folder, with -m (and "
                           f"-f {_FOLD_RE.match(folder.name).group(1)} for this fold only).")
     paths = select_folds(folder, folds, checkpoint)
-    plans = _model_json(folder, PLANS_FILE, preprocessed_dataset)
+    plans = check_plans(_model_json(folder, PLANS_FILE, preprocessed_dataset), folder / PLANS_FILE)
     dataset_json = _model_json(folder, DATASET_FILE, preprocessed_dataset)
     check_model_json(folder, plans, dataset_json)
     loaded = [_load_fold(fold, path, unsafe_allow_pickle) for fold, path in sorted(paths.items())]

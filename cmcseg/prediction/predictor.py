@@ -39,6 +39,7 @@ from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, write_json_atomic
 from cmcseg.paths import check_file_ending, check_name, contained
+from cmcseg.plans.plans import input_channel_modalities
 from cmcseg.prediction.cases import InputCase, find_input_cases
 from cmcseg.prediction.model import (
     TrainedModel,
@@ -47,7 +48,7 @@ from cmcseg.prediction.model import (
     load_trained_model,
 )
 from cmcseg.prediction.revert import original_value_table, revert_case, write_probabilities, write_segmentation
-from cmcseg.preprocessing.preprocessor import PreprocessedCase, input_channel_modalities, preprocess_case
+from cmcseg.preprocessing.preprocessor import PreprocessedCase, preprocess_case
 from cmcseg.sliding_window import (
     Predict,
     check_step,

@@ -63,7 +63,7 @@ from cmcseg.any2seg.subsets import (
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.errors import CmcsegError
 from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
-from cmcseg.networks.cmc import plan_channels_per_modality
+from cmcseg.plans.plans import plan_channels_per_modality
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader

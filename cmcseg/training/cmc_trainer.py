@@ -77,7 +77,7 @@ from cmcseg.losses import (
 from cmcseg.networks import build_cmc_network
 from cmcseg.networks.cmc import as_scales
 from cmcseg.plans.memory import MemoryEstimate, plan_memory_estimate
-from cmcseg.preprocessing.preprocessor import input_channel_modalities
+from cmcseg.plans.plans import input_channel_modalities
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import StrongIntensityAugmentation
 from cmcseg.training.progress import MASS_PREFIX, WEIGHT_PREFIX

@@ -36,8 +36,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Sampler
 
 from cmcseg.errors import CmcsegError
-from cmcseg.networks.cmc import plan_configuration
-from cmcseg.preprocessing.preprocessor import input_channel_modalities
+from cmcseg.plans.plans import input_channel_modalities, plan_configuration
 from cmcseg.preprocessing.storage import case_files, read_array, read_properties
 from cmcseg.training.augmentation import (
     SpatialAugmentation,

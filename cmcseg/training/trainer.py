@@ -41,11 +41,12 @@ from torch import Tensor, nn
 
 from cmcseg.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from cmcseg.errors import CmcsegError
+from cmcseg.evaluation import patch_counts
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
-from cmcseg.networks.cmc import plan_configuration
 from cmcseg.paths import WorkRoots, require_preprocessed_dataset, resolve_roots
-from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE, TRAINING_CONFIG_FILE, plans_hash
+from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE, TRAINING_CONFIG_FILE
 from cmcseg.plans.memory import MemoryEstimate
+from cmcseg.plans.plans import LabelInfo, load_plans, plan_configuration, plans_hash
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import SpatialAugmentation, configure_spatial_augmentation
@@ -68,8 +69,6 @@ from cmcseg.training.progress import (
 )
 from cmcseg.training.validation import (
     BestTracker,
-    LabelInfo,
-    patch_counts,
     pseudo_dice_metrics,
     summarize,
     validate_case_outputs,
@@ -344,10 +343,7 @@ class TrainerBase:
 
     def load_plans_and_fold(self) -> None:
         """Read plans.json and splits.json and choose this fold's cases and the batch composition."""
-        plans_file = self.preprocessed_folder / PLANS_FILE
-        if not plans_file.is_file():
-            raise CmcsegError(f"{plans_file} does not exist. Fix: run `cmcseg plan -d {self.request.dataset}`.")
-        self.plans = self.configure_plans(read_json(plans_file))
+        self.plans = self.configure_plans(load_plans(self.preprocessed_folder))
         self.config = plan_configuration(self.plans, self.configuration)
         self.plans_sha256 = plans_hash(self.plans)
         self.splits = load_splits(self.preprocessed_folder / SPLITS_FILE)

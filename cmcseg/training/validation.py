@@ -3,12 +3,12 @@
 * **Pseudo-Dice** (nnU-Net's online evaluation): each epoch the network predicts the same fixed
   validation patches; true/false positives and false negatives per foreground class are summed
   over all patches (and all DDP ranks) into one Dice per class, ``2 TP / (2 TP + FP + FN)``.
-  It is cheap and comparable from epoch to epoch, not a case-level Dice. The counts use
-  nnU-Net's ``get_tp_fp_fn_tn``.
+  It is cheap and comparable from epoch to epoch, not a case-level Dice. The counts
+  (:func:`cmcseg.evaluation.patch_counts`) use nnU-Net's ``get_tp_fp_fn_tn``.
 * **Full validation**: every validation case of the fold is predicted on its whole preprocessed
   array by :func:`cmcseg.sliding_window.predict_case` (nnU-Net's Gaussian-weighted windows, step 0.5, the
   predictor's own function), and Dice
-  per class per case is computed with MONAI's ``compute_dice``. The result goes to
+  per class per case is computed with MONAI's ``compute_dice`` (:func:`cmcseg.evaluation.case_dice`). The result goes to
   ``validation/summary.json`` (atomically). It is on the preprocessed grid; the predictor
   (``cmcseg predict``) exports on the original grid.
 
@@ -27,12 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
-from torch import Tensor
 
-from cmcseg.dataset import nnunet_label_dict
+from cmcseg.evaluation import case_dice, nanmean
 from cmcseg.image_io import write_json_atomic
+from cmcseg.plans.plans import LabelInfo
 from cmcseg.preprocessing.storage import load_case
 from cmcseg.sliding_window import Predict, predict_case
 from cmcseg.training.progress import DICE_PREFIX
@@ -44,51 +42,6 @@ SUMMARY_FILE = "summary.json"
 
 #: probabilities ``(B, K, *spatial)`` from an input ``(B, C + M, *spatial)`` (:mod:`cmcseg.sliding_window`)
 Predictor = Predict
-
-
-@dataclass(frozen=True)
-class LabelInfo:
-    """The classes scored: foreground label values and names, the number of outputs, the ignore label."""
-
-    names: tuple[str, ...]
-    values: tuple[int, ...]
-    num_classes: int
-    ignore_label: int | None
-
-    @classmethod
-    def from_plans(cls, plans: Mapping) -> LabelInfo:
-        """From ``plans["labels"]`` via nnU-Net's ``LabelManager`` (region-based labels are not supported here)."""
-        manager = LabelManager(nnunet_label_dict(plans["labels"]), plans.get("regions_class_order"))
-        if manager.has_regions:
-            raise NotImplementedError("region-based labels are not supported by cmcseg's validation")
-        by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
-        values = tuple(int(v) for v in manager.foreground_labels)
-        return cls(tuple(by_value.get(v, str(v)) for v in values), values, manager.num_segmentation_heads,
-                   manager.ignore_label)
-
-    @classmethod
-    def every_class(cls, plans: Mapping) -> LabelInfo:
-        """Every class including value 0, as scene benchmarks score mIoU (in the DELIVER release class 0 is
-        Building)."""
-        info = cls.from_plans(plans)
-        by_value = {int(v): k for k, v in plans["labels"].items() if k != "ignore" and not isinstance(v, (list, tuple))}
-        values = tuple(range(info.num_classes))
-        return cls(tuple(by_value.get(v, str(v)) for v in values), values, info.num_classes, info.ignore_label)
-
-
-def patch_counts(probabilities: Tensor, target: Tensor, labels: LabelInfo) -> np.ndarray:
-    """``(3, n_foreground)`` TP, FP, FN summed over a batch, from probabilities and a ``(B, 1, *)`` label map."""
-    prediction = probabilities.argmax(1, keepdim=True)
-    target = target.to(prediction.device).long()
-    mask = None
-    if labels.ignore_label is not None:
-        mask = (target != labels.ignore_label).float()
-        target = torch.where(target == labels.ignore_label, torch.zeros_like(target), target)
-    onehot = torch.zeros_like(probabilities, dtype=torch.float32).scatter_(1, prediction, 1.0)
-    axes = [0] + list(range(2, probabilities.ndim))
-    tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes, mask=mask)
-    counts = torch.stack([tp, fp, fn]).detach().cpu().double().numpy()
-    return counts[:, list(labels.values)]
 
 
 @dataclass
@@ -147,25 +100,6 @@ class BestTracker:
 
     def load_state_dict(self, state: Mapping) -> None:
         self.ema, self.best = state.get("ema"), state.get("best")
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """Mean of the non-NaN values (NaN if there is none)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -> dict[str, float]:
-    """Dice per foreground class of the argmax of ``(K, *)`` probabilities against a ``(1, *)`` label map."""
-    from monai.metrics import compute_dice  # MONAI loads all of its modules: only when a case is scored
-
-    prediction = probabilities.argmax(0, keepdim=True)[None]
-    target = torch.from_numpy(np.asarray(reference).astype(np.int64))[None]
-    dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
-                        num_classes=labels.num_classes, ignore_index=labels.ignore_label)[0]
-    present = {value: bool((prediction == value).any() or (target == value).any()) for value in labels.values}
-    return {name: float(dice[value]) if present[value] else math.nan
-            for name, value in zip(labels.names, labels.values)}
 
 
 def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],
