@@ -16,7 +16,8 @@ install-test:
 demo: install
 	$(BIN)/cmcseg demo --work cmcseg_work/demo
 
-# the linter first (seconds; pyproject.toml [tool.ruff]), then the whole suite
+# the linter and the type checker first (pyproject.toml [tool.ruff], [tool.mypy]), then the whole suite
 test: install-test
 	$(BIN)/ruff check .
+	MYPY=$(abspath $(BIN))/mypy bash scripts/typecheck.sh
 	$(BIN)/pytest -q

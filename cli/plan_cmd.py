@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.integrity.verdict())
     if args.verify_only:
         return 0
+    assert outcome.plans is not None and outcome.fingerprint is not None  # a full run plans
     print()
     print(outcome.fingerprint.get("summary", ""))
     for name, cfg in outcome.plans["configurations"].items():

@@ -46,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="model folder (the one holding fold_0, ...); default: the single model of -d")
     p.add_argument("-f", "--folds", nargs="+", type=_fold, default=None,
                    help="folds to ensemble (default, or 'all': every fold with the checkpoint)")
+    p.add_argument("--trainer", default=None,
+                   help="the trainer class the model was trained with, when it is your own (module:ClassName, "
+                        "imported from your PYTHONPATH); cmcseg's trainers are found by the name in the checkpoint")
     p.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final",
                    help="checkpoint of each fold (default final)")
     p.add_argument("--no-tta", action="store_true",
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities, save_heads=args.save_heads,
         original_labels=args.original_labels, device=args.device,
         continue_prediction=args.continue_prediction, num_workers=args.num_processes,
-        sw_batch_size=args.sw_batch_size, unsafe_allow_pickle=args.unsafe_allow_pickle,
+        sw_batch_size=args.sw_batch_size, unsafe_allow_pickle=args.unsafe_allow_pickle, trainer=args.trainer,
     )
     report = predict_folder(args.input, args.output, model_folder, options, dataset_spec=args.dataset,
                             preprocessed_dataset=preprocessed)

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
     subsets = sys.modules.get("cmcseg.any2seg.subsets")  # loaded by an Any2Seg run only (it needs transformers)
     subsets_path = output_folder / VALIDATION_DIR / subsets.SUBSET_TABLE_CSV if subsets is not None else None
-    if subsets_path is not None and subsets_path.is_file():
+    if subsets is not None and subsets_path is not None and subsets_path.is_file():
         print(f"scores per modality subset: {subsets_path} (heat map: "
               f"{subsets_path.parent / subsets.SUBSET_TABLE_PNG})")
     print(f"trained {trainer.name} fold {args.fold} at --labeled {args.labeled}{ddp_note}: {output_folder}")

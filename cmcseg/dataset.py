@@ -407,7 +407,7 @@ def write_dataset_json(
     folder: Path | str,
     *,
     name: str,
-    channel_names: Mapping[int | str, str] | Iterable[str],
+    channel_names: Mapping[int, str] | Mapping[str, str] | Iterable[str],
     labels: Mapping[str, int],
     num_training: int,
     file_ending: str = ".nii.gz",
@@ -419,12 +419,11 @@ def write_dataset_json(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a ``dataset.json`` that both nnU-Net v2 and cmcseg read (atomically)."""
-    if not isinstance(channel_names, Mapping):
-        channel_names = {i: n for i, n in enumerate(channel_names)}
+    names: Mapping[Any, str] = channel_names if isinstance(channel_names, Mapping) else dict(enumerate(channel_names))
     meta: dict[str, Any] = {
         "name": name,
         "description": description,
-        "channel_names": {str(k): v for k, v in channel_names.items()},
+        "channel_names": {str(k): v for k, v in names.items()},
         "labels": dict(labels),
         "numTraining": int(num_training),
         "file_ending": file_ending,

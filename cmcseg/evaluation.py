@@ -437,7 +437,7 @@ def evaluate_folders(reference_dir: Path | str, prediction_dir: Path | str, labe
             raise EvaluationError(f"no foreground voxel in any reference of {reference_dir} or prediction of "
                                   f"{prediction_dir}, so no class to evaluate. Fix: pass --labels or -d.")
         log.info("evaluating the labels found in the files: %s", wanted)
-    rows = []
+    rows: list[dict] = []
     for (case, ref, pred), outcome in zip(pairs, outcomes):
         by_label = {r["label"]: r for r in outcome.rows}
         rows.extend(by_label.get(v) or _absent_row(case, v, outcome.num_voxels, str(ref), str(pred))

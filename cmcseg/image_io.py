@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -194,7 +194,7 @@ def read_stored_values(path: Path | str, case: str = "") -> np.ndarray:
         import nibabel as nib
 
         try:
-            return np.asanyarray(nib.load(str(path)).dataobj)
+            return np.asanyarray(cast(Any, nib.load(str(path))).dataobj)
         except Exception as e:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
             raise ImageReadError(path, f"{type(e).__name__}: {e}", case) from None
     check_compressed_stream(path, case)

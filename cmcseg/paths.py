@@ -164,7 +164,7 @@ def dataset_folder_for_new(root: Path, spec: str | int) -> str:
     known = known_dataset(spec)
     if known is not None:
         return known.folder_name
-    used = {parse_folder_name(c.name)[0] for c in Path(root).glob("Dataset*_*") if parse_folder_name(c.name)}
+    used = {parsed[0] for c in Path(root).glob("Dataset*_*") if (parsed := parse_folder_name(c.name))}
     new_id = next(i for i in range(_FIRST_FREE_ID, 1000) if i not in used)
     return dataset_folder_name(new_id, spec)
 

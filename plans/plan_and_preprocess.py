@@ -89,6 +89,8 @@ def plan_and_preprocess(
     integrity.raise_if_fatal()
     if verify_only:
         return outcome
+    if reference_channel is None:  # the integrity check passed, so this now says what is wrong if anything is
+        reference_channel = choose_reference_channel(dataset, reference)
 
     out = roots.preprocessed / raw_folder.name
     make_folder(out)

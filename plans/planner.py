@@ -321,9 +321,13 @@ def plan_experiment(
         context = {"channels_per_modality": dict(channels_per_modality), "labels": dict(dataset.labels)}
         counts: dict[str, ActivationCount] = {}  # per network and patch; the batch only scales them
         for name in list(planned["configurations"]):
-            cfg, estimate = fit_to_budget(
-                lambda budget, name=name: plan_at(budget, [name])["configurations"][name],
-                lambda cfg, name=name: configuration_estimate(context, name, cfg, device, branches, counts), memory)
+            def planned_at(budget: float, name: str = name) -> dict:
+                return plan_at(budget, [name])["configurations"][name]
+
+            def estimated(cfg: dict, name: str = name) -> MemoryEstimate:
+                return configuration_estimate(context, name, cfg, device, branches, counts)
+
+            cfg, estimate = fit_to_budget(planned_at, estimated, memory)
             planned["configurations"][name] = cfg
             estimates[name] = {"device": device, **estimate.as_dict()}
     plans = {

@@ -117,7 +117,11 @@ class GridGeometry:
     def GetDimension(self): return len(self.size)  # noqa: E704,N802
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = _GRID_TOL) -> bool:
+#: an image or its header alone: what the geometry functions below read (sizes, spacing, origin, direction)
+Geometry = sitk.Image | GridGeometry
+
+
+def same_grid(a: Geometry, b: Geometry, tol: float = _GRID_TOL) -> bool:
     """True when two images share size, spacing, origin and direction (within ``tol``)."""
     return (
         a.GetSize() == b.GetSize()
@@ -127,7 +131,7 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = _GRID_TOL) -> bool:
     )
 
 
-def _grid_points(image: sitk.Image, n: int = 12) -> np.ndarray:
+def _grid_points(image: Geometry, n: int = 12) -> np.ndarray:
     """n^d physical points at the centres of an n^d partition of the image's extent."""
     size = np.asarray(image.GetSize(), dtype=float)
     axes = [(np.arange(n) + 0.5) / n * s - 0.5 for s in size]
@@ -135,26 +139,26 @@ def _grid_points(image: sitk.Image, n: int = 12) -> np.ndarray:
     return _index_to_physical(image, idx)
 
 
-def _index_to_physical(image: sitk.Image, idx: np.ndarray) -> np.ndarray:
+def _index_to_physical(image: Geometry, idx: np.ndarray) -> np.ndarray:
     d = image.GetDimension()
     direction = np.asarray(image.GetDirection()).reshape(d, d)
     return np.asarray(image.GetOrigin()) + (idx * np.asarray(image.GetSpacing())) @ direction.T
 
 
-def _physical_to_index(image: sitk.Image, pts: np.ndarray) -> np.ndarray:
+def _physical_to_index(image: Geometry, pts: np.ndarray) -> np.ndarray:
     d = image.GetDimension()
     direction = np.asarray(image.GetDirection()).reshape(d, d)
     return ((pts - np.asarray(image.GetOrigin())) @ direction) / np.asarray(image.GetSpacing())
 
 
-def _fraction_inside(points: np.ndarray, image: sitk.Image) -> float:
+def _fraction_inside(points: np.ndarray, image: Geometry) -> float:
     idx = _physical_to_index(image, points)
     size = np.asarray(image.GetSize())
     inside = np.all((idx >= -0.5 - 1e-6) & (idx <= size - 0.5 + 1e-6), axis=1)
     return float(inside.mean())
 
 
-def physical_centre(image: sitk.Image) -> np.ndarray:
+def physical_centre(image: Geometry) -> np.ndarray:
     """The physical position of the centre of the image's extent."""
     centre_idx = (np.asarray(image.GetSize(), dtype=float) - 1) / 2
     return _index_to_physical(image, centre_idx[None])[0]
@@ -178,7 +182,7 @@ class ModalityRelation:
                 "centre_offset_mm": round(self.centre_offset_mm, 3)}
 
 
-def modality_relation(image: sitk.Image, reference: sitk.Image) -> ModalityRelation:
+def modality_relation(image: Geometry, reference: Geometry) -> ModalityRelation:
     """Classify how ``image`` sits relative to ``reference`` (headers only, no pixels are read)."""
     if same_grid(image, reference):
         return ModalityRelation("same_grid")
@@ -191,7 +195,7 @@ def modality_relation(image: sitk.Image, reference: sitk.Image) -> ModalityRelat
     return ModalityRelation(kind, covers_ref, offset)
 
 
-def extents_disjoint(image: sitk.Image, reference: sitk.Image) -> bool:
+def extents_disjoint(image: Geometry, reference: Geometry) -> bool:
     """True when the two physical extents do not overlap at all (headers only): no sample point of either
     extent lies inside the other. Resampling ``image`` into ``reference`` then leaves an empty field of view,
     which almost always means a wrong origin, spacing or direction in a header."""

@@ -65,12 +65,11 @@ def choose_reference_channel(dataset: Dataset, override: str | None = None) -> i
     declared = dataset.channel_index(dataset.reference_modality) if dataset.reference_modality else None
     if dataset.unpaired:
         return declared if declared is not None else 0
-    votes = Counter(label_grid_channel(c, declared) for c in dataset.labeled_cases)
-    votes.pop(None, None)
+    votes = Counter(ch for c in dataset.labeled_cases if (ch := label_grid_channel(c, declared)) is not None)
     if votes:
         best = max(votes.values())
         winners = sorted(ch for ch, v in votes.items() if v == best)
-        return declared if declared in winners else winners[0]
+        return declared if declared is not None and declared in winners else winners[0]
     return declared if declared is not None else 0
 
 

@@ -149,7 +149,7 @@ def rotation_angle_deg(transform: sitk.Transform) -> float:
     return float(np.degrees(np.arccos(cos)))
 
 
-def displacement_at(transform: sitk.Transform, point: Sequence[float]) -> float:
+def displacement_at(transform: sitk.Transform, point: Sequence[float] | np.ndarray) -> float:
     """How far (mm) the transform moves ``point``."""
     p = np.asarray(point, float)
     return float(np.linalg.norm(np.asarray(transform.TransformPoint(tuple(p))) - p))

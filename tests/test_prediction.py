@@ -31,10 +31,8 @@ from cmcseg.image_io import read_json, write_image
 from cmcseg.networks.cmc import build_cmc_network
 from cmcseg.prediction.cases import find_input_cases
 from cmcseg.prediction.model import (
-    TrainedModel,
     check_model_dataset,
     load_trained_model,
-    register_inference_builder,
     write_model_folder,
 )
 from cmcseg.prediction.predictor import PredictionOptions, predict_cases, subset_plans
@@ -162,6 +160,10 @@ def cmc_model(geo, tmp_path_factory) -> Path:
 class StubThresholdTrainer(CMCTrainer):
     """Test-only trainer whose 'network' labels a voxel foreground where the reference channel is above its mean."""
 
+    @classmethod
+    def build_inference_network(cls, plans, configuration, options, weights) -> nn.Module:
+        return ThresholdNetwork(int(plans["reference_channel"]))
+
 
 class ThresholdNetwork(nn.Module):
     """Probabilities [1 - p, p] with p = (normalised reference channel > 0): a known function of the input."""
@@ -175,11 +177,6 @@ class ThresholdNetwork(nn.Module):
         return torch.cat([1 - p, p], dim=1)
 
 
-def _build_threshold(model: TrainedModel, weights) -> nn.Module:
-    return ThresholdNetwork(int(model.plans["reference_channel"]))
-
-
-register_inference_builder(StubThresholdTrainer, _build_threshold)
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,16 @@ class TinyBranchesTrainer(TinyCMCTrainer):
     strong_drop_modality = 0.0
 
 
+class ScaledTinyTrainer(TinyCMCTrainer):
+    """A user's variant with its own network (an extra parameter), which prediction must build the same way."""
+
+    @classmethod
+    def build_network_architecture(cls, plans, configuration, options, deep_supervision):
+        network = super().build_network_architecture(plans, configuration, options, deep_supervision)
+        network.register_parameter("output_scale", torch.nn.Parameter(torch.full((1,), 2.0)))
+        return network
+
+
 class DumpingTinyCMCTrainer(TinyCMCTrainer):
     """Test-only: every DDP rank saves its final parameters, to compare the ranks."""
 
@@ -360,6 +370,32 @@ def test_labeled_fraction_one_is_supervised(planned, tmp_path):
     assert len(trainer.seen_labeled) == 2 and all(bool(flags.all()) for flags in trainer.seen_labeled)
     config = json.loads((folder / "training_config.json").read_text())
     assert config["labeled_ids"] == labeled_subset(splits, 0, 1.0) and config["unlabeled_ids"] == []
+
+
+def test_a_trainer_of_ones_own_builds_its_network_for_prediction_too(planned, tmp_path):
+    """`--trainer module:Class` with its own build_network_architecture trains, and predicts with the same network;
+    without --trainer, CMCTrainer's network does not fit the weights and the error names the fix."""
+    roots = fresh_roots(planned, tmp_path)
+    folder = ScaledTinyTrainer(request(roots, fraction=1.0, num_epochs=1)).run()
+    assert "output_scale" in load_checkpoint(folder / "checkpoint_final.pt")["network"]
+    images = tmp_path / "in"
+    images.mkdir()
+    case = sorted((planned.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    for path in (planned.raw / DATASET / "imagesTr").glob(f"{case}_*.nii.gz"):
+        (images / path.name).write_bytes(path.read_bytes())
+    command = [sys.executable, "-m", "cmcseg", "predict", "-i", str(images), "-m", str(folder.parent), "--no-tta",
+               "--device", "cpu"]
+    ours = subprocess.run([*command, "-o", str(tmp_path / "out"), "--trainer", "test_trainer:ScaledTinyTrainer"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert (tmp_path / "out" / f"{case}.nii.gz").is_file()
+    plain = subprocess.run([*command, "-o", str(tmp_path / "plain")], env=subprocess_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode != 0
+    assert "output_scale" in plain.stderr and "--trainer module:ScaledTinyTrainer" in plain.stderr
+    wrong = subprocess.run([*command, "-o", str(tmp_path / "wrong"), "--trainer", "test_trainer:TinyCMCTrainer"],
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "was trained by ScaledTinyTrainer" in wrong.stderr
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def mit_spec(variant: str) -> MiTSpec:
 def mit_config(variant: str = "mit_b0", in_channels: int = 3, num_labels: int = 2) -> SegformerConfig:
     """A :class:`SegformerConfig` for ``variant`` with ``in_channels`` input channels."""
     spec = mit_spec(variant)
-    return SegformerConfig(
+    config = SegformerConfig(
         num_channels=in_channels,
         num_encoder_blocks=4,
         hidden_sizes=list(spec.hidden_sizes),
@@ -101,9 +101,10 @@ def mit_config(variant: str = "mit_b0", in_channels: int = 3, num_labels: int = 
         strides=[4, 2, 2, 2],
         decoder_hidden_size=spec.decoder_hidden_size,
         drop_path_rate=spec.drop_path_rate,
-        num_labels=num_labels,
         output_hidden_states=True,
     )
+    config.num_labels = num_labels  # PretrainedConfig's setter: id2label / label2id follow
+    return config
 
 
 def match_channels(images: Tensor, in_channels: int) -> Tensor:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ class LSCDLoss(nn.Module):
         self.ignore_index = ignore_index
 
     @classmethod
-    def for_model(cls, model: Any2SegModel, text_dim: int, **options: float | int) -> LSCDLoss:
+    def for_model(cls, model: Any2SegModel, text_dim: int, **options: Any) -> LSCDLoss:
         """An LSCD loss whose projection fits ``model``'s ``inter_stage`` channels."""
         stage = int(options.get("inter_stage", -1))
         return cls(model.stage_channels[stage], text_dim, **options)

@@ -200,6 +200,8 @@ class Any2SegProbabilities(nn.Module):
     in view, the allowed ones are used (their images are zeros there).
     """
 
+    allowed: Tensor  # buffer ``(M,)``: the modalities the network may use
+
     def __init__(self, network: Any2SegModel, channels_per_modality: Sequence[int],
                  subset: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -231,6 +233,8 @@ class SubsetProbabilities(Any2SegProbabilities):
     15 subsets of four modalities); only fusion and decoding are repeated per subset. One
     sliding window over a case then scores every subset.
     """
+
+    subset_masks: Tensor  # buffer ``(S, M)``: one row of allowed modalities per subset
 
     def __init__(self, network: Any2SegModel, channels_per_modality: Sequence[int],
                  subsets: Sequence[Sequence[int]]) -> None:

@@ -125,6 +125,7 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | Non
             continue
         data, seg, fov = data[:], seg[:], fov[:]
         if joint_predictor_for is None:
+            assert predictor_for is not None, "a predictor per subset, or one for all subsets"
             for subset in subsets:
                 with torch.no_grad():
                     probabilities = predict_case(predictor_for(subset), data, fov, patch_size, device, step,

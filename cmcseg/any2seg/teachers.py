@@ -36,7 +36,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,7 @@ class Teacher(ABC):
         for i, name in enumerate(modalities):
             emb = self.encode_images(images[:, i], name) * mask[:, i:i + 1].to(images.dtype)
             total = emb if total is None else total + emb
+        assert total is not None, "at least one modality"
         return F.normalize(total, dim=-1)
 
 
@@ -355,7 +356,8 @@ class LanguageBindTeacher(Teacher):
             self.towers[name] = towers
         self.text = self.towers[next(n for n, f in self.folders.items() if f == text_folder)]
         self.tokenizer = self._load_tokenizer(text_folder)
-        self.embedding_dim = int(self.text.text_projection.out_features)
+        assert self.text.text_model is not None and self.text.text_projection is not None, text_folder
+        self.embedding_dim = int(cast(Any, self.text.text_projection).out_features)
         self._cache: dict[tuple[str, ...], Tensor] = {}
         log.info("LanguageBind teacher (%s backend): towers %s from %s", self.backend, sorted(self.towers), self.root)
 
@@ -408,8 +410,10 @@ class LanguageBindTeacher(Teacher):
             tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length,
                                     return_tensors="pt")
             tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-            pooled = self.text.text_model(**tokens)[1]
-            emb = F.normalize(self.text.text_projection(pooled).float(), dim=-1)
+            text_model, projection = self.text.text_model, self.text.text_projection
+            assert text_model is not None and projection is not None  # checked when the towers were loaded
+            pooled = text_model(**tokens)[1]
+            emb = F.normalize(projection(pooled).float(), dim=-1)
             emb = emb.reshape(len(key), len(self.templates), -1).mean(dim=1)
             self._cache[key] = F.normalize(emb, dim=-1).cpu()
         return self._cache[key].clone()

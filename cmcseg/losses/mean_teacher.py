@@ -8,9 +8,12 @@ weights are an exponential moving average (EMA) of the student's.
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def mean_teacher_consistency_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -39,7 +42,7 @@ class MeanTeacherConsistencyLoss(nn.Module):
         return mean_teacher_consistency_loss(student_logits, teacher_logits)
 
 
-def create_ema_teacher(student: nn.Module) -> nn.Module:
+def create_ema_teacher(student: ModuleT) -> ModuleT:
     """A deep copy of ``student`` whose parameters require no gradient (it is updated by EMA only)."""
     teacher = copy.deepcopy(student)
     for param in teacher.parameters():

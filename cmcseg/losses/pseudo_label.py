@@ -85,7 +85,7 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
             if bool((target != ignore).any()):
                 losses.append(super().forward([logits], [target]))
         if not losses:
-            return sum(logits.sum() * 0.0 for logits in head_logits)
+            return torch.stack([logits.sum() * 0.0 for logits in head_logits]).sum()
         return torch.stack(losses).mean()
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -118,6 +118,8 @@ class CMCNetwork(nn.Module):
     * ``single_branch``: one branch that takes every modality and FOV mask as input channels.
     """
 
+    head_reliability: Tensor  # registered buffer ``(n_branches, num_classes)``
+
     def __init__(self, make_encoder: Callable[[int, int], ModalityEncoder], channels_per_modality: Sequence[int],
                  num_classes: int, shared_encoder: bool = False, shared_decoder: bool = False,
                  deep_supervision: bool = True, fusion: bool | None = None, channel_attention: bool | None = None,
@@ -137,7 +139,7 @@ class CMCNetwork(nn.Module):
             n_mod = len(self.channels_per_modality)
             encoders = [make_encoder(sum(self.channels_per_modality) + n_mod, n_mod)]
         elif self.shared_encoder:
-            encoders = [make_encoder(self.pad_to + 1, 1)]
+            encoders = [make_encoder(max(self.channels_per_modality) + 1, 1)]
         else:
             encoders = [make_encoder(c + 1, 1) for c in self.channels_per_modality]
         self.encoders = nn.ModuleList(encoders)
@@ -166,11 +168,11 @@ class CMCNetwork(nn.Module):
     def set_deep_supervision(self, enabled: bool) -> None:
         """Switch deep supervision (off for inference, as nnU-Net's ``set_deep_supervision_enabled``)."""
         for decoder in self.decoders:
-            decoder.deep_supervision = bool(enabled)
+            cast(Any, decoder).deep_supervision = bool(enabled)
 
     def deep_supervision_scales(self) -> list[list[float]]:
         """Scale of each deep-supervision output relative to the patch, full resolution first (for the targets)."""
-        return self.encoders[0].deep_supervision_scales()
+        return cast(ModalityEncoder, self.encoders[0]).deep_supervision_scales()
 
     # --------------------------------------------------------------------------------- forward
     def fov_masks(self, x: Tensor) -> Tensor:
@@ -253,6 +255,29 @@ class CMCNetwork(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- building
+class CMCProbabilities(nn.Module):
+    """A CMC network's class probabilities, as ``CMCTrainer.predict_probabilities`` computes them: the heads fused
+    by field of view and by the per-head, per-class reliability stored with the weights. With ``with_heads`` each
+    head's own probabilities follow the fused ones (``cmcseg predict --save-heads``)."""
+
+    def __init__(self, network: CMCNetwork, num_image_channels: int) -> None:
+        super().__init__()
+        self.network = network
+        self.num_image_channels = int(num_image_channels)
+        self.with_heads = False
+
+    @property
+    def supports_heads(self) -> bool:
+        """True when there are several modalities to show alone (one branch each, or one network run on each)."""
+        return len(getattr(self.network, "channels_per_modality", [])) > 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.with_heads:
+            fused, heads = self.network.predict_with_heads(x)
+            return torch.cat([fused, *heads], dim=1)
+        return self.network.probabilities(x)
+
+
 def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str = "residual",
                       shared_encoder: bool = False, encoder_weights: Path | str | None = None,
                       deep_supervision: bool = True, *, shared_decoder: bool = False, fusion: bool | None = None,

@@ -308,10 +308,11 @@ def load_checked(module: nn.Module, state: Mapping[str, Tensor], path: Path, wha
     for key in sorted(set(target) & set(state)):
         value, shape = state[key], tuple(target[key].shape)
         if tuple(value.shape) != shape:
-            value = adapt(key, value, shape) if adapt is not None else None
-            if value is None:
+            adapted = adapt(key, value, shape) if adapt is not None else None
+            if adapted is None:
                 mismatches.append((key, tuple(state[key].shape), shape))
                 continue
+            value = adapted
         fitted[key] = value
     if missing or unexpected or mismatches:
         raise WeightsMismatchError(path, what, missing, unexpected, mismatches, fix)

@@ -212,6 +212,7 @@ class CardiacAnatomy:
     def _scar_mask(self, u: np.ndarray, v: np.ndarray, depth: np.ndarray, r: np.ndarray,
                    endo: np.ndarray, epi: np.ndarray) -> np.ndarray:
         scar = self.scar
+        assert scar is not None, "called only for a heart with a scar"
         angle = np.degrees(np.arctan2(v, u))
         in_sector = np.mod(angle - scar.angle_deg, 360.0) <= scar.width_deg
         lo, hi = scar.depth_range_mm

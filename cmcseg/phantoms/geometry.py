@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import ArrayLike
 
 #: An anatomy: world points ``(..., 3)`` -> integer tissue codes ``(...)``.
 Anatomy = Callable[[np.ndarray], np.ndarray]
 
 
 # ---------------------------------------------------------------------- rotations and rigid motion
-def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
+def rotation_matrix(angles_deg: ArrayLike) -> np.ndarray:
     """Rotation about x, then y, then z (angles in degrees): ``Rz @ Ry @ Rx``."""
     ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=float))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -56,9 +57,9 @@ class RigidMotion:
     def is_identity(self) -> bool:
         return not np.any(self.translation_mm) and not np.any(self.rotation_deg)
 
-    def resolved(self, default_center: Sequence[float]) -> RigidMotion:
+    def resolved(self, default_center: ArrayLike) -> RigidMotion:
         """The same motion with an explicit centre of rotation."""
-        center = self.center_mm if self.center_mm is not None else default_center
+        center = self.center_mm if self.center_mm is not None else _triple(default_center)
         return RigidMotion(self.translation_mm, self.rotation_deg, center)
 
     def matrix(self) -> np.ndarray:
@@ -82,7 +83,7 @@ class RigidMotion:
         }
 
     @classmethod
-    def coerce(cls, value: RigidMotion | Sequence[float] | dict | None) -> RigidMotion | None:
+    def coerce(cls, value: RigidMotion | ArrayLike | dict | None) -> RigidMotion | None:
         """Accept a RigidMotion, a translation ``(dx, dy, dz)`` or a dict of the constructor's fields."""
         if value is None or isinstance(value, RigidMotion):
             return value
@@ -98,8 +99,8 @@ def moved(anatomy: Anatomy, motion: RigidMotion | None) -> Anatomy:
     return lambda points: anatomy(motion.apply_inverse(points))
 
 
-def _triple(values: Sequence[float]) -> tuple[float, float, float]:
-    x, y, z = (float(v) for v in values)
+def _triple(values: ArrayLike) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in np.asarray(values, dtype=float).reshape(3))
     return (x, y, z)
 
 
@@ -183,9 +184,9 @@ class Grid:
 
 
 def grid_centered_on(
-    center: Sequence[float],
+    center: ArrayLike,
     size: Sequence[int],
-    spacing: Sequence[float],
+    spacing: ArrayLike,
     direction: np.ndarray | None = None,
     slice_thickness: float | None = None,
 ) -> Grid:
@@ -194,7 +195,8 @@ def grid_centered_on(
     half_extent = (np.asarray(size, dtype=float) - 1) / 2 * np.asarray(spacing, dtype=float)
     origin = np.asarray(center, dtype=float) - direction @ half_extent
     return Grid(
-        tuple(int(s) for s in size), tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
+        tuple(int(s) for s in size), tuple(float(s) for s in np.asarray(spacing, dtype=float).reshape(-1)),
+        tuple(float(o) for o in origin),
         direction, slice_thickness,
     )
 
@@ -251,7 +253,7 @@ def render_many(anatomy: Anatomy, grid: Grid, tables: Sequence[np.ndarray]) -> l
     return [(total / len(offsets)).astype(np.float32) for total in totals]
 
 
-def paint_in_box(points: np.ndarray, tissue: np.ndarray, lower: Sequence[float], upper: Sequence[float],
+def paint_in_box(points: np.ndarray, tissue: np.ndarray, lower: ArrayLike, upper: ArrayLike,
                  paint: Callable[[np.ndarray, np.ndarray], None]) -> None:
     """Run ``paint(points, tissue)`` on the points inside an axis-aligned box only, writing back in place.
 
@@ -280,21 +282,22 @@ def point_bounds(points: np.ndarray) -> Bounds:
     return np.array([points[..., k].min() for k in axes]), np.array([points[..., k].max() for k in axes])
 
 
-def in_box(points: np.ndarray, lower: Sequence[float], upper: Sequence[float]) -> np.ndarray:
+def in_box(points: np.ndarray, lower: ArrayLike, upper: ArrayLike) -> np.ndarray:
     """Boolean mask of points inside the axis-aligned box [lower, upper] (per-axis tests: fast in numpy)."""
+    lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
     mask = (points[..., 0] >= lower[0]) & (points[..., 0] <= upper[0])
     for axis in range(1, points.shape[-1]):
         mask &= (points[..., axis] >= lower[axis]) & (points[..., axis] <= upper[axis])
     return mask
 
 
-def box_overlaps(bounds: Bounds, lower: Sequence[float], upper: Sequence[float]) -> bool:
+def box_overlaps(bounds: Bounds, lower: ArrayLike, upper: ArrayLike) -> bool:
     """Whether the box ``bounds`` meets the box [lower, upper] (a cheap rejection test)."""
     low, high = bounds
     return bool(np.all(high >= np.asarray(lower)) and np.all(low <= np.asarray(upper)))
 
 
-def inside_ellipsoid(points: np.ndarray, center: Sequence[float], semi_axes: Sequence[float],
+def inside_ellipsoid(points: np.ndarray, center: ArrayLike, semi_axes: ArrayLike,
                      rotation: np.ndarray | None = None, bounds: Bounds | None = None) -> np.ndarray:
     """Boolean mask of points inside an ellipsoid whose axes are the columns of ``rotation``.
 
@@ -314,8 +317,8 @@ def inside_ellipsoid(points: np.ndarray, center: Sequence[float], semi_axes: Seq
     return inside
 
 
-def distance_to_segment(points: np.ndarray, start: Sequence[float],
-                        end: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def distance_to_segment(points: np.ndarray, start: ArrayLike,
+                        end: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Distance of each point to the segment start-end, and the position ``t`` in [0, 1] of the closest point."""
     a = np.asarray(start, dtype=float)
     ab = np.asarray(end, dtype=float) - a

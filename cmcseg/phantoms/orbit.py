@@ -101,9 +101,9 @@ class Orbit:
         side = np.sign(centre[0])
         segments = []
         for offset in ((0, 0, 1), (0, 0, -1), (-side, 0, 0), (side, 0, 0)):
-            offset = np.asarray(offset, dtype=float)
-            insertion = centre + offset * r * 0.95 + np.array([0.0, -0.3 * r, 0.0])
-            segments.append((apex + offset * 3.0, insertion))
+            direction = np.asarray(offset, dtype=float)
+            insertion = centre + direction * r * 0.95 + np.array([0.0, -0.3 * r, 0.0])
+            segments.append((apex + direction * 3.0, insertion))
         return segments
 
     @property

@@ -12,10 +12,12 @@ checkpoint's ``init`` (encoder options) and the fold's ``training_config.json`` 
 hyperparameters), without the preprocessed folder. Every checkpoint records the SHA-256 of
 the plans it was trained with; a fold whose hash differs from ``plans.json`` is refused.
 
-How a trainer's network becomes a probability map is a per-trainer-family *inference builder*
-(:func:`register_inference_builder`); the CMC builder reproduces
-``CMCTrainer.predict_probabilities`` (heads' softmax averaged with the FOV masks as weights),
-the Any2Seg builder wraps the model in ``Any2SegProbabilities`` (the modalities in view).
+The network is rebuilt by the trainer class the checkpoint names
+(``build_network_architecture``, as in nnU-Net the one place a network is built, for training and
+inference; ``build_inference_network`` loads a fold's weights and wraps the network to give
+probabilities). The class is looked up among the registered trainers and the trainer classes
+already imported; a ``module:Class`` trainer of the user's own is named with ``cmcseg predict
+--trainer`` (a checkpoint never makes cmcseg import a module).
 A trainer class says whether it segments cases with missing modalities through its class
 attribute ``accepts_missing_modalities`` (CMC: no; Any2Seg: yes), and may restrict the
 mirroring axes of the test-time augmentation with ``inference_allowed_mirroring_axes``.
@@ -24,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -35,27 +38,22 @@ from cmcseg.checkpoint import CHECKPOINT_KINDS, FORMAT_VERSION, load_checkpoint
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
-from cmcseg.networks.cmc import build_cmc_network
 from cmcseg.paths import check_file_ending, check_name, find_dataset_folder, parse_folder_name
 from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, TRAINING_CONFIG_FILE
 from cmcseg.plans.plans import (
     check_plans,
     input_channel_modalities,
-    plan_channels_per_modality,
     plan_configuration,
-    plan_num_classes,
     plans_hash,
 )
+
+if TYPE_CHECKING:  # for annotations only: prediction looks its trainer class up when a model is loaded
+    from cmcseg.training.trainer import TrainerBase
 
 log = logging.getLogger(__name__)
 
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
-#: ``builder(model) -> module`` whose ``forward(x)`` gives class probabilities ``(B, K, *spatial)``
-InferenceBuilder = Callable[["TrainedModel", Mapping[str, Tensor]], nn.Module]
-#: ``module.QualName`` of a trainer class -> its builder (by name, so that Any2Seg's module, which needs
-#: transformers, is imported only when an Any2Seg model is loaded)
-INFERENCE_BUILDERS: dict[str, InferenceBuilder] = {}
 
 
 @dataclass
@@ -77,7 +75,7 @@ class TrainedModel:
     dataset_json: dict
     configuration: str
     trainer_name: str
-    trainer_class: type | None
+    trainer_class: type[TrainerBase] | None
     init: dict
     hyperparameters: dict
     folds: list[FoldCheckpoint]
@@ -236,7 +234,7 @@ def _model_json(folder: Path, name: str, fallback: Path | None) -> dict:
                       "from (cmcseg train writes both files there at train start).")
 
 
-def resolve_trainer_class(name: str) -> type | None:
+def resolve_trainer_class(name: str) -> type[TrainerBase] | None:
     """The trainer class called ``name``: registered, or any TrainerBase subclass loaded in this process.
 
     ``name`` comes from a checkpoint, i.e. from whoever made the model folder, so it is only looked up: a
@@ -257,13 +255,28 @@ def resolve_trainer_class(name: str) -> type | None:
     return None
 
 
+def user_trainer_class(spec: str, trained_by: str, folder: Path) -> type[TrainerBase]:
+    """The trainer class the user names (``--trainer NAME`` or ``module:Class``, imported: the user chose it), which
+    must be the one the checkpoint says trained the model."""
+    from cmcseg.training.registry import get_trainer_class
+
+    cls = get_trainer_class(spec)
+    if cls.__name__ != trained_by:
+        raise CmcsegError(f"--trainer {spec} is {cls.__name__}, but {folder} was trained by {trained_by}. Fix: "
+                          f"pass the trainer the model was trained with (module:{trained_by}), or leave --trainer "
+                          "out for cmcseg's own trainers.")
+    return cls
+
+
 def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, checkpoint: str = "final",
-                       preprocessed_dataset: Path | None = None, unsafe_allow_pickle: bool = False) -> TrainedModel:
+                       preprocessed_dataset: Path | None = None, unsafe_allow_pickle: bool = False,
+                       trainer: str | None = None) -> TrainedModel:
     """Load the chosen folds of a model folder; refuses inconsistent folds and plans with a clear error.
 
     A model folder may come from someone else, so it is read as data: plans.json and dataset.json are checked
     (file ending, modality names) before any checkpoint is opened, and checkpoints load with
-    ``weights_only=True`` unless ``unsafe_allow_pickle`` (``--unsafe-allow-pickle``).
+    ``weights_only=True`` unless ``unsafe_allow_pickle`` (``--unsafe-allow-pickle``). ``trainer``
+    (``--trainer``) names the user's own trainer class that rebuilds the network.
     ``preprocessed_dataset``: where plans.json and dataset.json are taken from when the model
     folder lacks them (models trained before the trainer wrote them); the plans hash still has to match.
     """
@@ -271,9 +284,10 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
     if not folder.is_dir():
         raise CmcsegError(f"model folder {folder} does not exist. Fix: pass the folder that holds fold_0, fold_1, "
                           "... (-m), or -d NAME to find it under the results root.")
-    if _FOLD_RE.match(folder.name) and not _fold_folders(folder):
+    fold_name = _FOLD_RE.match(folder.name)
+    if fold_name and not _fold_folders(folder):
         raise CmcsegError(f"{folder} is a fold folder. Fix: pass its parent, the model folder, with -m (and "
-                          f"-f {_FOLD_RE.match(folder.name).group(1)} for this fold only).")
+                          f"-f {fold_name.group(1)} for this fold only).")
     paths = select_folds(folder, folds, checkpoint)
     plans = check_plans(_model_json(folder, PLANS_FILE, preprocessed_dataset), folder / PLANS_FILE)
     dataset_json = _model_json(folder, DATASET_FILE, preprocessed_dataset)
@@ -298,7 +312,9 @@ def load_trained_model(folder: Path | str, folds: Sequence[int] | None = None, c
                               "hash differs). Fix: predict without that fold (-f), or retrain it with these plans.")
     configuration = str(init.get("configuration") or first.training_config.get("configuration", "3d_fullres"))
     trainer_name = check_name(first_state.get("trainer", "CMCTrainer"), "trainer name", str(first.path), 100)
-    model = TrainedModel(folder, plans, dataset_json, configuration, trainer_name, resolve_trainer_class(trainer_name),
+    trainer_class = (user_trainer_class(trainer, trainer_name, folder) if trainer
+                     else resolve_trainer_class(trainer_name))
+    model = TrainedModel(folder, plans, dataset_json, configuration, trainer_name, trainer_class,
                          init, dict(first.training_config.get("hyperparameters", {})), [f for _, f in loaded],
                          checkpoint)
     _check_plans_and_dataset(model)
@@ -336,107 +352,41 @@ def _check_plans_and_dataset(model: TrainedModel) -> None:
 
 
 # ---------------------------------------------------------------------------------------- networks
-def class_key(cls: type) -> str:
-    """``module.QualName`` of a class: how :data:`INFERENCE_BUILDERS` names trainers."""
-    return f"{cls.__module__}.{cls.__qualname__}"
+def network_trainer(model: TrainedModel) -> type[TrainerBase]:
+    """The trainer class whose ``build_inference_network`` rebuilds the model's network.
 
-
-def register_inference_builder(trainer_class: type | str, builder: InferenceBuilder) -> None:
-    """Make ``builder`` rebuild the inference network of ``trainer_class`` (a class or ``module.QualName``) and
-    its subclasses."""
-    INFERENCE_BUILDERS[trainer_class if isinstance(trainer_class, str) else class_key(trainer_class)] = builder
-
-
-class CMCProbabilities(nn.Module):
-    """A CMC network's class probabilities, as ``CMCTrainer.predict_probabilities`` computes them: the heads fused
-    by field of view and by the per-head, per-class reliability stored with the weights. With ``with_heads`` each
-    head's own probabilities follow the fused ones (``cmcseg predict --save-heads``)."""
-
-    def __init__(self, network: nn.Module, num_image_channels: int) -> None:
-        super().__init__()
-        self.network = network
-        self.num_image_channels = int(num_image_channels)
-        self.with_heads = False
-
-    @property
-    def supports_heads(self) -> bool:
-        """True when there are several modalities to show alone (one branch each, or one network run on each)."""
-        return len(getattr(self.network, "channels_per_modality", [])) > 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.with_heads:
-            fused, heads = self.network.predict_with_heads(x)
-            return torch.cat([fused, *heads], dim=1)
-        return self.network.probabilities(x)
-
-
-def build_cmc_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
-    """The CMC network of the model's plans and options, with ``weights`` loaded, deep supervision off."""
-    hp, init = model.hyperparameters, model.init
-    network = build_cmc_network(
-        model.plans, model.configuration, encoder=str(init.get("encoder", "residual")),
-        shared_encoder=bool(init.get("shared_encoder", False)), deep_supervision=bool(hp.get("deep_supervision", True)),
-        shared_decoder=bool(hp.get("shared_decoder", False)), fusion=hp.get("fusion"),
-        channel_attention=hp.get("channel_attention"), single_branch=bool(hp.get("single_branch", False)))
-    # models trained before the heads had reliability weights fuse them with equal votes, as they were trained
-    network.load_state_dict({"head_reliability": network.head_reliability, **weights})
-    network.set_deep_supervision(False)
-    return CMCProbabilities(network, model.num_image_channels)
-
-
-#: the CMC trainer by name: importing it here would load the training stack before a model is even read
-CMC_TRAINER = "cmcseg.training.cmc_trainer.CMCTrainer"
-register_inference_builder(CMC_TRAINER, build_cmc_inference)
-
-
-def build_any2seg_inference(model: TrainedModel, weights: Mapping[str, Tensor]) -> nn.Module:
-    """The Any2Seg model of the checkpoint's backbone options, as probabilities from the present modalities."""
-    from cmcseg.any2seg.model import Any2SegModel, Any2SegProbabilities  # needs transformers: only for Any2Seg
-
-    init, hp = model.init, model.hyperparameters
-    channels_per_modality = plan_channels_per_modality(model.plans)
-    network = Any2SegModel(
-        num_classes=plan_num_classes(model.plans), num_modalities=len(channels_per_modality),
-        variant=str(init.get("backbone", hp.get("backbone_variant", "mit_b0"))),
-        in_channels=int(init.get("in_channels", hp.get("backbone_in_channels", 3))),
-        decoder_hidden_size=init.get("decoder_hidden_size"),
-        fusion_temperature=float(init.get("fusion_temperature", 1.0)))
-    network.load_state_dict(weights)
-    return Any2SegProbabilities(network, channels_per_modality)
-
-
-register_inference_builder("cmcseg.training.any2seg_trainer.Any2SegTrainer", build_any2seg_inference)
-
-
-def inference_builder(model: TrainedModel) -> InferenceBuilder:
-    """The builder for the model's trainer: by its class (and base classes), else by its hyperparameters."""
+    The checkpoint's trainer class; for a CMC trainer subclass from a module that is not imported here (its
+    hyperparameters say so), CMCTrainer itself, which rebuilds the network from plans.json and the stored options.
+    """
     if model.trainer_class is not None:
-        for cls in model.trainer_class.__mro__:
-            if class_key(cls) in INFERENCE_BUILDERS:
-                return INFERENCE_BUILDERS[class_key(cls)]
-    elif "cac_weight" in model.hyperparameters:  # a CMCTrainer subclass from a module not imported here
+        return model.trainer_class
+    if "cac_weight" in model.hyperparameters:
         log.info("trainer %s is not importable here; its hyperparameters are CMCTrainer's, so it is rebuilt as a "
                  "CMC network from plans.json", model.trainer_name)
-        return INFERENCE_BUILDERS[CMC_TRAINER]
-    raise CmcsegError(f"cmcseg predict does not know how to rebuild the network of trainer {model.trainer_name} "
-                      f"({model.folder}). Fix: register an inference builder for it "
-                      "(cmcseg.prediction.model.register_inference_builder), or import the module that defines it.")
+        cmc = resolve_trainer_class("CMCTrainer")
+        assert cmc is not None
+        return cmc
+    raise CmcsegError(f"cmcseg predict does not know trainer {model.trainer_name} ({model.folder}), so it cannot "
+                      "rebuild the network. Fix: pass --trainer module:ClassName, the trainer class the model was "
+                      "trained with (its build_network_architecture builds the network).")
 
 
 def build_inference_networks(model: TrainedModel, device: torch.device) -> list[nn.Module]:
-    """One probability network per fold, on ``device``, in eval mode."""
-    builder = inference_builder(model)
+    """One probability network per fold, on ``device``, in eval mode, built by the model's trainer class (the one
+    place its network is built, for training and for inference)."""
+    trainer = network_trainer(model)
+    options = {**model.hyperparameters, **model.init}
     networks = []
     for fold in model.folds:
         try:
-            network = builder(model, fold.weights)
+            network = trainer.build_inference_network(model.plans, model.configuration, options, fold.weights)
         except RuntimeError as e:  # load_state_dict: missing/unexpected keys, shape mismatch
-            raise CmcsegError(f"{fold.path} does not fit the network rebuilt from {model.folder / PLANS_FILE} "
-                              f"({str(e).splitlines()[0]}). Fix: restore the plans.json the model was trained "
-                              "with.") from e
+            fix = ("restore the plans.json the model was trained with" if model.trainer_class is not None else
+                   f"pass --trainer module:{model.trainer_name}, the trainer class that built this network")
+            raise CmcsegError(f"{fold.path} does not fit the network {trainer.__name__} rebuilt from "
+                              f"{model.folder / PLANS_FILE} ({' '.join(str(e).split())[:400]}). Fix: {fix}.") from e
         networks.append(network.to(device).eval())
     return networks
-
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ class PredictionOptions:
     batched_tta: bool = True
     progress: bool = True
     unsafe_allow_pickle: bool = False  # --unsafe-allow-pickle: checkpoints may unpickle objects (runs their code)
+    trainer: str | None = None  # --trainer module:Class: the user's trainer class that rebuilds the network
 
 
 @dataclass
@@ -300,7 +301,7 @@ class CasePredictor:
         if not all(getattr(n, "supports_heads", False) for n in self.networks):
             return False
         for network in self.networks:
-            network.with_heads = True
+            cast(Any, network).with_heads = True
         self.head_names = [str(n) for n in names]
         return True
 
@@ -522,7 +523,7 @@ def predict_folder(input_folder: Path | str, output_folder: Path | str, model_fo
     """
     options = options or PredictionOptions()
     model = load_trained_model(model_folder, options.folds, options.checkpoint, preprocessed_dataset,
-                               options.unsafe_allow_pickle)
+                               options.unsafe_allow_pickle, trainer=options.trainer)
     if dataset_spec is not None:
         check_model_dataset(model, dataset_spec)
     cases = find_input_cases(input_folder, model.channel_names, model.dataset_json)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -127,7 +128,7 @@ def write_nifti_like(array_zyx: np.ndarray, reference_file: Path, path: Path) ->
     """
     import nibabel as nib
 
-    reference = nib.load(str(reference_file))
+    reference = cast("nib.Nifti1Image", nib.load(str(reference_file)))  # a .nii(.gz) file: a NIfTI image
     if len(reference.shape) != 3 or tuple(reference.shape) != array_zyx.shape[::-1]:
         return False
     header = reference.header.copy()

@@ -38,8 +38,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,7 @@ from cmcseg.any2seg.subsets import (
 from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.errors import CmcsegError
 from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
-from cmcseg.plans.plans import plan_channels_per_modality
+from cmcseg.plans.plans import plan_channels_per_modality, plan_num_classes
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader
@@ -158,11 +158,7 @@ class Any2SegTrainer(TrainerBase):
     def build_network(self) -> nn.Module:
         """The Any2Seg model for the plan's modalities and classes, with the local backbone weights if given."""
         self.dropout_generator = torch.Generator().manual_seed(self.seed + 104729 * self.dist.rank)
-        model = Any2SegModel(num_classes=self.labels.num_classes, num_modalities=len(self.channels_per_modality),
-                            variant=self.backbone_variant, in_channels=self.backbone_in_channels,
-                            backbone_weights=self.request.backbone_weights,
-                            decoder_hidden_size=self.decoder_hidden_size, fusion_temperature=self.fusion_temperature,
-                            dropout=self.classifier_dropout, modality_names=self.modality_names)
+        model = super().build_network()
         if self.dist.enabled and self.device.type == "cuda":
             # the decoder's BatchNorm sees every rank's batch, as SegFormer trains (CPU/gloo has no SyncBatchNorm:
             # there each rank keeps its own running statistics and rank 0's are saved)
@@ -184,7 +180,7 @@ class Any2SegTrainer(TrainerBase):
         log.info("LSCD: %s teacher, %d class anchors of dimension %d (%r)%s", self.teacher_name, len(self.class_names),
                  self.anchors.shape[1], template, "; its image towers give the inter-modal target"
                  if self.teacher.has_image_encoder else "; the EMA full-modality representation is the visual target")
-        model = ddp.unwrap_model(self.network)
+        model = self.inference_network()
         self.lscd = LSCDLoss.for_model(model, int(self.anchors.shape[1]), temperature=self.lscd_temperature,
                                        inter_weight=self.lscd_inter_weight, intra_weight=self.lscd_intra_weight,
                                        align_weight=self.lscd_align_weight,
@@ -215,6 +211,29 @@ class Any2SegTrainer(TrainerBase):
             oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
             seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment,
             spatial_augmentation=self.spatial_augmentation())
+
+    @classmethod
+    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
+                                   deep_supervision: bool) -> nn.Module:
+        """The Any2Seg model for the plan's modalities and classes (SegFormer's decoder has no deep supervision).
+        Checkpoints from before the options were stored name the backbone in their hyperparameters."""
+        return Any2SegModel(
+            num_classes=plan_num_classes(plans), num_modalities=len(plan_channels_per_modality(plans)),
+            variant=str(options.get("backbone", options.get("backbone_variant", "mit_b0"))),
+            in_channels=int(options.get("in_channels", options.get("backbone_in_channels", 3))),
+            backbone_weights=options.get("backbone_weights"), decoder_hidden_size=options.get("decoder_hidden_size"),
+            fusion_temperature=float(options.get("fusion_temperature", 1.0)),
+            dropout=float(options.get("classifier_dropout", 0.1)), modality_names=options.get("modality_names"))
+
+    def training_network_options(self) -> dict[str, Any]:
+        """The local backbone weights, the classifier dropout and the modality names (for the log)."""
+        return {"backbone_weights": self.request.backbone_weights, "classifier_dropout": self.classifier_dropout,
+                "modality_names": self.modality_names}
+
+    @classmethod
+    def probabilities_module(cls, network: nn.Module, plans: Mapping[str, Any]) -> nn.Module:
+        """Probabilities from the modalities in view of each window (:class:`Any2SegProbabilities`)."""
+        return Any2SegProbabilities(cast(Any2SegModel, network), plan_channels_per_modality(plans))
 
     def network_options(self) -> dict[str, Any]:
         """Backbone variant and input channels rebuild the network; the mirror axes steer test-time mirroring."""
@@ -265,9 +284,13 @@ class Any2SegTrainer(TrainerBase):
 
     def on_after_optimizer_step(self) -> None:
         """Move the EMA teacher towards the student."""
-        self.ema_teacher.update(ddp.unwrap_model(self.network), self.global_step)
+        self.ema_teacher.update(self.inference_network(), self.global_step)
 
     # =================================================================================== prediction
+    def inference_network(self) -> Any2SegModel:
+        """The plain Any2Seg model (outside DDP)."""
+        return cast(Any2SegModel, super().inference_network())
+
     def probabilities_network(self, subset: Sequence[int] | None = None) -> Any2SegProbabilities:
         """The probability wrapper (the one ``cmcseg predict`` rebuilds), optionally restricted to ``subset``."""
         return Any2SegProbabilities(self.inference_network(), self.channels_per_modality, subset).to(self.device)

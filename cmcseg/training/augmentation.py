@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class SpatialAugmentation:
     mirror_axes: tuple[int, ...]
 
 
-def nnunet_trainer() -> type:
+def nnunet_trainer() -> type[Any]:
     """nnU-Net's ``nnUNetTrainer`` class, whose static methods hold the rules and transforms used here. Imported
     when first needed: its module loads seaborn and torch._dynamo (seconds), which ``cmcseg predict`` does not
     need when it resolves a trainer class."""

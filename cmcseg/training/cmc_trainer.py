@@ -53,8 +53,8 @@ a single-modality dataset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,9 +75,9 @@ from cmcseg.losses import (
     update_ema_teacher,
 )
 from cmcseg.networks import build_cmc_network
-from cmcseg.networks.cmc import as_scales
+from cmcseg.networks.cmc import CMCNetwork, CMCProbabilities, as_scales
 from cmcseg.plans.memory import MemoryEstimate, plan_memory_estimate
-from cmcseg.plans.plans import input_channel_modalities
+from cmcseg.plans.plans import input_channel_modalities, plan_channels_per_modality
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import StrongIntensityAugmentation
 from cmcseg.training.progress import MASS_PREFIX, WEIGHT_PREFIX
@@ -144,11 +144,7 @@ class CMCTrainer(TrainerBase):
             raise CmcsegError(f"--shared-encoder shares one encoder between modality branches, and {self.name} runs "
                               "one network over all modalities (no branches). Fix: add --trainer cmc_branches, or drop "
                               "--shared-encoder.")
-        network = build_cmc_network(
-            self.plans, self.configuration, encoder=request.encoder, shared_encoder=request.shared_encoder,
-            encoder_weights=request.encoder_weights, deep_supervision=self.deep_supervision,
-            shared_decoder=self.shared_decoder, fusion=self.fusion, channel_attention=self.channel_attention,
-            single_branch=self.single_branch, unsafe_allow_pickle=request.unsafe_allow_pickle)
+        network = cast(CMCNetwork, super().build_network())
         self.channel_modalities = input_channel_modalities(self.plans["channels_per_modality"])
         self.num_modalities = len(self.plans["channels_per_modality"])
         paired = str(self.plans.get("pairing", "paired")).lower() != "unpaired"
@@ -163,6 +159,43 @@ class CMCTrainer(TrainerBase):
                      "the teacher's prediction from all modalities teaches the student (modality drop %.2f)",
                      self.strong_drop_modality)
         return network
+
+    @classmethod
+    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
+                                   deep_supervision: bool) -> nn.Module:
+        """The CMC network (:func:`cmcseg.networks.cmc.build_cmc_network`). An option a checkpoint lacks takes the
+        value models were trained with before it existed (e.g. a branch per modality)."""
+        return build_cmc_network(
+            plans, configuration, encoder=str(options.get("encoder", "residual")),
+            shared_encoder=bool(options.get("shared_encoder", False)),
+            encoder_weights=options.get("encoder_weights"), deep_supervision=deep_supervision,
+            shared_decoder=bool(options.get("shared_decoder", False)), fusion=options.get("fusion"),
+            channel_attention=options.get("channel_attention"), single_branch=bool(options.get("single_branch", False)),
+            encoder_options=options.get("encoder_options"),
+            unsafe_allow_pickle=bool(options.get("unsafe_allow_pickle", False)))
+
+    def network_options(self) -> dict[str, Any]:
+        """The encoder and the layout of the network (stored in the checkpoint, read back by prediction)."""
+        return {**super().network_options(), "shared_decoder": self.shared_decoder, "fusion": self.fusion,
+                "channel_attention": self.channel_attention, "single_branch": self.single_branch}
+
+    def training_network_options(self) -> dict[str, Any]:
+        """The pretrained encoder weights (``--encoder-weights``), read as data unless ``--unsafe-allow-pickle``."""
+        return {"encoder_weights": self.request.encoder_weights,
+                "unsafe_allow_pickle": self.request.unsafe_allow_pickle}
+
+    @classmethod
+    def checkpoint_weights(cls, network: nn.Module, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Models trained before the heads had reliability weights fuse them with equal votes, as they were
+        trained."""
+        return {"head_reliability": cast(CMCNetwork, network).head_reliability, **weights}
+
+    @classmethod
+    def probabilities_module(cls, network: nn.Module, plans: Mapping[str, Any]) -> nn.Module:
+        """The heads fused by field of view and per-head reliability (:class:`CMCProbabilities`)."""
+        network = cast(CMCNetwork, network)
+        network.set_deep_supervision(False)
+        return CMCProbabilities(network, sum(plan_channels_per_modality(plans)))
 
     def estimate_memory(self) -> MemoryEstimate:
         """The planner's estimate for this run's network, batch (labeled + unlabeled rows) and device."""
@@ -188,10 +221,10 @@ class CMCTrainer(TrainerBase):
         self.ramps = self.build_ramps()
         self.strong_view = StrongIntensityAugmentation(self.strong_contrast, self.strong_brightness, self.strong_gamma,
                                                        self.strong_noise_std, self.strong_drop_modality)
-        student = ddp.unwrap_model(self.network)
+        student = self.inference_network()
         # on paired data the teacher only ever sees unlabeled rows: with every case labeled it would cost a copy of
         # the weights (the planner's estimate leaves it out then) and an EMA update per step, for nothing
-        self.teacher: nn.Module | None = None
+        self.teacher: CMCNetwork | None = None
         if self.cases.unlabeled or not self.cross_modality:
             self.teacher = create_ema_teacher(student)
             self.teacher.set_deep_supervision(False)  # the teacher's targets are full resolution only
@@ -219,7 +252,7 @@ class CMCTrainer(TrainerBase):
     @property
     def head_names(self) -> list[str]:
         """One name per head: the modality names (a single branch: ``all``)."""
-        if ddp.unwrap_model(self.network).n_branches == 1:
+        if self.inference_network().n_branches == 1:
             return ["all"]
         return self.modality_names
 
@@ -248,7 +281,7 @@ class CMCTrainer(TrainerBase):
         x = batch["data"]
         labeled = batch["labeled"].to(x.device).bool()
         targets = as_scales(batch["target"])
-        network = ddp.unwrap_model(self.network)
+        network = self.inference_network()
         weights = self.unlabeled_weights()
         if not self.cross_modality:
             return self.mean_teacher_losses(x, labeled, targets, weights)
@@ -318,7 +351,7 @@ class CMCTrainer(TrainerBase):
             if bool((head_targets[0] != self.ignore_value).any()):
                 per_head.append(self.supervised_loss([[s[labeled] for s in scales]], head_targets))
         if not per_head:
-            return sum(scales[0].sum() * 0.0 for scales in heads)
+            return torch.stack([scales[0].sum() * 0.0 for scales in heads]).sum()
         return torch.stack(per_head).mean()
 
     @torch.no_grad()
@@ -355,7 +388,7 @@ class CMCTrainer(TrainerBase):
         tp, fp, fn = self.reliability_counts
         denominator = 2 * tp + fp + fn
         dice = torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1e-12), torch.ones_like(tp))
-        network = ddp.unwrap_model(self.network)
+        network = self.inference_network()
         network.head_reliability.copy_(dice.clamp(self.reliability_floor, 1.0).to(network.head_reliability))
 
     def foreground_mass(self, heads: list[list[Tensor]], head_fov: Tensor, rows: Tensor) -> dict[str, Tensor]:
@@ -377,7 +410,7 @@ class CMCTrainer(TrainerBase):
     def mean_teacher_losses(self, x: Tensor, labeled: Tensor, targets: list[Tensor],
                             weights: dict[str, float]) -> dict[str, Tensor]:
         """Unpaired data or one branch: supervised term plus softmax-MSE to the EMA teacher's same head."""
-        network = ddp.unwrap_model(self.network)
+        network = self.inference_network()
         output = self.network(self.noisy_student_input(x))
         heads = [as_scales(h) for h in output.logits]
         head_fov = network.head_fov(x)
@@ -398,7 +431,7 @@ class CMCTrainer(TrainerBase):
             if bool(rows.any()):
                 per_head.append(mean_teacher_consistency_loss(student[0][rows], teacher[0][rows]))
         if not per_head:
-            return sum(h[0].sum() * 0.0 for h in student_heads)
+            return torch.stack([h[0].sum() * 0.0 for h in student_heads]).sum()
         return torch.stack(per_head).mean()
 
     @property
@@ -410,9 +443,13 @@ class CMCTrainer(TrainerBase):
     def on_after_optimizer_step(self) -> None:
         """Move the EMA teacher towards the student (its reliability buffer is copied)."""
         if self.teacher is not None:
-            update_ema_teacher(self.teacher, ddp.unwrap_model(self.network), self.teacher_alpha, self.global_step)
+            update_ema_teacher(self.teacher, self.inference_network(), self.teacher_alpha, self.global_step)
 
     # =================================================================================== prediction
+    def inference_network(self) -> CMCNetwork:
+        """The plain CMC network (outside DDP)."""
+        return cast(CMCNetwork, super().inference_network())
+
     def predict_probabilities(self, x: Tensor) -> Tensor:
         """The heads' softmax maps fused voxel-wise by FOV mask and per-head, per-class reliability."""
         network = self.inference_network()
@@ -435,7 +472,7 @@ class CMCTrainer(TrainerBase):
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """The base lines, plus the per-head reliability weights."""
         super().log_epoch(metrics)
-        reliability = ddp.unwrap_model(self.network).head_reliability.detach().cpu()
+        reliability = self.inference_network().head_reliability.detach().cpu()
         log.info("epoch %d head reliability (Dice on labeled rows, per class): %s", self.current_epoch, "; ".join(
             f"{name} " + " ".join(f"{c} {float(reliability[m, v]):.2f}" for c, v in zip(self.labels.names,
                                                                                       self.labels.values))

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -153,7 +153,7 @@ class BatchBuilder:
         self.items = list(items)
         self.cropper = cropper
         self.transforms = transforms
-        self.needs_nonzero_mask = bool(use_mask_for_norm) and any(use_mask_for_norm)
+        self.needs_nonzero_mask = use_mask_for_norm is not None and any(use_mask_for_norm)
         self.seed = int(seed)
         self.stream = int(stream)
         self.class_locations = {item.case_id: self._read_class_locations(item) for item in self.items if item.labeled}
@@ -250,7 +250,9 @@ class _BatchTensors:
             targets = [torch.empty((self.size, *s.shape), dtype=s.dtype) for s in scales]
             self.target = targets if isinstance(seg, (list, tuple)) else targets[0]
         self.data[j] = image
-        for out, s in zip(self.target if isinstance(self.target, list) else [self.target], scales):
+        outputs = self.target if isinstance(self.target, list) else [self.target]
+        for out, s in zip(outputs, scales):
+            assert out is not None
             out[j] = s if labeled else IGNORE_VALUE
 
 
@@ -377,7 +379,9 @@ def build_training_loader(
         cropper = PatchCropper(patch_size, patch_size, oversample_foreground_percent)
     builder = BatchBuilder(folder, items, cropper, transforms, use_mask, seed, _TRAIN_STREAM)
     workers = max(0, int(num_workers))
-    loader = DataLoader(builder, batch_size=None, sampler=_EndlessSampler(sampler), collate_fn=_as_is,
+    # a map-style dataset whose keys are whole batches, collated as they are (torch's stubs expect items)
+    loader: DataLoader[dict] = DataLoader(cast(Any, builder), batch_size=None, sampler=_EndlessSampler(sampler),
+                        collate_fn=cast(Any, _as_is),
                         num_workers=workers, pin_memory=pin_memory,
                         prefetch_factor=prefetch_factor if workers > 0 else None,
                         persistent_workers=workers > 0, multiprocessing_context=multiprocessing_context if workers

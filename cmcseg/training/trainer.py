@@ -28,7 +28,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,8 +385,46 @@ class TrainerBase:
         return self.roots.results / self.preprocessed_folder.name / run / f"fold_{self.fold}"
 
     def build_network(self) -> nn.Module:
-        """Hook: the network, built from ``self.plans`` and ``self.configuration``."""
-        raise NotImplementedError
+        """The network this run trains: :meth:`build_network_architecture` with this run's
+        :meth:`network_options` (which the checkpoint stores) and :meth:`training_network_options` (pretrained
+        weights and the like, which prediction does not need)."""
+        options = {**self.network_options(), **self.training_network_options()}
+        return self.build_network_architecture(self.plans, self.configuration, options, self.deep_supervision)
+
+    @classmethod
+    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
+                                   deep_supervision: bool) -> nn.Module:
+        """Hook: the network of ``configuration`` in ``plans`` with ``options``, the one place it is built.
+
+        As nnU-Net's ``build_network_architecture``, it is called in inference as well: ``cmcseg predict`` calls it
+        (through :meth:`build_inference_network`) with the checkpoint's ``init`` over its training_config.json
+        hyperparameters as ``options``, so a subclass that changes the network changes both.
+        """
+        raise NotImplementedError(f"{cls.__name__} does not build a network")
+
+    @classmethod
+    def build_inference_network(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
+                                weights: Mapping[str, Tensor]) -> nn.Module:
+        """The module ``cmcseg predict`` runs: input ``(B, C + M, *)`` to class probabilities ``(B, K, *)``, with a
+        fold's ``weights`` loaded (:meth:`probabilities_module` switches deep supervision off)."""
+        network = cls.build_network_architecture(plans, configuration, options,
+                                                 deep_supervision=bool(options.get("deep_supervision", True)))
+        network.load_state_dict(cls.checkpoint_weights(network, weights))
+        return cls.probabilities_module(network, plans)
+
+    @classmethod
+    def checkpoint_weights(cls, network: nn.Module, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Hook: a checkpoint's weights made loadable into ``network`` (e.g. buffers older checkpoints lack)."""
+        return weights
+
+    @classmethod
+    def probabilities_module(cls, network: nn.Module, plans: Mapping[str, Any]) -> nn.Module:
+        """Hook: ``network`` wrapped to give class probabilities of the pipeline's input (for prediction)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how its network gives probabilities")
+
+    def training_network_options(self) -> dict[str, Any]:
+        """Hook: options of :meth:`build_network_architecture` that only training needs (pretrained weights)."""
+        return {}
 
     def build_losses(self) -> None:
         """Hook: create the loss modules (called once the network exists)."""
@@ -626,6 +664,7 @@ class TrainerBase:
         folder = self.preprocessed_folder / self.config["data_identifier"]
         mine = ddp.shard(self.cases.validation, self.dist)
         heads = self.head_outputs()
+        predict: Callable[[Tensor], Tensor]
         if heads is None:
             predict, names = self.predict_probabilities_float, ["fused"]
         else:
