@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import atomic_path, case_id_of, read_image, write_json_atomic
+from cmcseg.image_io import atomic_path, case_id_of, json_safe, read_image, write_json_atomic
 from cmcseg.parallel import process_pool
 from cmcseg.plans.plans import LabelInfo
 
@@ -320,7 +320,7 @@ def summarize(per_case: pd.DataFrame, labels: Sequence[int], label_names: Mappin
             "prediction_file": rows["prediction_file"].iloc[0],
             "metrics": {str(int(r["label"])): {k: r[k] for k in (*METRICS, *COUNTS)} for _, r in rows.iterrows()},
         })
-    return _json_safe({
+    return json_safe({
         "version": SUMMARY_VERSION,
         "num_cases": int(per_case["case"].nunique()),
         "labels": {str(v): names.get(int(v), str(v)) for v in labels},
@@ -331,17 +331,6 @@ def summarize(per_case: pd.DataFrame, labels: Sequence[int], label_names: Mappin
     })
 
 
-def _json_safe(obj: Any) -> Any:
-    """Numpy scalars to Python; NaN and inf to None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -134,6 +135,20 @@ def write_json_atomic(obj: Any, path: Path | str, indent: int = 2) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent, default=_json_default)
             f.write("\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON values, recursively: numpy scalars and arrays to Python, NaN and inf to None
+    (JSON has no NaN; a metric that could not be computed is null)."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _json_default(o: Any) -> Any:

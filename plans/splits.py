@@ -35,15 +35,11 @@ DEFAULT_SEED = 12345
 
 
 def kfold_indices(n: int, n_folds: int, seed: int) -> list[np.ndarray]:
-    """Validation indices of each fold, as ``sklearn.model_selection.KFold(n_folds, shuffle=True,
-    random_state=seed)`` draws them: a RandomState shuffle, then consecutive blocks, the first
-    ``n % n_folds`` blocks one longer. Each block is returned sorted, as KFold does."""
-    order = np.arange(n)
-    np.random.RandomState(seed).shuffle(order)
-    sizes = np.full(n_folds, n // n_folds)
-    sizes[: n % n_folds] += 1
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.sort(order[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    """Validation indices of each fold: ``sklearn.model_selection.KFold(n_folds, shuffle=True,
+    random_state=seed)``, the split nnU-Net draws (``generate_crossval_split``), each block sorted."""
+    from sklearn.model_selection import KFold  # scikit-learn comes with nnunetv2
+
+    return [np.sort(val) for _, val in KFold(n_folds, shuffle=True, random_state=seed).split(np.arange(n))]
 
 
 def patient_of_cases(dataset: Dataset, patients: Mapping[str, str] | None = None) -> dict[str, str]:

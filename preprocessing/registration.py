@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError
-from cmcseg.image_io import atomic_path, make_folder, read_json, write_json_atomic
+from cmcseg.image_io import atomic_path, json_safe, make_folder, read_json, write_json_atomic
 from cmcseg.parallel import process_pool
 from cmcseg.preprocessing.alignment import as_3d, physical_centre
 from cmcseg.preprocessing.case_loading import read_case_images
@@ -70,8 +70,8 @@ class RegistrationResult:
             "success": self.success,
             "reason": self.reason,
             "metric": "mattes_mutual_information (negative; lower is better)",
-            "metric_before": _finite_or_none(self.metric_before),
-            "metric_after": _finite_or_none(self.metric_after),
+            "metric_before": json_safe(round(float(self.metric_before), 6)),
+            "metric_after": json_safe(round(float(self.metric_after), 6)),
             "iterations": self.iterations,
             "stop_condition": self.stop_condition,
             "rotation_deg": round(self.rotation_deg, 4),
@@ -82,9 +82,6 @@ class RegistrationResult:
         }
 
 
-def _finite_or_none(value: float) -> float | None:
-    """JSON has no NaN: a metric that was not computed is null."""
-    return round(float(value), 6) if math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------------- image helpers

@@ -167,3 +167,12 @@ def test_cli_with_a_dataset_uses_its_labels_and_labelsTr(tiny_dataset: Path, tmp
     summary = json.loads((pred / "summary.json").read_text())
     assert summary["labels"] == {"1": "blob"} and summary["mean"]["1"]["Dice"] == 1.0
     assert summary["mean"]["1"]["HD95"] == 0.0 and summary["num_cases"] == 2
+
+
+def test_json_safe_gives_strict_json_values() -> None:
+    """One sanitiser for every JSON the tools write: numpy to Python, NaN and inf to null, recursively."""
+    from cmcseg.image_io import json_safe
+
+    value = {"a": np.float32(0.5), "b": [math.nan, np.int64(3), (math.inf, -math.inf)], "c": np.array([1.0, np.nan])}
+    assert json_safe(value) == {"a": 0.5, "b": [None, 3, [None, None]], "c": [1.0, None]}
+    assert json.loads(json.dumps(json_safe(value), allow_nan=False)) == json_safe(value)

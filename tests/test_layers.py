@@ -18,9 +18,9 @@ PACKAGE_FOLDERS = {"cmcseg": "cmcseg", "cmcseg.plans": "plans", "cmcseg.preproce
 
 #: what the plans, the preprocessed arrays and the checkpoint are read with: below every stage
 CONTRACT = ("cmcseg.plans.plans", "cmcseg.plans.files")
-PRIMITIVES = ("cmcseg.errors", "cmcseg.image_io", "cmcseg.serialization", "cmcseg.paths", "cmcseg.registry",
-              "cmcseg.dataset", "cmcseg.parallel", "cmcseg.sliding_window", "cmcseg.checkpoint", "cmcseg.networks",
-              "cmcseg.losses", "cmcseg.evaluation", "cmcseg.phantoms")
+PRIMITIVES = ("cmcseg.errors", "cmcseg.devices", "cmcseg.image_io", "cmcseg.serialization", "cmcseg.paths",
+              "cmcseg.registry", "cmcseg.dataset", "cmcseg.parallel", "cmcseg.sliding_window", "cmcseg.checkpoint",
+              "cmcseg.networks", "cmcseg.losses", "cmcseg.evaluation", "cmcseg.phantoms")
 STAGES_ABOVE_PRIMITIVES = ("cmcseg.plans", "cmcseg.preprocessing", "cmcseg.training", "cmcseg.prediction",
                            "cmcseg.any2seg", "cmcseg.demo", "cmcseg.cli")
 

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
+from cmcseg.devices import resolve_device
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, write_json_atomic
 from cmcseg.paths import check_file_ending, check_name, contained
@@ -258,15 +259,6 @@ def prepare_case(case: InputCase, model: TrainedModel, dataset: Dataset) -> Prep
 
 
 # ============================================================================================ prediction
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise CmcsegError("--device cuda was asked for but torch sees no CUDA GPU. Fix: pass --device cpu.")
-    if spec != "cpu" and not spec.startswith("cuda"):
-        raise CmcsegError(f"unknown device {spec!r}. Fix: pass --device auto, cpu or cuda.")
-    return torch.device(spec)
 
 
 def _float_output(network: torch.nn.Module, device: torch.device) -> Predict:

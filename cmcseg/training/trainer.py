@@ -40,6 +40,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch import Tensor, nn
 
 from cmcseg.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from cmcseg.devices import resolve_device
 from cmcseg.errors import CmcsegError
 from cmcseg.evaluation import patch_counts
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
@@ -150,18 +151,6 @@ def check_request(request: TrainingRequest) -> None:
         raise CmcsegError(f"fold {request.fold} is negative. Fix: pass a fold of splits.json, e.g. -f 0.")
 
 
-def resolve_device(spec: str, ctx: ddp.DistributedContext) -> torch.device:
-    """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under DDP on CUDA, the GPU of the local rank."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CmcsegError("--device cuda was asked for but torch sees no CUDA GPU. Fix: pass --device cpu, or "
-                              "install a CUDA build of torch.")
-        return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
-    if spec != "cpu":
-        raise CmcsegError(f"unknown device {spec!r}. Fix: pass --device auto, cpu or cuda.")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -298,7 +287,7 @@ class TrainerBase:
             return
         self.dist = ddp.init_distributed("cuda" if self._wants_cuda() else "cpu")
         ddp.quiet_other_ranks(self.dist)
-        self.device = resolve_device(self.request.device, self.dist)
+        self.device = resolve_device(self.request.device, self.dist.local_rank if self.dist.enabled else None)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
         self.preprocessed_folder = require_preprocessed_dataset(self.roots, self.request.dataset)

@@ -23,13 +23,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from cmcseg.evaluation import case_dice, nanmean
-from cmcseg.image_io import write_json_atomic
+from cmcseg.image_io import json_safe, write_json_atomic
 from cmcseg.plans.plans import LabelInfo
 from cmcseg.preprocessing.storage import load_case
 from cmcseg.sliding_window import Predict, predict_case
@@ -152,19 +151,10 @@ def summarize(per_case: Mapping[str, Mapping[str, float]], labels: LabelInfo, **
     }
 
 
-def _nan_to_none(obj: Any) -> Any:
-    """NaN floats to None, recursively, for strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 def write_summary(summary: Mapping, output_folder: Path) -> Path:
     """Write ``<output>/validation/summary.json`` atomically (NaN as ``null``); returns its path."""
     path = Path(output_folder) / VALIDATION_DIR / SUMMARY_FILE
-    write_json_atomic(_nan_to_none(dict(summary)), path)
+    write_json_atomic(json_safe(dict(summary)), path)
     return path
