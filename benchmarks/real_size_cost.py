@@ -81,6 +81,7 @@ def worker_ours_train(spec: dict) -> dict:
     n = spec["warmup"] + spec["iters"]
     trainer = WholeObjectiveTrainer(TrainingRequest(
         spec["dataset"], FOLD, spec["labeled"], configuration=spec["configuration"], roots=roots, device="cpu",
+        plans=spec.get("plans", "cmcsegPlans"),
         num_epochs=1, iterations_per_epoch=n, val_iterations=0, num_workers=1))
     trainer.initialize()
     trainer.on_train_start()
@@ -169,8 +170,16 @@ def worker_nnunet_predict(spec: dict) -> dict:
 
 
 # ============================================================================================ orchestration
+def plans_identifier(planner: str) -> str:
+    """The plans identifier ``cmcseg plan -pl planner`` writes."""
+    from cmcseg.plans.planner import PLANNERS
+
+    return PLANNERS[planner].default_plans_name
+
+
 def prepare(work: Path, args) -> dict:
     """Raw data; each tool's plan, measured; nnU-Net's copy of the aligned labeled cases."""
+    from cmcseg.plans.files import plans_file_name
     from cmcseg.plans.splits import load_splits
 
     raw, pre = work / "raw", work / "preprocessed"
@@ -190,10 +199,11 @@ def prepare(work: Path, args) -> dict:
         dataset = next(p.name for p in sorted(raw.iterdir()) if p.name.endswith("_MYOPSDEV"))
     env_ours = {"OMP_NUM_THREADS": str(args.threads), "PATH": str(nd.BIN)}
     ours_plan = run_measured([str(nd.BIN / "cmcseg"), "plan", "-d", dataset, "-c", *args.configurations, "-np", "2",
-                              "--raw", str(raw), "--preprocessed", str(pre)], env={**os.environ, **env_ours})
+                              "-pl", args.planner, "--raw", str(raw), "--preprocessed", str(pre)],
+                             env={**os.environ, **env_ours})
     if ours_plan.returncode != 0:
         raise SystemExit(f"cmcseg plan failed:\n{ours_plan.output_tail}")
-    plans = json.loads((pre / dataset / "plans.json").read_text())
+    plans = json.loads((pre / dataset / plans_file_name(plans_identifier(args.planner))).read_text())
     splits = load_splits(pre / dataset / "splits.json")
     train, validation = list(splits["folds"][FOLD]["labeled_order"]), list(splits["folds"][FOLD]["val"])
     env = nd.nnunet_env(work, data_workers=1, threads=args.threads)
@@ -207,6 +217,7 @@ def prepare(work: Path, args) -> dict:
     nd.write_splits(env, NNUNET_ID, train, validation)
     nn_pre = nd.preprocessed_folder(env, NNUNET_ID)
     return {"dataset": dataset, "raw": str(raw), "preprocessed": str(pre), "env": env, "train": train,
+            "plans_identifier": plans_identifier(args.planner),
             "validation": validation, "nnunet_plans": str(nn_pre / "nnUNetPlans.json"),
             "nnunet_dataset_json": str(nn_pre / "dataset.json"),
             "plan": {"cmcseg": {"wall_s": ours_plan.wall_s, "peak_tree_rss_gb": ours_plan.peak_tree_rss_gb},
@@ -262,6 +273,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--predict-cases", type=int, default=2, help="0: no prediction arms")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--planner", default="ResEncM", choices=("ResEncM", "PlainConvUNet"),
+                    help="cmcseg's planner (cmcseg plan -pl); nnU-Net always plans with its default")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     nd.add_worker_arguments(ap, WORKERS)
@@ -284,6 +297,7 @@ def main() -> None:
                     "dataset": setup["dataset"], "raw": setup["raw"], "preprocessed": setup["preprocessed"],
                     "results": str(work / f"results_{configuration}_{fraction}"), "configuration": configuration,
                     "labeled": fraction, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
+                    "plans": setup.get("plans_identifier", "cmcsegPlans"),
                     "validation_cases": args.predict_cases if fraction == args.labeled[0] else 0},
                     work, {**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             nn_checkpoint = work / f"nnunet_{configuration}.pth"

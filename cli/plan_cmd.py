@@ -5,6 +5,8 @@ import argparse
 
 from cmcseg.cli.common import add_root_arguments, float_in, int_at_least, roots_from_args
 
+#: ``plans.planner.PLANNERS`` (listed here so that --help imports no torch; a test keeps them equal), default first
+PLANNERS = ("ResEncM", "PlainConvUNet")
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -31,6 +33,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a modality whose physical extent does not overlap the reference modality's at all is an "
                         "error (almost always a wrong origin, spacing or direction in its header); with this flag it "
                         "is a warning and the plan goes on: that modality's field of view is empty in that case")
+    p.add_argument("-pl", "--planner", choices=PLANNERS, default=PLANNERS[0],
+                   help="network topology to plan (default ResEncM, nnU-Net's residual-encoder U-Net M). Another "
+                        "planner writes its own plans (cmcsegPlainConvUNetPlans.json) and preprocessed data beside the "
+                        "default ones; train and predict with them with -p cmcsegPlainConvUNetPlans")
     p.add_argument("--seed", type=int, default=12345, help="seed of the folds and labeled subsets")
     add_root_arguments(p)
     return p
@@ -44,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, roots_from_args(args), configurations=args.configurations, num_workers=args.num_processes,
         reference=args.reference, register=args.register, memory_gb=args.memory_gb,
         verify_only=args.verify_only, seed=args.seed, accept_no_overlap=args.accept_no_overlap,
+        planner=args.planner,
     )
     print(f"integrity check of {outcome.dataset.name} ({outcome.integrity.num_cases} cases, "
           f"{outcome.integrity.dimensionality}):")
@@ -69,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({', '.join(failed)})" if failed else ""))
     for name, report in outcome.preprocessing.items():
         print(f"preprocessing {name}: {report.summary() if hasattr(report, 'summary') else report}")
-    print(f"wrote {outcome.output_folder}")
+    print(f"wrote {outcome.output_folder} (plans: {outcome.plans_file.name if outcome.plans_file else '-'})")
     return 0

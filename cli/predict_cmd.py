@@ -46,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="model folder (the one holding fold_0, ...); default: the single model of -d")
     p.add_argument("-f", "--folds", nargs="+", type=_fold, default=None,
                    help="folds to ensemble (default, or 'all': every fold with the checkpoint)")
+    p.add_argument("-p", "--plans", default=None,
+                   help="with -d: the model trained on this plans identifier (e.g. cmcsegPlainConvUNetPlans), when "
+                        "the dataset has several models")
     p.add_argument("--trainer", default=None,
                    help="the trainer class the model was trained with, when it is your own (module:ClassName, "
                         "imported from your PYTHONPATH); cmcseg's trainers are found by the name in the checkpoint")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and args.dataset is None:
         raise CmcsegError("no model given. Fix: pass -d NAME (the model is found under the results root) or "
                           "-m MODEL_DIR.")
-    model_folder = args.model if args.model is not None else find_model_folder(roots.results, args.dataset)
+    model_folder = args.model if args.model is not None else find_model_folder(roots.results, args.dataset,
+                                                                                 args.plans)
     preprocessed = find_dataset_folder(roots.preprocessed, args.dataset) if args.dataset else None
     options = PredictionOptions(
         folds=_folds(args.folds), checkpoint=args.checkpoint, tta=not args.no_tta, step=args.step,

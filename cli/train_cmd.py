@@ -40,13 +40,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fraction of the fold's training cases whose labels are used, in (0, 1] (default 1.0: "
                         "supervised)")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="plan configuration (default 3d_fullres)")
+    p.add_argument("-p", "--plans", default="cmcsegPlans",
+                   help="plans identifier (default cmcsegPlans, i.e. plans.json); cmcsegPlainConvUNetPlans after "
+                        "`cmcseg plan -pl PlainConvUNet`")
     p.add_argument("--trainer", default="cmc",
                    help="trainer: a registered name (cmc: 3D CMC, one network over all modalities; cmc_branches: the "
                         "paper's network, a branch per modality, about M times the cost; any2seg: 2D, any subset of "
                         "modalities, with -c 2d) "
                         "or module:ClassName for your own subclass (default cmc)")
-    p.add_argument("--encoder", default="residual",
-                   help="encoder of the encoder registry: residual (default), plain, swinunetr, ...")
+    p.add_argument("--encoder", default=None,
+                   help="encoder of the encoder registry: residual, plain, swinunetr, ... (default: the plan's "
+                        "topology, residual for the default plans, plain for -p cmcsegPlainConvUNetPlans)")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
     p.add_argument("--shared-encoder", action="store_true",
                    help="one encoder for all modality branches (--trainer cmc_branches)")
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     trainer_class = get_trainer_class(args.trainer)
     request = TrainingRequest(
         dataset=args.dataset, fold=args.fold, labeled_fraction=args.labeled, configuration=args.configuration,
+        plans=args.plans,
         roots=roots_from_args(args), device=args.device, seed=args.seed, num_epochs=args.epochs,
         iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters, num_workers=args.num_processes,
         continue_training=args.continue_training, encoder=args.encoder, encoder_weights=args.encoder_weights,

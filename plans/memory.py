@@ -154,9 +154,7 @@ def plan_activation_count(plans: Mapping[str, Any], configuration: str, **networ
     from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration
 
     config = plan_configuration(plans, configuration)
-    # the encoder family of the plan's topology: ResEnc plans have blocks per stage, PlainConvUNet plans do not
-    residual = "n_blocks_per_stage" in config.get("architecture", {}).get("arch_kwargs", {})
-    options = {"single_branch": True, "encoder": "residual" if residual else "plain", **network_options}
+    options = {"single_branch": True, **network_options}  # no encoder given: the plan's topology
     network = meta_network(build_cmc_network, plans, configuration, **options)
     channels = plan_channels_per_modality(plans)
     return count_saved_activations(network, (sum(channels) + len(channels), *[int(p) for p in config["patch_size"]]))

@@ -23,7 +23,7 @@ from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.paths import WorkRoots, require_dataset_folder
-from cmcseg.plans.files import DATASET_FILE, FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE
+from cmcseg.plans.files import DATASET_FILE, FINGERPRINT_FILE, SPLITS_FILE, plans_file_name
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA
 from cmcseg.plans.fingerprint import extract_fingerprint
 from cmcseg.plans.integrity import IntegrityReport, verify_dataset
@@ -49,6 +49,7 @@ class PlanOutcome:
     output_folder: Path | None = None
     fingerprint: dict | None = None
     plans: dict | None = None
+    plans_file: Path | None = None
     splits: dict | None = None
     preprocessing: dict = field(default_factory=dict)  # configuration -> report
     registration: dict | None = None
@@ -68,12 +69,15 @@ def plan_and_preprocess(
     seed: int = 12345,
     accept_no_overlap: bool = False,
     fit_memory: bool = True,
+    planner: str = "ResEncM",
 ) -> PlanOutcome:
     """Run every planning stage on one raw dataset; stop before any work if the integrity check fails.
 
     ``accept_no_overlap`` turns a modality that does not overlap the reference at all (an error: almost
     always a header error) into a warning; that modality's field of view is then empty in the case.
-    ``fit_memory=False`` plans patch and batch by nnU-Net's rule alone (see :func:`plan_experiment`)."""
+    ``fit_memory=False`` plans patch and batch by nnU-Net's rule alone (see :func:`plan_experiment`).
+    ``planner`` (``-pl``) picks the network topology; a variant's plans and preprocessed data sit beside the
+    default's under their own identifier, and the fingerprint and splits are shared."""
     raw_folder = require_dataset_folder(roots.raw, dataset_spec, "raw")
     dataset = Dataset.load(raw_folder)
     try:
@@ -118,8 +122,9 @@ def plan_and_preprocess(
 
     plans = plan_experiment(fingerprint, dataset, configurations=configurations or ("2d", "3d_fullres"),
                             memory_gb=memory_gb, reference_channel=reference_channel, register=register,
-                            fit_memory=fit_memory)
-    write_json_atomic(plans, out / PLANS_FILE)
+                            fit_memory=fit_memory, topology=planner)
+    outcome.plans_file = out / plans_file_name(plans["plans_name"])
+    write_json_atomic(plans, outcome.plans_file)
     outcome.plans = plans
 
     if len(dataset.labeled_cases) >= MIN_LABELED_FOR_SPLITS:

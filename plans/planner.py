@@ -13,7 +13,8 @@ Where cmcseg departs from nnU-Net (each is marked ``departs from nnU-Net`` below
   the training step holds (:mod:`cmcseg.plans.memory`), not only nnU-Net's feature-map count;
 * modalities with several components (RGB) expand into several input channels;
 * no ``3d_lowres``/cascade configuration (cmcseg's trainers do not cascade);
-* ``data_identifier`` is the configuration name (one plans file per preprocessed dataset).
+* ``data_identifier`` is the configuration name for the default plans (``plans.json``), and
+  ``<plans identifier>_<configuration>`` for a planner variant (``-pl``), as in nnU-Net.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 from cmcseg.dataset import Dataset
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import write_json_atomic
+from cmcseg.plans.files import DEFAULT_PLANS
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA_VERSION
 from cmcseg.plans.memory import (
     DEFAULT_UNLABELED_RATIO,
@@ -48,7 +50,6 @@ from cmcseg.plans.plans import SCHEMA_VERSION, input_channel_modalities
 
 log = logging.getLogger(__name__)
 
-PLANS_NAME = "cmcsegPlans"
 CONFIGURATIONS = ("2d", "3d_fullres")
 REGISTER_CHOICES = ("none", "rigid")
 
@@ -105,7 +106,7 @@ class _InMemoryPlanner:
     NNUNET_ATTRIBUTES: Mapping[str, Any] = _EXPERIMENT_PLANNER_ATTRIBUTES
 
     def __init__(self, fingerprint: dict, dataset_json: dict, memory_gb: float = NNUNET_DEFAULT_MEMORY_GB,
-                 plans_name: str = PLANS_NAME, overwrite_target_spacing: Sequence[float] | None = None,
+                 plans_name: str | None = None, overwrite_target_spacing: Sequence[float] | None = None,
                  suppress_transpose: bool = False) -> None:
         for name, value in self.NNUNET_ATTRIBUTES.items():
             setattr(self, name, value)
@@ -113,14 +114,20 @@ class _InMemoryPlanner:
         self.dataset_json = dataset_json
         self.dataset_name = dataset_json.get("name", "")
         self.UNet_vram_target_GB = float(memory_gb)
-        self.plans_identifier = plans_name
+        self.plans_identifier = plans_name or self.default_plans_name
         self.overwrite_target_spacing = overwrite_target_spacing
         self.suppress_transpose = suppress_transpose
         self.plans = None
 
+    #: the plans identifier this planner writes (``cmcseg plan -pl``, ``cmcseg train -p``)
+    default_plans_name: str = DEFAULT_PLANS
+
     def generate_data_identifier(self, configuration_name: str) -> str:
-        """departs from nnU-Net: the configuration name alone, since each plans file has its own folder."""
-        return configuration_name
+        """departs from nnU-Net: the configuration name alone for the default plans (the layout of datasets
+        planned before variants existed); ``<identifier>_<configuration>`` for a variant, as nnU-Net names it."""
+        if self.plans_identifier == DEFAULT_PLANS:
+            return configuration_name
+        return f"{self.plans_identifier}_{configuration_name}"
 
 
 class ResEncMPlanner(_InMemoryPlanner, nnUNetPlannerResEncM):
@@ -132,8 +139,10 @@ class ResEncMPlanner(_InMemoryPlanner, nnUNetPlannerResEncM):
 class PlainConvUNetPlanner(_InMemoryPlanner, ExperimentPlanner):
     """nnU-Net's original planner (PlainConvUNet) on an in-memory fingerprint."""
 
+    default_plans_name = "cmcsegPlainConvUNetPlans"
 
-#: network topologies the planner can plan for
+
+#: network topologies the planner can plan for (``cmcseg plan -pl NAME``), each with its own plans identifier
 PLANNERS: dict[str, type[_InMemoryPlanner]] = {"ResEncM": ResEncMPlanner, "PlainConvUNet": PlainConvUNetPlanner}
 
 
@@ -332,7 +341,7 @@ def plan_experiment(
             estimates[name] = {"device": device, **estimate.as_dict()}
     plans = {
         "schema_version": SCHEMA_VERSION,
-        "plans_name": PLANS_NAME,
+        "plans_name": PLANNERS[topology].default_plans_name,
         "dataset_name": dataset.folder.name,
         "labels": dict(dataset.labels),
         "pairing": dataset.pairing,

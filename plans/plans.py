@@ -77,6 +77,12 @@ def plan_configuration(plans: Mapping[str, Any], configuration: str) -> dict:
     return config
 
 
+def plan_encoder(config: Mapping[str, Any]) -> str:
+    """The encoder family of a configuration's network topology: ``residual`` for nnU-Net's ResEnc plans (blocks
+    per stage), ``plain`` for PlainConvUNet plans (``cmcseg plan -pl PlainConvUNet``)."""
+    return "residual" if "n_blocks_per_stage" in config.get("architecture", {}).get("arch_kwargs", {}) else "plain"
+
+
 def plan_channels_per_modality(plans: Mapping[str, Any]) -> list[int]:
     """Components per modality in modality order, from ``plans["channels_per_modality"]``."""
     try:

@@ -66,12 +66,14 @@ def test_installed_package_imports_from_outside_the_source_tree(tmp_path: Path):
 
 def test_cli_name_lists_match_the_library_registries():
     """synth and convert list their choices without importing the generators (fast --help); they must agree."""
-    from cmcseg.cli import convert_cmd, synth_cmd
+    from cmcseg.cli import convert_cmd, plan_cmd, synth_cmd
     from cmcseg.phantoms import PHANTOMS, SIZES
+    from cmcseg.plans.planner import PLANNERS
     from cmcseg.preprocessing.converters import CONVERTERS
 
     assert synth_cmd.KINDS == tuple(sorted(PHANTOMS)) and synth_cmd.SIZES == SIZES
     assert convert_cmd.FORMATS == tuple(sorted(CONVERTERS))
+    assert plan_cmd.PLANNERS == tuple(PLANNERS)
 
 
 def test_help_does_not_import_torch_or_the_generators():

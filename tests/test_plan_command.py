@@ -12,6 +12,7 @@ from helpers import require_shared_data
 
 from cmcseg.cli.main import main
 from cmcseg.dataset import image_file, label_file, write_dataset_json
+from cmcseg.errors import CmcsegError
 from cmcseg.paths import resolve_roots
 from cmcseg.phantoms import synthesize
 from cmcseg.plans.plan_and_preprocess import plan_and_preprocess
@@ -115,3 +116,56 @@ def _binary_like(seg: sitk.Image) -> sitk.Image:
     out = sitk.GetImageFromArray((sitk.GetArrayFromImage(seg) > 0.5).astype(np.uint8))
     out.CopyInformation(seg)
     return out
+
+
+def test_a_planner_variant_sits_beside_the_default_plans(planned, tmp_path: Path):
+    """`cmcseg plan -pl PlainConvUNet` writes its own plans and data beside the default ones (the fingerprint and
+    folds are shared), `train -p` reads them and names its model folder after them, `predict -p` finds that model."""
+    from cmcseg.networks.encoders import build_encoder
+    from cmcseg.paths import WorkRoots
+    from cmcseg.plans.plans import load_plans
+    from cmcseg.prediction.model import find_model_folder, write_model_folder
+    from cmcseg.training.cmc_trainer import CMCTrainer
+    from cmcseg.training.trainer import TrainingRequest
+
+    roots = WorkRoots(planned.raw, tmp_path / "preprocessed", tmp_path / "results")
+    folder = roots.preprocessed / "Dataset501_MSCMR"
+    plan_and_preprocess("MSCMR", roots, configurations=["3d_fullres"], num_workers=1, progress=False)
+    default_before = (folder / "plans.json").read_bytes()
+    outcome = plan_and_preprocess("MSCMR", roots, configurations=["3d_fullres"], num_workers=1, progress=False,
+                                  planner="PlainConvUNet")
+    assert outcome.plans_file == folder / "cmcsegPlainConvUNetPlans.json"
+    assert (folder / "plans.json").read_bytes() == default_before
+    variant = load_plans(outcome.plans_file)
+    config = variant["configurations"]["3d_fullres"]
+    assert variant["plans_name"] == "cmcsegPlainConvUNetPlans"
+    assert config["architecture"]["network_class_name"].endswith("PlainConvUNet")
+    assert config["data_identifier"] == "cmcsegPlainConvUNetPlans_3d_fullres"
+    default_cases = sorted(p.name for p in (folder / "3d_fullres").iterdir())
+    assert default_cases and sorted(p.name for p in (folder / config["data_identifier"]).iterdir()) == default_cases
+
+    class StopAtNetwork(CMCTrainer):
+        def build_network(self):
+            self.seen = (self.plans["plans_name"], self.network_options()["encoder"], self.output_folder.parent.name)
+            raise CmcsegError("stopped by the test before training")
+
+    trainer = StopAtNetwork(TrainingRequest("MSCMR", 0, 0.5, roots=roots, plans="cmcsegPlainConvUNetPlans",
+                                            device="cpu", num_workers=0))
+    with pytest.raises(CmcsegError, match="stopped by the test"):
+        trainer.initialize()
+    # the variant's plans, the plan's topology as encoder without --encoder, a model folder named after the plans
+    assert trainer.seen == ("cmcsegPlainConvUNetPlans", "plain",
+                            "StopAtNetwork__cmcsegPlainConvUNetPlans__3d_fullres__labeled0.5")
+    network = CMCTrainer.build_network_architecture(variant, "3d_fullres", {"single_branch": True}, True)
+    assert type(network.encoders[0]).__name__ == type(build_encoder("plain", config, 4)).__name__
+
+    results = roots.results / "Dataset501_MSCMR"
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    for name, plans in (("CMCTrainer__3d_fullres__labeled0.5", load_plans(folder)),
+                        ("CMCTrainer__cmcsegPlainConvUNetPlans__3d_fullres__labeled0.5", variant)):
+        write_model_folder(results / name, plans, dataset_json, {0: {}})
+    assert find_model_folder(roots.results, "MSCMR", "cmcsegPlainConvUNetPlans").name.startswith(
+        "CMCTrainer__cmcsegPlainConvUNetPlans")
+    assert find_model_folder(roots.results, "MSCMR", "cmcsegPlans").name == "CMCTrainer__3d_fullres__labeled0.5"
+    with pytest.raises(CmcsegError, match="2 trained models"):
+        find_model_folder(roots.results, "MSCMR")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.encoders import ModalityEncoder, build_encoder
 from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
-from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration, plan_num_classes
+from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration, plan_encoder, plan_num_classes
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class CMCProbabilities(nn.Module):
         return self.network.probabilities(x)
 
 
-def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str = "residual",
+def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str | None = None,
                       shared_encoder: bool = False, encoder_weights: Path | str | None = None,
                       deep_supervision: bool = True, *, shared_decoder: bool = False, fusion: bool | None = None,
                       channel_attention: bool | None = None, single_branch: bool = False,
@@ -286,12 +286,13 @@ def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str
                       unsafe_allow_pickle: bool = False) -> CMCNetwork:
     """The CMC network for one configuration of plans.json.
 
-    ``encoder`` names a registered encoder; ``encoder_weights`` (a local file) is loaded into every
-    branch's encoder, as data only unless ``unsafe_allow_pickle``; ``encoder_options`` go to the encoder
-    class (e.g. ``{"feature_size": 48}``).
+    ``encoder`` names a registered encoder (default: the plan's topology, :func:`plan_encoder`);
+    ``encoder_weights`` (a local file) is loaded into every branch's encoder, as data only unless
+    ``unsafe_allow_pickle``; ``encoder_options`` go to the encoder class (e.g. ``{"feature_size": 48}``).
     """
     config = plan_configuration(plans, configuration)
     options = dict(encoder_options or {})
+    encoder = encoder or plan_encoder(config)
 
     def make_encoder(in_channels: int, fov_channels: int) -> ModalityEncoder:
         return build_encoder(encoder, config, in_channels, encoder_weights, fov_channels=fov_channels,

@@ -165,10 +165,13 @@ def list_model_folders(dataset_results: Path) -> list[Path]:
     return [f for f in sorted(dataset_results.iterdir()) if f.is_dir() and has_checkpoints(f)]
 
 
-def find_model_folder(results_root: Path, dataset_spec: str) -> Path:
-    """The single model folder of a dataset under the results root; several or none is an error."""
+def find_model_folder(results_root: Path, dataset_spec: str, plans: str | None = None) -> Path:
+    """The single model folder of a dataset under the results root (of the plans identifier ``plans``, when given:
+    ``cmcseg predict -p``); several or none is an error."""
     dataset_results = find_dataset_folder(results_root, dataset_spec)
     models = list_model_folders(dataset_results) if dataset_results is not None else []
+    if plans is not None:
+        models = [m for m in models if _model_plans_name(m) == plans]
     if not models:
         where = dataset_results or Path(results_root)
         raise CmcsegError(f"no trained model of dataset '{dataset_spec}' under {where}. Fix: train one with "
@@ -177,8 +180,16 @@ def find_model_folder(results_root: Path, dataset_spec: str) -> Path:
     if len(models) > 1:
         listing = "\n  ".join(str(m) for m in models)
         raise CmcsegError(f"dataset '{dataset_spec}' has {len(models)} trained models:\n  {listing}\n"
-                          "Fix: choose one with -m MODEL_DIR.")
+                          "Fix: choose one with -m MODEL_DIR (or -p PLANS).")
     return models[0]
+
+
+def _model_plans_name(folder: Path) -> str | None:
+    """The plans identifier a model folder was trained with (its plans.json's ``plans_name``)."""
+    try:
+        return str(read_json(folder / PLANS_FILE).get("plans_name"))
+    except (OSError, ValueError, CmcsegError, AttributeError):
+        return None
 
 
 def check_model_dataset(model: TrainedModel, dataset_spec: str) -> None:

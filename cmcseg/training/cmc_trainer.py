@@ -166,7 +166,7 @@ class CMCTrainer(TrainerBase):
         """The CMC network (:func:`cmcseg.networks.cmc.build_cmc_network`). An option a checkpoint lacks takes the
         value models were trained with before it existed (e.g. a branch per modality)."""
         return build_cmc_network(
-            plans, configuration, encoder=str(options.get("encoder", "residual")),
+            plans, configuration, encoder=options.get("encoder"),
             shared_encoder=bool(options.get("shared_encoder", False)),
             encoder_weights=options.get("encoder_weights"), deep_supervision=deep_supervision,
             shared_decoder=bool(options.get("shared_decoder", False)), fusion=options.get("fusion"),

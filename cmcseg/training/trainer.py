@@ -45,9 +45,16 @@ from cmcseg.errors import CmcsegError
 from cmcseg.evaluation import patch_counts
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
 from cmcseg.paths import WorkRoots, require_preprocessed_dataset, resolve_roots
-from cmcseg.plans.files import DATASET_FILE, PLANS_FILE, SPLITS_FILE, TRAINING_CONFIG_FILE
+from cmcseg.plans.files import (
+    DATASET_FILE,
+    DEFAULT_PLANS,
+    PLANS_FILE,
+    SPLITS_FILE,
+    TRAINING_CONFIG_FILE,
+    plans_file_name,
+)
 from cmcseg.plans.memory import MemoryEstimate
-from cmcseg.plans.plans import LabelInfo, load_plans, plan_configuration, plans_hash
+from cmcseg.plans.plans import LabelInfo, load_plans, plan_configuration, plan_encoder, plans_hash
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import SpatialAugmentation, configure_spatial_augmentation
@@ -88,6 +95,7 @@ class TrainingRequest:
     fold: int
     labeled_fraction: float
     configuration: str = "3d_fullres"
+    plans: str = DEFAULT_PLANS  # plans identifier: plans.json, or a planner variant's (cmcseg plan -pl)
     roots: WorkRoots | None = None
     device: str = "auto"
     seed: int = 0
@@ -96,7 +104,7 @@ class TrainingRequest:
     val_iterations: int | None = None
     num_workers: int | None = None
     continue_training: bool = False
-    encoder: str = "residual"
+    encoder: str | None = None  # None: the plan's topology (residual for ResEnc plans, plain for PlainConvUNet)
     encoder_weights: Path | None = None
     shared_encoder: bool = False
     command: str = ""
@@ -332,7 +340,7 @@ class TrainerBase:
 
     def load_plans_and_fold(self) -> None:
         """Read plans.json and splits.json and choose this fold's cases and the batch composition."""
-        self.plans = self.configure_plans(load_plans(self.preprocessed_folder))
+        self.plans = self.configure_plans(load_plans(self.preprocessed_folder / plans_file_name(self.request.plans)))
         self.config = plan_configuration(self.plans, self.configuration)
         self.plans_sha256 = plans_hash(self.plans)
         self.splits = load_splits(self.preprocessed_folder / SPLITS_FILE)
@@ -369,8 +377,10 @@ class TrainerBase:
             log.warning("%s is missing: the model folder gets no dataset.json (cmcseg predict needs it)", dataset_json)
 
     def compute_output_folder(self) -> Path:
-        """``<results>/DatasetNNN_NAME/<Trainer>__<configuration>__labeled<fraction>/fold_<F>``."""
-        run = f"{self.name}__{self.configuration}__labeled{self.labeled_fraction}"
+        """``<results>/DatasetNNN_NAME/<Trainer>__<configuration>__labeled<fraction>/fold_<F>``; a planner variant's
+        plans identifier comes after the trainer (``<Trainer>__<plans>__<configuration>...``)."""
+        plans = "" if self.request.plans == DEFAULT_PLANS else f"{self.request.plans}__"  # a variant says so
+        run = f"{self.name}__{plans}{self.configuration}__labeled{self.labeled_fraction}"
         return self.roots.results / self.preprocessed_folder.name / run / f"fold_{self.fold}"
 
     def build_network(self) -> nn.Module:
@@ -729,7 +739,8 @@ class TrainerBase:
 
     def network_options(self) -> dict[str, Any]:
         """Hook: what, besides plans.json, rebuilds this trainer's network (stored as the checkpoint's ``init``)."""
-        return {"encoder": self.request.encoder, "shared_encoder": self.request.shared_encoder}
+        return {"encoder": self.request.encoder or plan_encoder(self.config),
+                "shared_encoder": self.request.shared_encoder}
 
     def extra_state(self) -> dict[str, Any]:
         """Hook: trainer-specific state to checkpoint (e.g. an EMA teacher)."""
