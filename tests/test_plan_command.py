@@ -169,3 +169,6 @@ def test_a_planner_variant_sits_beside_the_default_plans(planned, tmp_path: Path
     assert find_model_folder(roots.results, "MSCMR", "cmcsegPlans").name == "CMCTrainer__3d_fullres__labeled0.5"
     with pytest.raises(CmcsegError, match="2 trained models"):
         find_model_folder(roots.results, "MSCMR")
+    with pytest.raises(CmcsegError, match="not a plain name"):  # it would name a folder outside the results
+        CMCTrainer(TrainingRequest("MSCMR", 0, 0.5, roots=roots, plans="../../elsewhere", device="cpu"))
+    assert not (roots.results.parent / "elsewhere").exists()

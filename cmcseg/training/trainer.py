@@ -157,6 +157,7 @@ def check_request(request: TrainingRequest) -> None:
         raise CmcsegError(f"--labeled {request.labeled_fraction} is not in (0, 1]. Fix: pass e.g. --labeled 0.2.")
     if request.fold < 0:
         raise CmcsegError(f"fold {request.fold} is negative. Fix: pass a fold of splits.json, e.g. -f 0.")
+    plans_file_name(request.plans)  # a plans identifier names files and the model folder: a plain name only
 
 
 
