@@ -45,7 +45,7 @@ seconds of the training process instead of wall seconds.
 
 Scoring: for each arm and each non-empty subset of the modalities (15 for DELIVER, 7 for
 MSCMR), every validation case is predicted from that subset by the same function,
-``cmcseg.any2seg.subsets.evaluate_subsets(predictor_for, ...)`` (Gaussian sliding window,
+``cmcseg.training.subset_validation.evaluate_subsets(predictor_for, ...)`` (Gaussian sliding window,
 overlap 0.5, no mirroring, on cmcseg's preprocessed grid), with an arm-specific
 ``predictor_for(subset)``: (a) Any2Seg's ``probabilities_network(subset)`` (the trainer's own
 ``run_subset_evaluation``, which scores all subsets in one window pass), (b)/(c) the softmax of
@@ -212,8 +212,8 @@ def table_result(table, channels_per_modality: list[int]) -> dict:
 def worker_any2seg(spec: dict) -> dict:
     import torch
 
-    from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes
     from cmcseg.paths import WorkRoots
+    from cmcseg.training.subset_validation import evaluate_subsets, scored_classes
     from cmcseg.training.trainer import TrainingRequest
 
     torch.set_num_threads(spec["threads"])
@@ -306,9 +306,9 @@ def nnunet_predictor_full_set(trainer, spec: dict, cm_folder: Path, labels, metr
     import SimpleITK as sitk
     import torch
 
-    from cmcseg.any2seg.subsets import SubsetScores
     from cmcseg.evaluation import nanmean
     from cmcseg.preprocessing.storage import load_case
+    from cmcseg.training.subset_validation import SubsetScores
 
     raw, out = Path(spec["nnunet_raw_dataset"]), Path(spec["work"]) / "nnunet_predictions"
     out.mkdir(parents=True, exist_ok=True)
@@ -330,8 +330,8 @@ def nnunet_predictor_full_set(trainer, spec: dict, cm_folder: Path, labels, metr
 def worker_nnunet(spec: dict) -> dict:
     import torch
 
-    from cmcseg.any2seg.subsets import evaluate_subsets, scored_classes, subset_metric_for
     from cmcseg.image_io import read_json
+    from cmcseg.training.subset_validation import evaluate_subsets, scored_classes, subset_metric_for
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         for head, scores in summary.get("per_head", {}).items():
             print(f"   head {head} alone: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scores["mean"].items()))
     ddp_note = f" ({trainer.dist.world_size} processes)" if launched_by_torchrun() else ""
-    subsets = sys.modules.get("cmcseg.any2seg.subsets")  # loaded by an Any2Seg run only (it needs transformers)
+    # loaded by an Any2Seg run only (it needs transformers)
+    subsets = sys.modules.get("cmcseg.training.subset_validation")
     subsets_path = output_folder / VALIDATION_DIR / subsets.SUBSET_TABLE_CSV if subsets is not None else None
     if subsets is not None and subsets_path is not None and subsets_path.is_file():
         print(f"scores per modality subset: {subsets_path} (heat map: "

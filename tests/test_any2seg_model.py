@@ -13,19 +13,13 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from cmcseg.any2seg import (  # noqa: E402 - the offline variables must be set before transformers loads
-    Any2SegModel,
-    EMATeacherModel,
-    LanguageBindTeacher,
-    LSCDLoss,
-    MiniLMTeacher,
-    build_mit_backbone,
-    convert_mit_state_dict,
-    modality_agnostic_feature_fusion,
-    sample_modality_subsets,
-)
-from cmcseg.any2seg.backbone import to_transformers4_keys  # noqa: E402
+# the offline variables must be set before transformers loads
 from cmcseg.errors import CmcsegError  # noqa: E402
+from cmcseg.losses.language_distillation import EMATeacherModel, LSCDLoss  # noqa: E402
+from cmcseg.networks.any2seg import Any2SegModel, sample_modality_subsets  # noqa: E402
+from cmcseg.networks.any2seg_fusion import modality_agnostic_feature_fusion  # noqa: E402
+from cmcseg.networks.language_teachers import LanguageBindTeacher, MiniLMTeacher  # noqa: E402
+from cmcseg.networks.mit import build_mit_backbone, convert_mit_state_dict, to_transformers4_keys  # noqa: E402
 
 M, K, SIZE = 4, 3, 32
 

@@ -17,18 +17,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cmcseg.any2seg.model import (
+from cmcseg.checkpoint import load_checkpoint
+from cmcseg.cli.main import main as cli_main
+from cmcseg.errors import CmcsegError
+from cmcseg.image_io import read_json
+from cmcseg.networks.any2seg import (
     Any2SegModel,
     Any2SegProbabilities,
     SubsetProbabilities,
     fov_presence,
     modality_images,
 )
-from cmcseg.any2seg.subsets import SubsetScores, evaluate_subsets, scored_classes, write_subset_table
-from cmcseg.checkpoint import load_checkpoint
-from cmcseg.cli.main import main as cli_main
-from cmcseg.errors import CmcsegError
-from cmcseg.image_io import read_json
 from cmcseg.paths import WorkRoots
 from cmcseg.plans.plans import LabelInfo
 from cmcseg.prediction.model import build_inference_networks, load_trained_model
@@ -36,6 +35,7 @@ from cmcseg.preprocessing.storage import load_case
 from cmcseg.sliding_window import predict_case
 from cmcseg.training.any2seg_trainer import Any2SegTrainer
 from cmcseg.training.registry import get_trainer_class
+from cmcseg.training.subset_validation import SubsetScores, evaluate_subsets, scored_classes, write_subset_table
 from cmcseg.training.trainer import TrainingRequest
 
 DATASET = "Dataset505_DELIVER"

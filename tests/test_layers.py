@@ -22,15 +22,14 @@ PRIMITIVES = ("cmcseg.errors", "cmcseg.devices", "cmcseg.image_io", "cmcseg.seri
               "cmcseg.registry", "cmcseg.dataset", "cmcseg.parallel", "cmcseg.sliding_window", "cmcseg.checkpoint",
               "cmcseg.networks", "cmcseg.losses", "cmcseg.evaluation", "cmcseg.phantoms")
 STAGES_ABOVE_PRIMITIVES = ("cmcseg.plans", "cmcseg.preprocessing", "cmcseg.training", "cmcseg.prediction",
-                           "cmcseg.any2seg", "cmcseg.demo", "cmcseg.cli")
+                           "cmcseg.demo", "cmcseg.cli")
 
 #: (importer prefix, forbidden prefixes): a later stage is never imported by an earlier one
 RULES = [
     (PRIMITIVES, STAGES_ABOVE_PRIMITIVES),
-    (("cmcseg.plans",), ("cmcseg.training", "cmcseg.prediction", "cmcseg.any2seg", "cmcseg.demo", "cmcseg.cli")),
-    (("cmcseg.preprocessing",), ("cmcseg.plans", "cmcseg.training", "cmcseg.prediction", "cmcseg.any2seg",
-                                 "cmcseg.demo", "cmcseg.cli")),
-    (("cmcseg.any2seg",), ("cmcseg.training", "cmcseg.prediction", "cmcseg.demo", "cmcseg.cli")),
+    (("cmcseg.plans",), ("cmcseg.training", "cmcseg.prediction", "cmcseg.demo", "cmcseg.cli")),
+    (("cmcseg.preprocessing",), ("cmcseg.plans", "cmcseg.training", "cmcseg.prediction", "cmcseg.demo",
+                                 "cmcseg.cli")),
     (("cmcseg.training",), ("cmcseg.prediction", "cmcseg.demo", "cmcseg.cli")),
     (("cmcseg.prediction",), ("cmcseg.training", "cmcseg.demo", "cmcseg.cli")),
     (("cmcseg.demo",), ("cmcseg.cli",)),

@@ -5,6 +5,7 @@ from cmcseg.networks.cmc import (
     build_cmc_network,
     split_modalities,
 )
+from cmcseg.networks.cmc_fusion import ChannelAttention, UnifiedFusion
 from cmcseg.networks.encoders import (
     ENCODERS,
     ModalityEncoder,
@@ -12,7 +13,6 @@ from cmcseg.networks.encoders import (
     build_encoder,
     register_encoder,
 )
-from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
 
 __all__ = [
     "CMCNetwork", "CMCOutput", "build_cmc_network",

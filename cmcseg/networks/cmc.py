@@ -5,7 +5,7 @@ the M field-of-view (FOV) masks. Branch m sees its own channels plus its FOV mas
 (:func:`split_modalities`), so it can tell "outside the field of view" from dark data.
 
 Per branch: encoder -> skips; at the bottleneck channel attention (per modality) and the
-unified fusion layer (:mod:`cmcseg.networks.fusion`); then the branch's own decoder pass with
+unified fusion layer (:mod:`cmcseg.networks.cmc_fusion`); then the branch's own decoder pass with
 its own skips. ``forward`` returns :class:`CMCOutput`.
 
 With one branch (a single-modality dataset, or ``single_branch=True`` where all modalities are
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from cmcseg.errors import CmcsegError
+from cmcseg.networks.cmc_fusion import ChannelAttention, UnifiedFusion
 from cmcseg.networks.encoders import ModalityEncoder, build_encoder
-from cmcseg.networks.fusion import ChannelAttention, UnifiedFusion
 from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration, plan_encoder, plan_num_classes
 
 log = logging.getLogger(__name__)

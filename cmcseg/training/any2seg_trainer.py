@@ -5,11 +5,11 @@ It shares everything with :class:`~cmcseg.training.cmc_trainer.CMCTrainer` throu
 ``--continue``, logs, ``progress.png``, validation) and differs in the network, the losses and
 the batch composition:
 
-* **network**: :class:`~cmcseg.any2seg.model.Any2SegModel`, a SegFormer MiT backbone shared by
+* **network**: :class:`~cmcseg.networks.any2seg.Any2SegModel`, a SegFormer MiT backbone shared by
   the modalities (stacked in the batch), MFF at every stage, the all-MLP head;
 * **modality dropout**: each row keeps, with probability ``modality_dropout``, a subset drawn
   uniformly from the non-empty subsets of its available modalities, else all of them
-  (:func:`~cmcseg.any2seg.model.sample_modality_subsets`); a modality whose field of view is
+  (:func:`~cmcseg.networks.any2seg.sample_modality_subsets`); a modality whose field of view is
   empty in the patch is not available;
 * **losses** (weights are attributes, ramp-ups sigmoid over epochs)::
 
@@ -19,7 +19,7 @@ the batch composition:
 
   where the student sees the dropped subset and the EMA teacher (no gradient) sees every
   available modality, i.e. the full-modality representation. ``L_DiceCE`` is nnU-Net's Dice+CE,
-  ``L_LSCD`` is :class:`~cmcseg.any2seg.distillation.LSCDLoss` with text anchors of the class
+  ``L_LSCD`` is :class:`~cmcseg.losses.language_distillation.LSCDLoss` with text anchors of the class
   names from the frozen language teacher (``--teacher minilm``, offline, or ``languagebind``,
   whose image towers then give the inter-modal target), ``L_cons`` the softmax MSE between the
   student's and the teacher's class maps. Unlabeled rows (``--labeled F < 1``) train through the
@@ -44,8 +44,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from cmcseg.any2seg.distillation import EMATeacherModel, LSCDLoss
-from cmcseg.any2seg.model import (
+from cmcseg.errors import CmcsegError
+from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
+from cmcseg.losses.language_distillation import EMATeacherModel, LSCDLoss
+from cmcseg.networks.any2seg import (
     Any2SegModel,
     Any2SegProbabilities,
     SubsetProbabilities,
@@ -53,21 +55,19 @@ from cmcseg.any2seg.model import (
     modality_images,
     sample_modality_subsets,
 )
-from cmcseg.any2seg.subsets import (
+from cmcseg.networks.language_teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
+from cmcseg.plans.plans import plan_channels_per_modality, plan_num_classes
+from cmcseg.training import ddp
+from cmcseg.training.augmentation import configure_spatial_augmentation
+from cmcseg.training.data import build_training_loader
+from cmcseg.training.progress import WEIGHT_PREFIX
+from cmcseg.training.subset_validation import (
     evaluate_subsets,
     is_scene_dataset,
     scored_classes,
     subset_metric_for,
     write_subset_table,
 )
-from cmcseg.any2seg.teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
-from cmcseg.errors import CmcsegError
-from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consistency_loss
-from cmcseg.plans.plans import plan_channels_per_modality, plan_num_classes
-from cmcseg.training import ddp
-from cmcseg.training.augmentation import configure_spatial_augmentation
-from cmcseg.training.data import build_training_loader
-from cmcseg.training.progress import WEIGHT_PREFIX
 from cmcseg.training.trainer import TrainerBase
 from cmcseg.training.validation import VALIDATION_DIR
 

@@ -5,7 +5,7 @@ subset of the M modalities it was built for:
 
 1. the present ``(b, m)`` images go through the ONE backbone together, stacked in the batch
    (absent images are never read, so they cannot influence anything, BatchNorm included);
-2. per stage, :func:`~cmcseg.any2seg.fusion.modality_agnostic_feature_fusion` fuses the present
+2. per stage, :func:`~cmcseg.networks.any2seg_fusion.modality_agnostic_feature_fusion` fuses the present
    modalities' features of each sample;
 3. SegFormer's all-MLP head (transformers' ``SegformerDecodeHead``: per-stage linear projection
    to ``decoder_hidden_size``, upsampling to 1/4, concatenation, 1x1 fuse conv + BN + ReLU,
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
-from cmcseg.any2seg.backbone import MiTBackbone, build_mit_backbone, match_channels, mit_config
-from cmcseg.any2seg.fusion import ModalityAgnosticFusion
+from cmcseg.networks.any2seg_fusion import ModalityAgnosticFusion
+from cmcseg.networks.mit import MiTBackbone, build_mit_backbone, match_channels, mit_config
 
 
 @dataclass
@@ -97,7 +97,7 @@ def modality_images(x: Tensor, channels_per_modality: Sequence[int], in_channels
 
     The first ``C = sum(channels_per_modality)`` channels are the modalities' components in
     order (the FOV masks follow and are not images); each modality is mapped onto the
-    backbone's channels by :func:`~cmcseg.any2seg.backbone.match_channels`.
+    backbone's channels by :func:`~cmcseg.networks.mit.match_channels`.
     """
     images, start = [], 0
     for count in channels_per_modality:
@@ -122,7 +122,7 @@ class Any2SegModel(nn.Module):
     """Shared MiT backbone + MFF per stage + all-MLP decoder (see the module docstring).
 
     Attributes: ``num_classes``, ``num_modalities``, ``modality_names``, ``in_channels``,
-    ``backbone`` (:class:`~cmcseg.any2seg.backbone.MiTBackbone`), ``fusion``, ``decode_head``.
+    ``backbone`` (:class:`~cmcseg.networks.mit.MiTBackbone`), ``fusion``, ``decode_head``.
     """
 
     def __init__(self, num_classes: int, num_modalities: int, variant: str = "mit_b0", in_channels: int = 3,

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmcseg.any2seg.model import Any2SegModel, Any2SegOutput
 from cmcseg.losses.mean_teacher import create_ema_teacher, update_ema_teacher
+from cmcseg.networks.any2seg import Any2SegModel, Any2SegOutput
 
 
 @dataclass

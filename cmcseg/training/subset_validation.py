@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmcseg.any2seg.model import non_empty_subsets
 from cmcseg.evaluation import case_dice, nanmean, patch_counts
 from cmcseg.image_io import atomic_path
+from cmcseg.networks.any2seg import non_empty_subsets
 from cmcseg.plans.plans import LabelInfo
 from cmcseg.preprocessing.storage import load_case
 from cmcseg.sliding_window import Predict as Predictor
@@ -109,7 +109,7 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | Non
     ``predictor_for(subset)`` returns the probability function of the network restricted to
     that subset of modality indices. ``joint_predictor_for(subsets)``, given instead, returns one
     function whose output stacks the subsets' probabilities (``(B, S * K, ...)``, e.g.
-    :class:`~cmcseg.any2seg.model.SubsetProbabilities`), so that one sliding window per case
+    :class:`~cmcseg.networks.any2seg.SubsetProbabilities`), so that one sliding window per case
     (per group of subsets whose probabilities fit in ``max_bytes``) scores them all. Returns one
     row per subset with columns ``subset``, ``num_modalities``, one per class, and ``mean`` (the
     mean over classes that occur).
