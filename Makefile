@@ -16,8 +16,9 @@ install-test:
 demo: install
 	$(BIN)/cmcseg demo --work cmcseg_work/demo
 
-# the linter and the type checker first (pyproject.toml [tool.ruff], [tool.mypy]), then the whole suite
+# the linter, the layer contract and the type checker first (pyproject.toml [tool.ruff], [tool.importlinter],
+# [tool.mypy]), then the whole suite
 test: install-test
 	$(BIN)/ruff check .
-	MYPY=$(abspath $(BIN))/mypy bash scripts/typecheck.sh
+	BIN=$(abspath $(BIN)) bash scripts/static_checks.sh
 	$(BIN)/pytest -q
