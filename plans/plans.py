@@ -5,7 +5,13 @@ preprocessor, the trainers, the memory estimate and the predictor read them thro
 functions only, so that a key is interpreted one way everywhere:
 
 * :func:`load_plans` opens ``plans.json`` with a clear error when it is missing or not JSON;
-* :func:`plan_configuration` resolves a configuration (``inherits_from`` as nnU-Net does);
+* :class:`Plans` and :class:`Configuration` are nnU-Net's ``PlansManager`` and ``ConfigurationManager`` with
+  cmcseg's keys: :func:`plan_configuration` resolves a configuration (``inherits_from``) by nnU-Net's code, and
+  the result is both the plain dict the stages index and nnU-Net's accessors on it (``patch_size``,
+  ``resampling_fn_probabilities``, ...), so it can be handed to nnU-Net's functions;
+* :meth:`Configuration.network_architecture` gives the network class and its arguments, after checking that
+  every name it will import is one of torch's or dynamic_network_architectures' modules (a plans file from
+  someone else is data: it cannot make cmcseg import or call anything else);
 * :func:`plan_channels_per_modality` and :func:`input_channel_modalities` say which input channel
   belongs to which modality (an RGB modality has three);
 * :func:`plan_num_classes`, :func:`foreground_labels` and :class:`LabelInfo` interpret the labels
@@ -16,12 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pydoc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
 
 from cmcseg.dataset import nnunet_label_dict
 from cmcseg.errors import CmcsegError
@@ -59,22 +68,94 @@ def plans_hash(plans: Mapping) -> str:
     return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
 
 
-def plan_configuration(plans: Mapping[str, Any], configuration: str) -> dict:
-    """``plans["configurations"][configuration]``, with ``inherits_from`` resolved as nnU-Net does."""
-    configs = plans.get("configurations", {})
-    if configuration not in configs:
-        raise CmcsegError(f"plans.json has no configuration {configuration!r}. Fix: choose one of {sorted(configs)} "
-                          "or plan it with `cmcseg plan -c`.")
-    config = dict(configs[configuration])
-    seen = {configuration}
-    while "inherits_from" in config:
-        parent = config.pop("inherits_from")
-        if parent in seen or parent not in configs:
-            raise CmcsegError(f"plans.json: configuration {configuration!r} inherits from unknown or circular "
-                              f"{parent!r}.")
-        seen.add(parent)
-        config = {**configs[parent], **config}
-    return config
+#: where a plan may name its network's classes from: what nnU-Net's planners write. Any other name in
+#: ``architecture`` is refused before it is imported (``pydoc.locate`` imports modules, and nnU-Net calls the
+#: classes it finds with the plan's keyword arguments: ``"nonlin": "subprocess.call"`` would run a command).
+ARCHITECTURE_PACKAGES = ("torch.nn.", "dynamic_network_architectures.architectures.")
+
+
+class Configuration(dict, ConfigurationManager):
+    """One resolved configuration: the dict plans.json holds, which the stages index (``config["patch_size"]``),
+    and nnU-Net's ``ConfigurationManager`` on the same dict (``config.patch_size``,
+    ``config.resampling_fn_probabilities``, ...), so nnU-Net's functions that take one can be given it."""
+
+    def __init__(self, name: str, values: Mapping[str, Any]):
+        dict.__init__(self, values)
+        if not isinstance(self.get("architecture"), Mapping):
+            raise CmcsegError(f"plans.json: configuration {name!r} has no 'architecture' (the network topology). "
+                              "Fix: rerun `cmcseg plan` to write a complete plans.json.")
+        ConfigurationManager.__init__(self, self)  # nnU-Net's accessors read self.configuration
+        self.name = name
+
+    #: nnU-Net caches some accessors (``lru_cache``) by the manager; a dict has no hash, a manager has its identity
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+    def network_architecture(self) -> tuple[str, dict[str, Any]]:
+        """``(network class path, arch_kwargs with its class paths imported)``, for nnU-Net's
+        ``get_network_from_plans`` (with no kwargs left to import).
+
+        Every class path is checked before and after it is imported: it must name, inside
+        :data:`ARCHITECTURE_PACKAGES`, a class that is a ``torch.nn.Module`` (a clear error names the key).
+        """
+        architecture = self["architecture"]
+        try:
+            name = str(architecture["network_class_name"])
+            kwargs = dict(architecture["arch_kwargs"])
+            requires_import = [str(k) for k in architecture.get("_kw_requires_import", ())]
+        except (KeyError, TypeError) as e:
+            raise CmcsegError(f"plans.json: configuration {self.name!r} has no usable architecture ({e!r}). "
+                              "Fix: rerun `cmcseg plan` to write a complete plans.json.") from e
+        _module_class(self.name, "network_class_name", name)
+        for key in requires_import:
+            if kwargs.get(key) is not None:
+                kwargs[key] = _module_class(self.name, key, kwargs[key])
+        return name, kwargs
+
+
+def _module_class(configuration: str, key: str, path: Any) -> type:
+    """The ``torch.nn.Module`` class at ``path``, imported only if ``path`` lies in :data:`ARCHITECTURE_PACKAGES`."""
+    located = pydoc.locate(path) if isinstance(path, str) and path.startswith(ARCHITECTURE_PACKAGES) else None
+    if not (isinstance(located, type) and issubclass(located, nn.Module)):
+        raise CmcsegError(
+            f"plans.json: configuration {configuration!r} names {key}={path!r}, which is not a torch.nn.Module "
+            f"class of {' or '.join(p.rstrip('.') for p in ARCHITECTURE_PACKAGES)}; cmcseg imports nothing else "
+            "that a plans file names. Fix: use a plans.json written by `cmcseg plan`.")
+    return located
+
+
+class Plans(PlansManager):
+    """nnU-Net's ``PlansManager`` over a cmcseg plans dict, with the keys cmcseg adds (modalities, labels)."""
+
+    def __init__(self, plans: Mapping[str, Any]):
+        super().__init__(plans if isinstance(plans, dict) else dict(plans))
+
+    def get_configuration(self, configuration_name: str) -> Configuration:
+        """The configuration with ``inherits_from`` resolved by nnU-Net's code; a clear error if it is unknown or
+        its inheritance is circular."""
+        configs = self.plans.get("configurations", {})
+        if configuration_name not in configs:
+            raise CmcsegError(f"plans.json has no configuration {configuration_name!r}. Fix: choose one of "
+                              f"{sorted(configs)} or plan it with `cmcseg plan -c`.")
+        try:
+            values = self._internal_resolve_configuration_inheritance(configuration_name)
+        except (ValueError, RuntimeError) as e:
+            raise CmcsegError(f"plans.json: configuration {configuration_name!r} inherits from an unknown or "
+                              f"circular parent ({e}). Fix: correct 'inherits_from' or rerun `cmcseg plan`.") from e
+        values.pop("inherits_from", None)
+        return Configuration(configuration_name, values)
+
+    @property
+    def channels_per_modality(self) -> list[int]:
+        return plan_channels_per_modality(self.plans)
+
+    @property
+    def label_manager(self) -> LabelManager:
+        return _label_manager(self.plans)
+
+
+def plan_configuration(plans: Mapping[str, Any], configuration: str) -> Configuration:
+    """``plans["configurations"][configuration]`` resolved (``inherits_from``), as :class:`Configuration`."""
+    return Plans(plans).get_configuration(configuration)
 
 
 def plan_encoder(config: Mapping[str, Any]) -> str:

@@ -252,6 +252,27 @@ def test_residual_encoder_matches_nnunet_encoder_structure():
     assert enc.output_channels == [8, 16, 32, 32] and enc.strides == ARCH_KWARGS["strides"]
 
 
+@pytest.mark.parametrize("topology", ["residual", "plain"])
+def test_each_encoder_is_the_encoder_nnunet_builds_for_the_plan(topology: str):
+    """Built by nnU-Net's get_network_from_plans: from the same seed, the same weights as the encoder of nnU-Net's
+    own network (ResidualEncoderUNet, or PlainConvUNet with a convolution per residual block), the same output."""
+    cfg = tiny_plans()["configurations"]["3d_fullres"]
+    torch.manual_seed(3)
+    ours = build_encoder(topology, cfg, 2).encoder
+    kwargs, name = copy.deepcopy(ARCH_KWARGS), RESENC
+    if topology == "plain":
+        name, kwargs["n_conv_per_stage"] = RESENC.replace("ResidualEncoderUNet", "PlainConvUNet"), \
+            kwargs.pop("n_blocks_per_stage")
+    torch.manual_seed(3)
+    theirs = get_network_from_plans(name, kwargs, IMPORTS, 2, 1, deep_supervision=True).encoder
+    assert type(ours) is type(theirs)
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in mine)
+    x = tiny_input(channels=(1,))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(ours(x), theirs(x)))
+
+
 def test_residual_encoder_loads_nnunet_and_cmcseg_checkpoints(tmp_path: Path):
     cfg = tiny_plans()["configurations"]["3d_fullres"]
     ref = nnunet_resenc(in_channels=1)  # an nnU-Net model trained on the one image channel (no FOV)

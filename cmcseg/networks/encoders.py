@@ -11,9 +11,9 @@ A new encoder is one class registered by name::
 
 Encoders shipped here:
 
-* ``residual`` (default): nnU-Net's residual encoder (dynamic_network_architectures'
-  ``ResidualEncoder``) built from the plan's ``arch_kwargs``, trained from scratch; the decoder
-  is nnU-Net's ``UNetDecoder``.
+* ``residual`` (default): the encoder of nnU-Net's ``ResidualEncoderUNet`` for the plan, built and
+  initialised by nnU-Net's ``get_network_from_plans`` (:func:`plan_network`), trained from scratch;
+  the decoder is nnU-Net's ``UNetDecoder``.
 * ``plain``: the same for a plan with nnU-Net's ``PlainConvUNet`` topology.
 * ``swinunetr``: the encoder half of MONAI's SwinUNETR (``swinViT`` + ``encoder1..4`` +
   ``encoder10``); it loads MONAI's published self-supervised ``model_swinvit.pt`` from a local
@@ -28,7 +28,6 @@ projections with another channel count are mapped.
 from __future__ import annotations
 
 import logging
-import pydoc
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,10 +38,12 @@ import numpy as np
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import Tensor, nn
 
 from cmcseg.errors import CmcsegError
+from cmcseg.plans.plans import Configuration
 from cmcseg.serialization import UnsafeFileError, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -148,22 +149,26 @@ def build_encoder(name: str, plan_config: Mapping[str, Any], in_channels: int, w
 
 
 # --------------------------------------------------------------------------------- plan helpers
-def resolve_arch_kwargs(plan_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan's ``arch_kwargs`` with class names imported, as nnU-Net's ``get_network_from_plans`` does."""
-    try:
-        architecture = plan_config["architecture"]
-        kwargs = dict(architecture["arch_kwargs"])
-    except (KeyError, TypeError) as e:
-        raise CmcsegError(f"the plan configuration has no architecture.arch_kwargs ({e!r}). "
-                          "Fix: rerun `cmcseg plan` to write a complete plans.json.") from e
-    for key in architecture.get("_kw_requires_import", ()):
-        if kwargs.get(key) is not None:
-            located = pydoc.locate(kwargs[key])
-            if located is None:
-                raise CmcsegError(f"plans.json names {key}={kwargs[key]!r}, which cannot be imported. "
-                                  "Fix: correct the class path or rerun `cmcseg plan`.")
-            kwargs[key] = located
-    return kwargs
+#: the PlainConvUNet class nnU-Net's default planner names
+PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+#: ResidualEncoderUNet arguments a PlainConvUNet does not take
+_RESIDUAL_ONLY = ("n_blocks_per_stage", "block", "bottleneck_channels", "stem_channels")
+
+
+def plan_network(plan_config: Mapping[str, Any], in_channels: int, num_classes: int = 1,
+                 topology: str | None = None) -> nn.Module:
+    """nnU-Net's network for a plan configuration, built and initialised by nnU-Net's ``get_network_from_plans``.
+
+    The plan's class paths are checked first (:meth:`Configuration.network_architecture`). ``topology="plain"``
+    builds a PlainConvUNet from a residual-encoder plan (a block per stage becomes a convolution per stage).
+    """
+    config = plan_config if isinstance(plan_config, Configuration) else Configuration("the plan", plan_config)
+    name, kwargs = config.network_architecture()
+    if topology == "plain" and "n_blocks_per_stage" in kwargs:
+        name, kwargs["n_conv_per_stage"] = PLAIN_CONV_UNET, kwargs["n_blocks_per_stage"]
+        kwargs = {k: v for k, v in kwargs.items() if k not in _RESIDUAL_ONLY}
+    return get_network_from_plans(name, kwargs, [], in_channels, num_classes, allow_init=True,
+                                  deep_supervision=True)
 
 
 def _spatial_dims(conv_op: type) -> int:
@@ -390,21 +395,14 @@ class ResidualModalityEncoder(_PlanConvEncoder):
                   **options: Any) -> ResidualModalityEncoder:
         if options:
             raise CmcsegError(f"the residual encoder takes no options, got {sorted(options)}.")
-        k = resolve_arch_kwargs(plan_config)
-        if "n_blocks_per_stage" not in k:
+        arch = plan_config["architecture"]
+        if "n_blocks_per_stage" not in arch.get("arch_kwargs", {}):
             raise CmcsegError(
-                f"the plan's network ({plan_config['architecture'].get('network_class_name')}) has no "
+                f"the plan's network ({arch.get('network_class_name')}) has no "
                 "n_blocks_per_stage, so it is not a residual-encoder topology. Fix: train with --encoder plain, "
                 "or replan with the default ResEnc topology.")
-        encoder = ResidualEncoder(
-            in_channels, k["n_stages"], k["features_per_stage"], k["conv_op"], k["kernel_sizes"], k["strides"],
-            k["n_blocks_per_stage"], k.get("conv_bias", False), k.get("norm_op"), k.get("norm_op_kwargs"),
-            k.get("dropout_op"), k.get("dropout_op_kwargs"), k.get("nonlin"), k.get("nonlin_kwargs"),
-            bottleneck_channels=k.get("bottleneck_channels"), return_skips=True, disable_default_stem=False,
-            stem_channels=k.get("stem_channels"))
-        encoder.apply(InitWeights_He(1e-2))  # as ResidualEncoderUNet.initialize
-        encoder.apply(init_last_bn_before_add_to_0)
-        return cls(encoder, in_channels, fov_channels, k["n_conv_per_stage_decoder"])
+        network = plan_network(plan_config, in_channels)
+        return cls(network.encoder, in_channels, fov_channels, arch["arch_kwargs"]["n_conv_per_stage_decoder"])
 
 
 @register_encoder("plain")
@@ -418,14 +416,9 @@ class PlainModalityEncoder(_PlanConvEncoder):
                   **options: Any) -> PlainModalityEncoder:
         if options:
             raise CmcsegError(f"the plain encoder takes no options, got {sorted(options)}.")
-        k = resolve_arch_kwargs(plan_config)
-        n_conv = k.get("n_conv_per_stage", k.get("n_blocks_per_stage"))
-        encoder = PlainConvEncoder(
-            in_channels, k["n_stages"], k["features_per_stage"], k["conv_op"], k["kernel_sizes"], k["strides"],
-            n_conv, k.get("conv_bias", False), k.get("norm_op"), k.get("norm_op_kwargs"), k.get("dropout_op"),
-            k.get("dropout_op_kwargs"), k.get("nonlin"), k.get("nonlin_kwargs"), return_skips=True)
-        encoder.apply(InitWeights_He(1e-2))  # as PlainConvUNet.initialize
-        return cls(encoder, in_channels, fov_channels, k["n_conv_per_stage_decoder"])
+        network = plan_network(plan_config, in_channels, topology="plain")
+        return cls(network.encoder, in_channels, fov_channels,
+                   plan_config["architecture"]["arch_kwargs"]["n_conv_per_stage_decoder"])
 
 
 # ------------------------------------------------------------------------------------ SwinUNETR
