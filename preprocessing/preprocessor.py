@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,6 @@ import SimpleITK as sitk
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-from nnunetv2.preprocessing.resampling import default_resampling
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from tqdm import tqdm
 
@@ -41,10 +40,9 @@ from cmcseg.dataset import Case, Dataset
 from cmcseg.errors import CmcsegError, WriteFaultError
 from cmcseg.image_io import geometry_of, make_folder, read_image_header, write_fault
 from cmcseg.parallel import process_pool
-from cmcseg.plans.plans import foreground_labels, input_channel_modalities, plan_configuration
+from cmcseg.plans.plans import Configuration, foreground_labels, input_channel_modalities, plan_configuration
 from cmcseg.preprocessing.alignment import GridGeometry
 from cmcseg.preprocessing.case_loading import load_case_in_reference_space
-from cmcseg.preprocessing.nnunet_members import find_nnunet_member
 from cmcseg.preprocessing.normalization import normalize_channel
 from cmcseg.preprocessing.registration import load_transforms, register_dataset
 from cmcseg.preprocessing.storage import case_files, load_case, read_properties, write_case
@@ -122,15 +120,6 @@ class PreprocessedCase:
 
 
 # ---------------------------------------------------------------------- plan helpers
-def resampling_function(name: str) -> Callable:
-    """nnU-Net's resampling function called ``name``."""
-    fn = find_nnunet_member(default_resampling, "resampling", name)
-    if fn is None:
-        raise CmcsegError(f"unknown resampling function {name!r} in the plans: not in "
-                          "nnunetv2.preprocessing.resampling")
-    return fn
-
-
 # ---------------------------------------------------------------------- hashing
 def _hash_file(h: hashlib._Hash, path: Path, block: int = 1 << 20) -> None:
     with open(path, "rb") as f:
@@ -273,10 +262,9 @@ def _crop(data: np.ndarray, fov: np.ndarray, seg: np.ndarray | None,
     return np.ascontiguousarray(data), np.ascontiguousarray(fov), np.ascontiguousarray(nonzero_seg)
 
 
-def _resample_seg(seg: np.ndarray, geo: _Geometry, cfg: Mapping, plans: Mapping) -> tuple[np.ndarray, dict]:
+def _resample_seg(seg: np.ndarray, geo: _Geometry, cfg: Configuration, plans: Mapping) -> tuple[np.ndarray, dict]:
     """The seg on the target grid, and nnU-Net's class locations for foreground oversampling."""
-    fn = resampling_function(cfg["resampling_fn_seg"])
-    seg = fn(seg, geo.new_shape, geo.spacing, geo.target_spacing, **cfg["resampling_fn_seg_kwargs"])
+    seg = cfg.resampling_fn_seg(seg, geo.new_shape, geo.spacing, geo.target_spacing)
     locations = DefaultPreprocessor._sample_foreground_locations(seg, foreground_labels(plans),
                                                                  seed=CLASS_LOCATIONS_SEED)
     return seg.astype(_seg_dtype(seg), copy=False), {str(k): np.asarray(v).tolist() for k, v in locations.items()}
@@ -348,26 +336,25 @@ def _normalize(data: np.ndarray, fov: np.ndarray, nonzero_seg: np.ndarray, comps
 
 
 def _resample_data(data: np.ndarray, new_shape: Sequence[int], spacing: Sequence[float],
-                   target: Sequence[float], cfg: Mapping) -> np.ndarray:
+                   target: Sequence[float], cfg: Configuration) -> np.ndarray:
     """nnU-Net's data resampling, one channel at a time (it works in float64), into one float32 array."""
     if list(data.shape[1:]) == list(new_shape):
         return data
-    fn = resampling_function(cfg["resampling_fn_data"])
-    kwargs = cfg["resampling_fn_data_kwargs"]
+    fn = cfg.resampling_fn_data  # nnU-Net's function with the plan's arguments
     if data.shape[0] == 1:
-        return fn(data, new_shape, spacing, target, **kwargs).astype(np.float32, copy=False)
+        return fn(data, new_shape, spacing, target).astype(np.float32, copy=False)
     out = np.empty((data.shape[0], *new_shape), dtype=np.float32)
     for c in range(data.shape[0]):
-        out[c] = fn(data[c:c + 1], new_shape, spacing, target, **kwargs)[0]
+        out[c] = fn(data[c:c + 1], new_shape, spacing, target)[0]
     return out
 
 
 def _resample_fov(fov: np.ndarray, new_shape: Sequence[int], spacing: Sequence[float],
-                  target: Sequence[float], cfg: Mapping) -> np.ndarray:
+                  target: Sequence[float], cfg: Configuration) -> np.ndarray:
     """FOV masks resampled as segmentations with order 0 (a full mask stays full without work)."""
     if list(fov.shape[1:]) == list(new_shape):
         return fov
-    fn = resampling_function(cfg["resampling_fn_seg"])
+    fn = cfg.resampling_fn_seg  # the plan's arguments, with order 0 for masks
     force = cfg.get("resampling_fn_seg_kwargs", {}).get("force_separate_z")
     out = np.empty((fov.shape[0], *new_shape), dtype=np.uint8)
     for m in range(fov.shape[0]):

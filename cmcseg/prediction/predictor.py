@@ -337,7 +337,7 @@ class Exporter:
 
     def __init__(self, model: TrainedModel, dataset: Dataset, original_labels: bool) -> None:
         self.config = model.config
-        labels = dataset.labels
+        self.labels = labels = dataset.labels
         self.class_names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
         self.value_table = original_value_table(labels, dataset.original_label_values) if original_labels else None
         if original_labels and not dataset.original_label_values:
@@ -348,12 +348,14 @@ class Exporter:
                  reference_file: Path | None = None) -> None:
         heads = [key for key in paths if key.startswith(HEAD_KEY)]
         k = probabilities.shape[0] // (1 + len(heads))
-        labels, full = revert_case(probabilities[:k], properties, self.config, "probabilities" in paths)
+        labels, full = revert_case(probabilities[:k], properties, self.config, "probabilities" in paths,
+                                   self.labels)
         if full is not None:
             write_probabilities(full, properties, paths["probabilities"], self.class_names)
         write_segmentation(labels, properties, paths["segmentation"], self.value_table, reference_file)
         for index, key in enumerate(heads, start=1):
-            head_labels, _ = revert_case(probabilities[index * k:(index + 1) * k], properties, self.config, False)
+            head_labels, _ = revert_case(probabilities[index * k:(index + 1) * k], properties, self.config, False,
+                                         self.labels)
             write_segmentation(head_labels, properties, paths[key], self.value_table, reference_file)
 
 

@@ -4,10 +4,13 @@ The preprocessor recorded in each case's properties what it did (nnU-Net's names
 (``transpose_forward``), crop to the nonzero box (``bbox_used_for_cropping``,
 ``shape_before_cropping``) and resample (``spacing_before_resampling`` ->
 ``spacing_after_resampling``, ``shape_after_cropping_and_before_resampling``). Reverting undoes
-them in reverse order, as nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape``:
+them in reverse order. Steps 1-3 are nnU-Net's own
+``convert_predicted_logits_to_segmentation_with_correct_shape``, fed the recorded geometry
+(:func:`_nnunet_properties`) and, as our predictor hands over probabilities, not logits, a
+``LabelManager`` whose inference nonlinearity is the identity:
 
 1. resample the probabilities to the cropped shape with the plan's ``resampling_fn_probabilities``
-   and its kwargs (nnU-Net's function), one class at a time;
+   and its kwargs, one class at a time into float32 (:class:`_RevertConfiguration`);
 2. argmax, then put the labels into the full (transposed) array: background outside the box;
    probabilities get background 1 there;
 3. transpose back, which gives the reference modality's own 3D grid;
@@ -17,55 +20,96 @@ them in reverse order, as nnU-Net's ``convert_predicted_logits_to_segmentation_w
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from cmcseg.dataset import nnunet_label_dict
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import atomic_path, write_image
-from cmcseg.preprocessing.preprocessor import resampling_function
 
 
-def resample_to_cropped_shape(probabilities: np.ndarray, properties: Mapping, config: Mapping) -> np.ndarray:
-    """``(K, *preprocessed)`` probabilities resampled to the shape before resampling, float32."""
-    target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    probabilities = np.asarray(probabilities, dtype=np.float32)
-    if list(probabilities.shape[1:]) == target:
+def _resample_each_class(fn: Callable[..., np.ndarray], probabilities: np.ndarray, new_shape: Sequence[int],
+                         current_spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
+    """``(K, *)`` probabilities resampled to ``new_shape``, float32; unchanged where the shape already fits.
+
+    One class at a time: nnU-Net's resampling copies its input to float64, all classes at once otherwise.
+    """
+    if list(probabilities.shape[1:]) == [int(s) for s in new_shape]:
         return probabilities
-    fn = resampling_function(config["resampling_fn_probabilities"])
-    kwargs = dict(config.get("resampling_fn_probabilities_kwargs", {}))
-    current, new = properties["spacing_after_resampling"], properties["spacing_before_resampling"]
-    out = np.empty((probabilities.shape[0], *target), dtype=np.float32)
-    for k in range(probabilities.shape[0]):  # nnU-Net's resampling works in float64: one class at a time
-        out[k] = fn(probabilities[k:k + 1], target, current, new, **kwargs)[0]
+    out = np.empty((probabilities.shape[0], *new_shape), dtype=np.float32)
+    for k in range(probabilities.shape[0]):
+        out[k] = fn(probabilities[k:k + 1], new_shape, current_spacing, new_spacing)[0]
     return out
 
 
-def _box(properties: Mapping) -> tuple[slice, ...]:
-    return tuple(slice(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"])
+class _RevertConfiguration(ConfigurationManager):
+    """nnU-Net's configuration, resampling probabilities one class at a time into float32 (less memory)."""
+
+    @property
+    def resampling_fn_probabilities(self) -> Callable[..., np.ndarray]:
+        fn = ConfigurationManager.resampling_fn_probabilities.fget(self)  # nnU-Net's, with the plan's arguments
+        return partial(_resample_each_class, fn)
 
 
-def _transpose_back(array: np.ndarray, properties: Mapping, leading: int) -> np.ndarray:
+def _revert_configuration(properties: Mapping, config: Mapping) -> ConfigurationManager:
+    """The configuration with the case's recorded target spacing: the spacing the probabilities are on."""
+    return _RevertConfiguration({
+        **config,
+        "spacing": [float(s) for s in properties["spacing_after_resampling"]],
+        "resampling_fn_probabilities_kwargs": dict(config.get("resampling_fn_probabilities_kwargs", {})),
+        # nnU-Net rebuilds a configuration without it from its old plans format; reverting never reads it
+        "architecture": config.get("architecture", {}),
+    })
+
+
+def _revert_plans(properties: Mapping) -> PlansManager:
+    """The transposes the case was preprocessed with (recorded per case: old cases keep theirs)."""
     backward = [int(a) for a in properties["transpose_backward"]]
-    return array.transpose([*range(leading), *(a + leading for a in backward)])
+    return PlansManager({"transpose_forward": [int(a) for a in np.argsort(backward)], "transpose_backward": backward})
 
 
-def uncrop_labels(labels: np.ndarray, properties: Mapping) -> np.ndarray:
-    """Cropped label map -> the reference grid's ``(z, y, x)`` array, background outside the crop box."""
-    full = np.zeros([int(s) for s in properties["shape_before_cropping"]], dtype=labels.dtype)
-    full[_box(properties)] = labels
-    return np.ascontiguousarray(_transpose_back(full, properties, 0))
+def _nnunet_properties(properties: Mapping) -> dict:
+    """Our properties under nnU-Net's keys: ``spacing`` is the original (untransposed) spacing.
+
+    nnU-Net transposes ``spacing`` forward to get the spacing before resampling; ours records that
+    transposed spacing (``spacing_before_resampling``), so it is transposed back here.
+    """
+    before = [float(s) for s in properties["spacing_before_resampling"]]
+    return {"spacing": [before[int(a)] for a in properties["transpose_backward"]],
+            "shape_after_cropping_and_before_resampling":
+                [int(s) for s in properties["shape_after_cropping_and_before_resampling"]],
+            "bbox_used_for_cropping": [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]],
+            "shape_before_cropping": [int(s) for s in properties["shape_before_cropping"]]}
 
 
-def uncrop_probabilities(probabilities: np.ndarray, properties: Mapping) -> np.ndarray:
-    """Cropped ``(K, *)`` probabilities -> ``(K, z, y, x)`` on the reference grid; background 1 outside the box."""
-    full = np.zeros((probabilities.shape[0], *[int(s) for s in properties["shape_before_cropping"]]), np.float32)
-    full[0] = 1.0
-    full[(slice(None), *_box(properties))] = probabilities
-    return np.ascontiguousarray(_transpose_back(full, properties, 1))
+def _unchanged(probabilities: torch.Tensor) -> torch.Tensor:
+    """The inference nonlinearity for input that already is probabilities (softmaxed and fused)."""
+    return probabilities
+
+
+def _probability_label_manager(labels: Mapping[str, Any] | None, num_classes: int) -> LabelManager:
+    """nnU-Net's label manager for ``num_classes`` probability channels, identity nonlinearity.
+
+    ``labels``: the plans' labels; None gives consecutive labels 0..K-1 (what a label-based plan predicts).
+    """
+    label_dict = nnunet_label_dict(labels) if labels is not None else \
+        {"background": 0, **{str(k): k for k in range(1, num_classes)}}
+    manager = LabelManager(label_dict, None, inference_nonlin=_unchanged)
+    if manager.has_regions:
+        raise CmcsegError("region-based labels are not supported when reverting predictions.")
+    if manager.num_segmentation_heads != num_classes:
+        raise CmcsegError(f"{num_classes} probability channels for {manager.num_segmentation_heads} classes in the "
+                          "plans' labels.")
+    return manager
 
 
 def label_dtype(max_value: int) -> type:
@@ -176,10 +220,26 @@ def write_probabilities(probabilities_kzyx: np.ndarray, properties: Mapping, pat
 
 
 def revert_case(probabilities: np.ndarray, properties: Mapping, config: Mapping,
-                with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                with_probabilities: bool = False,
+                labels: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Preprocessed-grid probabilities -> (labels ``(z, y, x)``, probabilities ``(K, z, y, x)`` or None)
-    on the reference modality's original 3D grid."""
-    cropped = resample_to_cropped_shape(probabilities, properties, config)
-    labels = uncrop_labels(cropped.argmax(0).astype(label_dtype(cropped.shape[0] - 1)), properties)
-    full = uncrop_probabilities(cropped, properties) if with_probabilities else None
-    return labels, full
+    on the reference modality's original 3D grid, by nnU-Net's export function.
+
+    ``labels``: the plans' labels, checked against the channels (None: consecutive, one per channel).
+    The torch thread count is left as it was (nnU-Net's function sets it).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    num_classes = probabilities.shape[0]
+    threads = torch.get_num_threads()
+    try:
+        result = convert_predicted_logits_to_segmentation_with_correct_shape(
+            probabilities, _revert_plans(properties), _revert_configuration(properties, config),
+            _probability_label_manager(labels, num_classes), _nnunet_properties(properties),
+            return_probabilities=with_probabilities, num_threads_torch=threads)
+    finally:
+        torch.set_num_threads(threads)
+    segmentation, full = result if with_probabilities else (result, None)
+    segmentation = np.ascontiguousarray(np.asarray(segmentation).astype(label_dtype(num_classes - 1), copy=False))
+    if full is not None:
+        full = np.ascontiguousarray(np.asarray(full, dtype=np.float32))
+    return segmentation, full
