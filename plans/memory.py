@@ -27,10 +27,13 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from cmcseg.plans.plans import Configuration
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,8 @@ def meta_network(build: Any, *args: Any, **kwargs: Any) -> nn.Module:
         return build(*args, **kwargs)
 
 
-def plan_activation_count(plans: Mapping[str, Any], configuration: str, **network_options: Any) -> ActivationCount:
+def plan_activation_count(plans: Mapping[str, Any], configuration: str | Configuration,
+                          **network_options: Any) -> ActivationCount:
     """The count for the CMC network of ``plans[configuration]`` at its patch size; ``network_options`` go to
     :func:`cmcseg.networks.cmc.build_cmc_network` (default: one network over all modalities, with the
     encoder of the plan's topology)."""
@@ -160,8 +164,8 @@ def plan_activation_count(plans: Mapping[str, Any], configuration: str, **networ
     return count_saved_activations(network, (sum(channels) + len(channels), *[int(p) for p in config["patch_size"]]))
 
 
-def plan_memory_estimate(plans: Mapping[str, Any], configuration: str, labeled_rows: int, unlabeled_rows: int,
-                         device: str = "cpu", **network_options: Any) -> MemoryEstimate:
+def plan_memory_estimate(plans: Mapping[str, Any], configuration: str | Configuration, labeled_rows: int,
+                         unlabeled_rows: int, device: str = "cpu", **network_options: Any) -> MemoryEstimate:
     """:func:`estimate_step` for the CMC network of ``plans[configuration]`` (see :func:`plan_activation_count`)."""
     count = plan_activation_count(plans, configuration, **network_options)
     return estimate_step(count, labeled_rows, unlabeled_rows, device)

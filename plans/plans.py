@@ -153,8 +153,11 @@ class Plans(PlansManager):
         return _label_manager(self.plans)
 
 
-def plan_configuration(plans: Mapping[str, Any], configuration: str) -> Configuration:
-    """``plans["configurations"][configuration]`` resolved (``inherits_from``), as :class:`Configuration`."""
+def plan_configuration(plans: Mapping[str, Any], configuration: str | Configuration) -> Configuration:
+    """``plans["configurations"][configuration]`` resolved (``inherits_from``), as :class:`Configuration`; a
+    configuration already resolved is returned as it is (the trainer resolves once and passes it down)."""
+    if isinstance(configuration, Configuration):
+        return configuration
     return Plans(plans).get_configuration(configuration)
 
 

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.cmc_fusion import ChannelAttention, UnifiedFusion
 from cmcseg.networks.encoders import ModalityEncoder, build_encoder
-from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration, plan_encoder, plan_num_classes
+from cmcseg.plans.plans import (
+    Configuration,
+    plan_channels_per_modality,
+    plan_configuration,
+    plan_encoder,
+    plan_num_classes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +284,7 @@ class CMCProbabilities(nn.Module):
         return self.network.probabilities(x)
 
 
-def build_cmc_network(plans: Mapping[str, Any], configuration: str, encoder: str | None = None,
+def build_cmc_network(plans: Mapping[str, Any], configuration: str | Configuration, encoder: str | None = None,
                       shared_encoder: bool = False, encoder_weights: Path | str | None = None,
                       deep_supervision: bool = True, *, shared_decoder: bool = False, fusion: bool | None = None,
                       channel_attention: bool | None = None, single_branch: bool = False,

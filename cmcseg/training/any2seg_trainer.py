@@ -56,7 +56,7 @@ from cmcseg.networks.any2seg import (
     sample_modality_subsets,
 )
 from cmcseg.networks.language_teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
-from cmcseg.plans.plans import plan_channels_per_modality, plan_num_classes
+from cmcseg.plans.plans import Configuration, plan_channels_per_modality, plan_num_classes
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader
@@ -206,15 +206,15 @@ class Any2SegTrainer(TrainerBase):
     def build_dataloader(self) -> Iterator[dict]:
         """The base's two-stream loader with this trainer's spatial augmentation."""
         return build_training_loader(
-            self.preprocessed_folder, self.plans, self.configuration, self.cases.labeled, self.cases.unlabeled,
+            self.preprocessed_folder, self.plans, self.config, self.cases.labeled, self.cases.unlabeled,
             self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=False,
             oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
             seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment,
             spatial_augmentation=self.spatial_augmentation())
 
     @classmethod
-    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
-                                   deep_supervision: bool) -> nn.Module:
+    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str | Configuration,
+                                   options: Mapping[str, Any], deep_supervision: bool) -> nn.Module:
         """The Any2Seg model for the plan's modalities and classes (SegFormer's decoder has no deep supervision).
         Checkpoints from before the options were stored name the backbone in their hyperparameters."""
         return Any2SegModel(

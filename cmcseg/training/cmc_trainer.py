@@ -77,7 +77,7 @@ from cmcseg.losses import (
 from cmcseg.networks import build_cmc_network
 from cmcseg.networks.cmc import CMCNetwork, CMCProbabilities, as_scales
 from cmcseg.plans.memory import MemoryEstimate, plan_memory_estimate
-from cmcseg.plans.plans import input_channel_modalities, plan_channels_per_modality
+from cmcseg.plans.plans import Configuration, input_channel_modalities, plan_channels_per_modality
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import StrongIntensityAugmentation
 from cmcseg.training.progress import MASS_PREFIX, WEIGHT_PREFIX
@@ -161,8 +161,8 @@ class CMCTrainer(TrainerBase):
         return network
 
     @classmethod
-    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
-                                   deep_supervision: bool) -> nn.Module:
+    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str | Configuration,
+                                   options: Mapping[str, Any], deep_supervision: bool) -> nn.Module:
         """The CMC network (:func:`cmcseg.networks.cmc.build_cmc_network`). An option a checkpoint lacks takes the
         value models were trained with before it existed (e.g. a branch per modality)."""
         return build_cmc_network(
@@ -201,7 +201,7 @@ class CMCTrainer(TrainerBase):
         """The planner's estimate for this run's network, batch (labeled + unlabeled rows) and device."""
         request = self.request
         return plan_memory_estimate(
-            self.plans, self.configuration, self.labeled_batch_size, self.unlabeled_batch_size, self.device.type,
+            self.plans, self.config, self.labeled_batch_size, self.unlabeled_batch_size, self.device.type,
             encoder=request.encoder, shared_encoder=request.shared_encoder, deep_supervision=self.deep_supervision,
             shared_decoder=self.shared_decoder, fusion=self.fusion, channel_attention=self.channel_attention,
             single_branch=self.single_branch)

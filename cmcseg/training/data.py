@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Sampler
 
 from cmcseg.errors import CmcsegError
-from cmcseg.plans.plans import input_channel_modalities, plan_configuration
+from cmcseg.plans.plans import Configuration, input_channel_modalities, plan_configuration
 from cmcseg.preprocessing.storage import case_files, read_array, read_properties
 from cmcseg.training.augmentation import (
     SpatialAugmentation,
@@ -73,13 +73,13 @@ def input_channels(plans: Mapping[str, Any]) -> int:
     return sum(int(v) for v in plans["channels_per_modality"].values()) + len(_modalities(plans))
 
 
-def plan_deep_supervision_scales(plans: Mapping[str, Any], configuration: str) -> list[list[float]]:
+def plan_deep_supervision_scales(plans: Mapping[str, Any], configuration: str | Configuration) -> list[list[float]]:
     """Deep-supervision scales of a configuration, from its network strides (full resolution first)."""
     config = plan_configuration(plans, configuration)
     try:
         strides = config["architecture"]["arch_kwargs"]["strides"]
     except KeyError as e:
-        raise CmcsegError(f"plans.json: configuration {configuration!r} has no architecture strides. "
+        raise CmcsegError(f"plans.json: configuration {config.name!r} has no architecture strides. "
                           "Fix: rerun `cmcseg plan`.") from e
     return deep_supervision_scales(strides)
 
@@ -335,7 +335,7 @@ def _data_folder(preprocessed_dataset_folder: Path, config: Mapping[str, Any]) -
 def build_training_loader(
     preprocessed_dataset_folder: Path,
     plans: dict,
-    configuration: str,
+    configuration: str | Configuration,
     labeled_ids: list[str],
     unlabeled_ids: list[str],
     labeled_batch_size: int,
@@ -368,7 +368,7 @@ def build_training_loader(
                                     labeled_batch_size, unlabeled_batch_size, seed=seed)
     patch_size = [int(p) for p in config["patch_size"]]
     augmentation = spatial_augmentation or configure_spatial_augmentation(patch_size)
-    ds_scales = plan_deep_supervision_scales(plans, configuration) if deep_supervision else None
+    ds_scales = plan_deep_supervision_scales(plans, config) if deep_supervision else None
     fov_index = _channel_fov_index(plans)
     use_mask = config.get("use_mask_for_norm")
     if augment:
@@ -388,7 +388,7 @@ def build_training_loader(
                         else None)
     initial = [int(p) for p in cropper.patch_size[-len(patch_size):]]
     logger.info("training loader %s: %d labeled + %d unlabeled cases, batches of %d + %d, patch %s (cut at %s), "
-                "%d worker(s), %d batches per labeled pass", configuration, len(labeled_ids), len(unlabeled_ids),
+                "%d worker(s), %d batches per labeled pass", config.name, len(labeled_ids), len(unlabeled_ids),
                 labeled_batch_size, unlabeled_batch_size, patch_size, initial, workers, len(sampler))
     return TrainingBatches(loader, sampler, augmentation, ds_scales)
 
@@ -397,7 +397,7 @@ def build_training_loader(
 def build_validation_patches(
     preprocessed_dataset_folder: Path,
     plans: dict,
-    configuration: str,
+    configuration: str | Configuration,
     val_ids: list[str],
     *,
     num_patches: int,
@@ -420,7 +420,7 @@ def build_validation_patches(
     folder = _data_folder(preprocessed_dataset_folder, config)
     patch_size = [int(p) for p in config["patch_size"]]
     batch_size = int(batch_size or config["batch_size"])
-    ds_scales = plan_deep_supervision_scales(plans, configuration) if deep_supervision else None
+    ds_scales = plan_deep_supervision_scales(plans, config) if deep_supervision else None
     fov_index = _channel_fov_index(plans)
     items = [Item(c, True) for c in val_ids]
     builder = BatchBuilder(folder, items, PatchCropper(patch_size, patch_size, oversample_foreground_percent),

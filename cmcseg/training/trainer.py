@@ -54,7 +54,7 @@ from cmcseg.plans.files import (
     plans_file_name,
 )
 from cmcseg.plans.memory import MemoryEstimate
-from cmcseg.plans.plans import LabelInfo, load_plans, plan_configuration, plan_encoder, plans_hash
+from cmcseg.plans.plans import Configuration, LabelInfo, load_plans, plan_configuration, plan_encoder, plans_hash
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import SpatialAugmentation, configure_spatial_augmentation
@@ -389,11 +389,11 @@ class TrainerBase:
         :meth:`network_options` (which the checkpoint stores) and :meth:`training_network_options` (pretrained
         weights and the like, which prediction does not need)."""
         options = {**self.network_options(), **self.training_network_options()}
-        return self.build_network_architecture(self.plans, self.configuration, options, self.deep_supervision)
+        return self.build_network_architecture(self.plans, self.config, options, self.deep_supervision)
 
     @classmethod
-    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str, options: Mapping[str, Any],
-                                   deep_supervision: bool) -> nn.Module:
+    def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str | Configuration,
+                                   options: Mapping[str, Any], deep_supervision: bool) -> nn.Module:
         """Hook: the network of ``configuration`` in ``plans`` with ``options``, the one place it is built.
 
         As nnU-Net's ``build_network_architecture``, it is called in inference as well: ``cmcseg predict`` calls it
@@ -461,7 +461,7 @@ class TrainerBase:
     def build_dataloader(self) -> Iterator[dict]:
         """The endless two-stream batch iterator (labeled rows first, unlabeled rows after)."""
         return build_training_loader(
-            self.preprocessed_folder, self.plans, self.configuration, self.cases.labeled, self.cases.unlabeled,
+            self.preprocessed_folder, self.plans, self.config, self.cases.labeled, self.cases.unlabeled,
             self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=self.deep_supervision,
             oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
             seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment)
@@ -472,7 +472,7 @@ class TrainerBase:
             return []
         batch = self.labeled_batch_size + self.unlabeled_batch_size
         batches = build_validation_patches(
-            self.preprocessed_folder, self.plans, self.configuration, self.cases.validation,
+            self.preprocessed_folder, self.plans, self.config, self.cases.validation,
             num_patches=self.val_iterations * batch * self.dist.world_size, seed=self.seed, batch_size=batch,
             deep_supervision=False, oversample_foreground_percent=self.oversample_foreground_percent)
         return ddp.shard(batches, self.dist)
