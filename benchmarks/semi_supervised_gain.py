@@ -82,6 +82,7 @@ ARMS = {
     "cmc-early-drop": "(a) weight 1 from 10 %, drop 0.5",
     "cmc-early-drop-merge": "(a) w 1 from 10 %, drop, merge",
     "cmc-hold-bg": "(a) background held until learned",
+    "cmc-bcp": "(a) + bidirectional copy-paste",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
 }
@@ -155,6 +156,7 @@ def arm_trainer_class(arm: str):
         "cmc-early-drop": {**early, "strong_drop_modality": 0.5},
         "cmc-early-drop-merge": {**early, "strong_drop_modality": 0.5, "learned_reliability": 0.5},
         "cmc-hold-bg": {"background_pseudo_label_bar": 0.5},
+        "cmc-bcp": {"copy_paste_box": 2 / 3, "pseudo_label_weight": 0.5},
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},
     }[arm]

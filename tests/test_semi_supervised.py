@@ -17,7 +17,7 @@ from cmcseg.losses import (
 from cmcseg.losses.pseudo_label import hold_background, merge_unlearned
 from cmcseg.networks.cmc import fov_weighted_ensemble
 from cmcseg.paths import WorkRoots
-from cmcseg.training.augmentation import StrongIntensityAugmentation
+from cmcseg.training.augmentation import StrongIntensityAugmentation, copy_paste
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.data import PatchCropper
 from cmcseg.training.trainer import TrainingRequest
@@ -162,6 +162,24 @@ def test_strong_view_changes_intensities_inside_fov_only() -> None:
     assert gone.sum(1).tolist() == [1, 1, 1], "each row lost exactly one of its two modalities"
     for b, m in torch.nonzero(gone).tolist():
         assert torch.all(dropped[b, m] == 0)
+
+
+def test_copy_paste_mixes_inputs_and_targets_with_the_same_box_through_every_slice() -> None:
+    """Labeled rows hold 1 (label 1), unlabeled rows 2 (pseudo-label 2): each mixed voxel's input and target come from
+    the same row, the box is the same on every slice, inward rows hold the labeled content inside it, outward rows
+    outside, and every channel (FOV masks too) is mixed."""
+    torch.manual_seed(0)
+    labeled_x, unlabeled_x = torch.ones(1, 3, 4, 9, 12), torch.full((3, 3, 4, 9, 12), 2.0)
+    labeled_y, pseudo = torch.ones(1, 1, 4, 9, 12, dtype=torch.long), torch.full((3, 1, 4, 9, 12), 2)
+    mixed_x, mixed_y = copy_paste(labeled_x, labeled_y, unlabeled_x, pseudo, 2 / 3, [True, False, True])
+    assert mixed_x.shape == unlabeled_x.shape and mixed_y.shape == pseudo.shape and mixed_y.dtype == pseudo.dtype
+    assert torch.equal(mixed_x[:, :1].long(), mixed_y), "input and target come from the same row, voxel by voxel"
+    assert torch.equal(mixed_x, mixed_x[:, :1].expand_as(mixed_x)), "every channel is mixed the same way"
+    from_labeled = (mixed_y == 1).flatten(2).sum(2).squeeze(1).tolist()
+    assert from_labeled == [4 * 6 * 8, 4 * (9 * 12 - 6 * 8), 4 * 6 * 8], "a 6 x 8 box on each of the 4 slices"
+    assert torch.equal(mixed_y[:, :, :1].expand_as(mixed_y), mixed_y), "the same box through every slice"
+    unchanged = copy_paste(labeled_x[:0], labeled_y[:0], unlabeled_x, pseudo, 2 / 3, [True] * 3)
+    assert unchanged[0] is unlabeled_x and unchanged[1] is pseudo, "no labeled row: nothing to mix"
 
 
 @pytest.mark.parametrize("n_labeled, forced", [(1, 1), (2, 1), (3, 1), (4, 1), (12, 4)])

@@ -240,3 +240,32 @@ class StrongIntensityAugmentation:
                     fov[b, m] = 0
                     out[b, index == m] = 0
         return torch.cat([out.to(x.dtype), fov.to(x.dtype), x[:, n_channels + num_modalities:]], dim=1)
+
+
+def copy_paste(labeled_x: torch.Tensor, labeled_y: torch.Tensor, unlabeled_x: torch.Tensor, pseudo: torch.Tensor,
+               box: float, inward: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional copy-paste (BCP; Bai et al., CVPR 2023) of unlabeled rows with labeled rows.
+
+    Row ``j`` of the result mixes unlabeled row ``j`` with labeled row ``j % L``: a box of ``box`` times each
+    in-plane side (through every slice), at a random place, comes from one row and the rest from the other. With
+    ``inward[j]`` the labeled content is inside the box, else outside (BCP mixes both ways). Every channel is
+    mixed, FOV masks included, so a mixed voxel keeps its own field of view. The target is the labeled row's label
+    on its part and ``pseudo`` on the other. A few labeled cases then teach inside unlabeled anatomy and the
+    reverse, which narrows the gap between what the labeled and the unlabeled rows teach.
+
+    ``labeled_x``: ``(L, C, *)``; ``labeled_y``: ``(L, 1, *)``; ``unlabeled_x``: ``(U, C, *)``; ``pseudo``:
+    ``(U, 1, *)``. Returns the mixed inputs ``(U, C, *)`` and targets ``(U, 1, *)``.
+    """
+    if len(labeled_x) == 0 or not 0 < box < 1:
+        return unlabeled_x, pseudo
+    h, w = unlabeled_x.shape[-2:]
+    bh, bw = max(1, round(box * h)), max(1, round(box * w))
+    inside = torch.zeros((len(unlabeled_x), 1, *unlabeled_x.shape[2:]), dtype=torch.bool, device=unlabeled_x.device)
+    for j in range(len(unlabeled_x)):
+        y0, x0 = int(torch.randint(h - bh + 1, ())), int(torch.randint(w - bw + 1, ()))
+        inside[j, ..., y0:y0 + bh, x0:x0 + bw] = True
+    from_labeled = inside == torch.as_tensor(list(inward), device=inside.device).reshape(-1, *[1] * (inside.ndim - 1))
+    rows = torch.arange(len(unlabeled_x), device=labeled_x.device) % len(labeled_x)
+    mixed_x = torch.where(from_labeled, labeled_x[rows].to(unlabeled_x.dtype), unlabeled_x)
+    mixed_y = torch.where(from_labeled, labeled_y[rows].to(pseudo.dtype), pseudo)
+    return mixed_x, mixed_y

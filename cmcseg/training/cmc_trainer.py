@@ -79,7 +79,7 @@ from cmcseg.networks.cmc import CMCNetwork, CMCProbabilities, as_scales
 from cmcseg.plans.memory import MemoryEstimate, plan_memory_estimate
 from cmcseg.plans.plans import Configuration, input_channel_modalities, plan_channels_per_modality
 from cmcseg.training import ddp
-from cmcseg.training.augmentation import StrongIntensityAugmentation
+from cmcseg.training.augmentation import StrongIntensityAugmentation, copy_paste
 from cmcseg.training.progress import MASS_PREFIX, WEIGHT_PREFIX
 from cmcseg.training.trainer import TrainerBase
 
@@ -131,6 +131,10 @@ class CMCTrainer(TrainerBase):
     strong_gamma: tuple[float, float] = (0.7, 1.5)
     strong_noise_std: float = 0.1
     strong_drop_modality: float = 0.0  # probability that a row of the strong view loses one of its modalities
+    #: bidirectional copy-paste (BCP): each unlabeled row of the student is mixed with a labeled row, a box of this
+    #: fraction of each in-plane side from one inside the other, both ways in turn; the labeled part learns its label,
+    #: the rest the teacher's confident pseudo-labels (:func:`cmcseg.training.augmentation.copy_paste`). 0: off
+    copy_paste_box: float = 0.0
     # ---- mean teacher (unpaired, or a single modality)
     mean_teacher_weight: float = 0.1
     student_noise_std: float = 0.1
@@ -210,6 +214,9 @@ class CMCTrainer(TrainerBase):
         """Loss modules, the ramps and the EMA teacher, from the class attributes."""
         if self.request.unlabeled_weight is not None:
             self.unlabeled_weight = float(self.request.unlabeled_weight)
+        if self.copy_paste_box > 0 and self.cac_weight > 0:
+            raise CmcsegError(f"{type(self).__name__}: copy_paste_box and cac_weight cannot both be on (the agreement "
+                              "target is the teacher's view of the unmixed rows). Fix: set one of them to 0.")
         # labeled voxels outside a head's field of view, and unconfident pseudo-label voxels, get this target
         self.ignore_value = self.labels.ignore_label if self.labels.ignore_label is not None \
             else self.labels.num_classes
@@ -292,16 +299,6 @@ class CMCTrainer(TrainerBase):
         unlabeled = ~labeled
         teach = bool(unlabeled.any()) and (weights["pseudo_label"] > 0 or weights["cac"] > 0)
         student_input = x
-        if teach:
-            student_input = x.clone()
-            student_input[unlabeled] = self.strong_view(x[unlabeled], self.channel_modalities, self.num_modalities)
-        output = self.network(student_input)
-        heads = [as_scales(h) for h in output.logits]
-        head_fov = network.head_fov(x)
-        losses: dict[str, Tensor] = {"supervised": self.supervised_term(heads, targets, labeled, head_fov)}
-        self.update_reliability(heads, targets[0], labeled, head_fov)
-        losses["csc"] = self.csc_loss(output.bottlenecks) if weights["csc"] > 0 else x.new_zeros(())
-        losses["pseudo_label"] = losses["cac"] = x.new_zeros(())
         diagnostics: dict[str, Tensor] = {}
         if teach:
             fused = self.teacher_prediction(x[unlabeled])
@@ -309,6 +306,22 @@ class CMCTrainer(TrainerBase):
             pseudo, background = hold_background(pseudo, network.head_reliability.max(0).values,
                                                  self.background_pseudo_label_bar, self.ignore_value)
             diagnostics["pseudo_label_background"] = x.new_tensor(float(background))
+            diagnostics["pseudo_label_kept"] = keep.float().mean()
+            student_rows = x[unlabeled]
+            if self.copy_paste_box > 0:
+                inward = [(j + self.global_step) % 2 == 0 for j in range(len(student_rows))]
+                student_rows, pseudo = copy_paste(x[labeled], targets[0][labeled], student_rows, pseudo,
+                                                  self.copy_paste_box, inward)
+            student_input = x.clone()
+            student_input[unlabeled] = self.strong_view(student_rows, self.channel_modalities, self.num_modalities)
+        output = self.network(student_input)
+        heads = [as_scales(h) for h in output.logits]
+        head_fov = network.head_fov(x)
+        losses: dict[str, Tensor] = {"supervised": self.supervised_term(heads, targets, labeled, head_fov)}
+        self.update_reliability(heads, targets[0], labeled, head_fov)
+        losses["csc"] = self.csc_loss(output.bottlenecks) if weights["csc"] > 0 else x.new_zeros(())
+        losses["pseudo_label"] = losses["cac"] = x.new_zeros(())
+        if teach:
             student_logits = [h[0][unlabeled] for h in heads]
             # each head learns where its own (strong-view) input is in view: a dropped modality's head, or a single
             # branch's voxels seen only by a dropped modality, are not asked to predict from nothing
@@ -320,7 +333,6 @@ class CMCTrainer(TrainerBase):
             if weights["cac"] > 0:
                 losses["cac"] = masked_agreement_loss([torch.softmax(z.float(), 1) for z in student_logits], fused,
                                                       student_fov)
-            diagnostics["pseudo_label_kept"] = keep.float().mean()
         return self.step_outputs(losses, weights, diagnostics, heads, head_fov, labeled)
 
     def step_outputs(self, losses: dict[str, Tensor], weights: dict[str, float], diagnostics: dict[str, Tensor],
