@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from typing import Any
 
 from cmcseg.paths import WorkRoots, resolve_roots
 
@@ -55,6 +57,17 @@ def float_in(low: float, high: float | None, example: str, low_inclusive: bool =
 
     parse.__name__ = f"number in {interval}"
     return parse
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """An argparse ``type`` for ``KEY=VALUE``: VALUE read as JSON (numbers, booleans, lists), else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE; pass e.g. feature_size=48")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def add_unsafe_pickle_argument(parser: argparse.ArgumentParser) -> None:

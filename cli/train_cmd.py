@@ -11,6 +11,7 @@ from cmcseg.cli.common import (
     add_unsafe_pickle_argument,
     float_in,
     int_at_least,
+    key_value,
     roots_from_args,
 )
 from cmcseg.image_io import read_json
@@ -52,6 +53,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="encoder of the encoder registry: residual, plain, swinunetr, ... (default: the plan's "
                         "topology, residual for the default plans, plain for -p cmcsegPlainConvUNetPlans)")
     p.add_argument("--encoder-weights", type=Path, default=None, help="local checkpoint of the encoder's weights")
+    p.add_argument("--encoder-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="an option of the encoder class, repeatable, e.g. --encoder-option feature_size=48 "
+                        "(VALUE is read as JSON: numbers, true/false, lists; else as text); stored in the checkpoint")
+    p.add_argument("--encoder-lr-scale", type=float_in(0.0, None, "--encoder-lr-scale 0.1"), default=None,
+                   metavar="F", help="the encoder's learning rate relative to the rest's (default 1); e.g. 0.1 for "
+                                     "pretrained --encoder-weights")
+    p.add_argument("--freeze-encoder-iters", type=float_in(0.0, None, "--freeze-encoder-iters 500",
+                                                           low_inclusive=True),
+                   default=None, metavar="N", help="the encoder does not learn during the first N iterations (N >= 1), "
+                                                   "or that fraction of the run (N < 1); default 0")
     p.add_argument("--shared-encoder", action="store_true",
                    help="one encoder for all modality branches (--trainer cmc_branches)")
     p.add_argument("--unlabeled-weight", type=float_in(0.0, None, "--unlabeled-weight 1", low_inclusive=True),
@@ -106,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         roots=roots_from_args(args), device=args.device, seed=args.seed, num_epochs=args.epochs,
         iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters, num_workers=args.num_processes,
         continue_training=args.continue_training, encoder=args.encoder, encoder_weights=args.encoder_weights,
+        encoder_options=dict(args.encoder_option), encoder_lr_scale=args.encoder_lr_scale,
+        freeze_encoder=args.freeze_encoder_iters,
         shared_encoder=args.shared_encoder, command=shlex.join(["cmcseg", *sys.argv[1:]]),
         max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
         backbone=args.backbone, backbone_weights=args.backbone_weights, teacher=args.teacher,

@@ -98,3 +98,16 @@ def check_plain_state(obj: Any, where: str = "state") -> None:
         return
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}; a checkpoint holds only tensors, "
                     "dicts, lists, tuples, str, int, float, bool and None (convert it, e.g. ndarray -> tensor)")
+
+
+def file_provenance(path: Path | str) -> dict[str, Any]:
+    """Where a weights file came from, for the record: its name, size and SHA-256 (the path itself is not kept: a
+    model folder travels to other machines)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -428,3 +428,48 @@ def test_unpaired_dataset_trains_with_mean_teacher_that_reaches_the_encoders(pla
     assert "teacher" in final["extra"] and "loss/mean_teacher" in final["history"]["values"]
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert set(summary["mean"]) == {"spleen", "right_kidney", "left_kidney", "liver", "aorta"}
+
+
+@pytest.mark.slow
+def test_a_frozen_encoder_learns_nothing_until_its_iterations_are_over_then_at_its_scaled_rate(planned, tmp_path):
+    """--freeze-encoder-iters 1 --encoder-lr-scale 0.25: the first step moves the decoder, not the encoder; later
+    steps move both, the encoder at a quarter of the poly rate; training_config.json and the checkpoint record it."""
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path), freeze_encoder=1, encoder_lr_scale=0.25))
+    trainer.initialize()
+    try:
+        encoder = trainer.encoder_parameters()
+        assert encoder and {id(p) for p in encoder} == {id(p) for p in trainer.network.encoders.parameters()}
+        trainer.lr_scheduler.step(0)
+        rates = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
+        assert rates[0.25] == pytest.approx(0.25 * rates[1.0]) and rates[1.0] == pytest.approx(trainer.initial_lr)
+
+        def step() -> tuple[bool, bool]:
+            before = [p.detach().clone() for p in trainer.network.parameters()]
+            trainer.train_step(next(trainer.dataloader))
+            trainer.global_step += 1
+            moved = {id(p): not torch.equal(b, p.detach()) for b, p in zip(before, trainer.network.parameters())}
+            return any(moved[id(p)] for p in encoder), any(v for k, v in moved.items() if k not in map(id, encoder))
+
+        assert step() == (False, True), "during the freeze only the rest of the network learns"
+        assert step() == (True, True), "after it the encoder learns too"
+        config = json.loads((trainer.output_folder / "training_config.json").read_text())
+        hyper = config["hyperparameters"]
+        assert hyper["freeze_encoder"] == 1 and hyper["encoder_lr_scale"] == 0.25
+    finally:
+        trainer.close()
+
+
+def test_encoder_options_and_the_weights_source_travel_in_the_checkpoint(tmp_path):
+    """The encoder class's options reach the checkpoint's init (prediction rebuilds from it), and a weights file is
+    recorded by name, size and SHA-256, not by path."""
+    weights = tmp_path / "enc.pt"
+    weights.write_bytes(b"0123456789")
+    trainer = TinyCMCTrainer(TrainingRequest("MSCMR", 0, 0.2, roots=WorkRoots(tmp_path, tmp_path, tmp_path),
+                                             encoder="swinunetr", encoder_options={"feature_size": 24},
+                                             encoder_weights=weights))
+    options = trainer.network_options()
+    assert options["encoder"] == "swinunetr" and options["encoder_options"] == {"feature_size": 24}
+    assert options["encoder_weights_source"] == {
+        "file": "enc.pt", "bytes": 10, "sha256": "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"}
+    with pytest.raises(CmcsegError, match="--encoder-lr-scale"):
+        TinyCMCTrainer(TrainingRequest("MSCMR", 0, 0.2, encoder_lr_scale=0.0))

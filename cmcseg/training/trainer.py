@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from cmcseg.plans.files import (
 from cmcseg.plans.memory import MemoryEstimate
 from cmcseg.plans.plans import Configuration, LabelInfo, load_plans, plan_configuration, plan_encoder, plans_hash
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
+from cmcseg.serialization import file_provenance
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import SpatialAugmentation, configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader, build_validation_patches
@@ -106,7 +107,12 @@ class TrainingRequest:
     continue_training: bool = False
     encoder: str | None = None  # None: the plan's topology (residual for ResEnc plans, plain for PlainConvUNet)
     encoder_weights: Path | None = None
+    #: the encoder class's options (``--encoder-option feature_size=48``); the checkpoint stores them
+    encoder_options: dict[str, Any] = field(default_factory=dict)
     shared_encoder: bool = False
+    # ---- fine-tuning a pretrained encoder; None: the trainer's default
+    encoder_lr_scale: float | None = None
+    freeze_encoder: float | None = None
     command: str = ""
     max_seconds: float | None = None
     # ---- Any2Seg (2D) options; None: the trainer's default
@@ -119,6 +125,17 @@ class TrainingRequest:
     unlabeled_weight: float | None = None
     # ---- security: read checkpoints and weight files with full unpickling (runs code in them); trusted files only
     unsafe_allow_pickle: bool = False
+
+
+class ScaledPolyLRScheduler(PolyLRScheduler):
+    """nnU-Net's poly schedule, with each parameter group's rate times its ``lr_scale`` (1 where unset), so a
+    pretrained encoder can learn more slowly than a new decoder on the same curve."""
+
+    def step(self, current_step: int | None = None) -> None:
+        super().step(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= float(group.get("lr_scale", 1.0))
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 @dataclass(frozen=True)
@@ -158,8 +175,12 @@ def check_request(request: TrainingRequest) -> None:
     if request.fold < 0:
         raise CmcsegError(f"fold {request.fold} is negative. Fix: pass a fold of splits.json, e.g. -f 0.")
     plans_file_name(request.plans)  # a plans identifier names files and the model folder: a plain name only
-
-
+    if request.encoder_lr_scale is not None and not float(request.encoder_lr_scale) > 0:
+        raise CmcsegError(f"--encoder-lr-scale {request.encoder_lr_scale} must be above 0. Fix: pass e.g. 0.1 (or "
+                          "--freeze-encoder-iters to hold the encoder still).")
+    if request.freeze_encoder is not None and not float(request.freeze_encoder) >= 0:
+        raise CmcsegError(f"--freeze-encoder-iters {request.freeze_encoder} is negative. Fix: pass a number of "
+                          "iterations (e.g. 500) or a fraction of the run below 1 (e.g. 0.1).")
 
 
 def seed_everything(seed: int) -> None:
@@ -227,6 +248,13 @@ class TrainerBase:
     cudnn_benchmark: bool = True
     # ---- time budget: None trains all epochs; else no epoch starts that would end after this many seconds
     max_seconds: float | None = None
+    # ---- fine-tuning a pretrained encoder (:meth:`encoder_parameters`)
+    #: the encoder's learning rate relative to the rest's (e.g. 0.1 for a pretrained encoder); the poly schedule
+    #: scales both alike
+    encoder_lr_scale: float = 1.0
+    #: the encoder learns nothing during this many first iterations (>= 1), or this fraction of the run (< 1): a new
+    #: decoder first fits the pretrained features instead of pulling them towards its random start
+    freeze_encoder: float = 0.0
 
     def __init__(self, request: TrainingRequest) -> None:
         check_request(request)
@@ -246,6 +274,9 @@ class TrainerBase:
                                            // type(self).iterations_per_epoch))
         if request.max_seconds is not None:
             self.max_seconds = float(request.max_seconds)
+        for name in ("encoder_lr_scale", "freeze_encoder"):
+            if getattr(request, name) is not None:
+                setattr(self, name, float(getattr(request, name)))
         self.dist = ddp.DistributedContext()
         self.device = torch.device("cpu")
         self.current_epoch = 0
@@ -450,13 +481,42 @@ class TrainerBase:
                         "machine, or expect up to that much memory", estimate.total_gb, float(budget))
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        """nnU-Net's SGD with Nesterov momentum over the network's parameters."""
-        return torch.optim.SGD(self.network.parameters(), lr=self.initial_lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay, nesterov=self.nesterov)
+        """nnU-Net's SGD with Nesterov momentum over the network's parameters; with an ``encoder_lr_scale`` other
+        than 1, the encoder's parameters are a group of their own whose learning rate is scaled by it."""
+        encoder = {id(p) for p in self.encoder_parameters()}
+        parameters = list(self.network.parameters())
+        groups: list[dict[str, Any]] = [{"params": parameters, "lr_scale": 1.0}]
+        if encoder and self.encoder_lr_scale != 1.0:
+            groups = [{"params": [p for p in parameters if id(p) not in encoder], "lr_scale": 1.0},
+                      {"params": [p for p in parameters if id(p) in encoder], "lr_scale": self.encoder_lr_scale,
+                       "lr": self.initial_lr * self.encoder_lr_scale}]
+        if encoder and (self.encoder_lr_scale != 1.0 or self.freeze_encoder):
+            log.info("encoder (%d tensors): learning rate x %g, frozen for the first %d iterations", len(encoder),
+                     self.encoder_lr_scale, self.freeze_encoder_iterations)
+        return torch.optim.SGD(groups, lr=self.initial_lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               nesterov=self.nesterov)
 
     def configure_lr_scheduler(self) -> PolyLRScheduler:
-        """nnU-Net's poly schedule ``lr = initial (1 - epoch / epochs)^0.9``, stepped once per epoch."""
-        return PolyLRScheduler(self.optimizer, self.initial_lr, self.num_epochs, self.poly_exponent)
+        """nnU-Net's poly schedule ``lr = initial (1 - epoch / epochs)^0.9``, stepped once per epoch, times each
+        parameter group's ``lr_scale``."""
+        return ScaledPolyLRScheduler(self.optimizer, self.initial_lr, self.num_epochs, self.poly_exponent)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Hook: the parameters the fine-tuning controls (``encoder_lr_scale``, ``freeze_encoder``) treat as the
+        encoder: by default those of the network's ``encoders``, ``encoder`` or ``backbone`` module."""
+        network = self.inference_network()
+        for name in ("encoders", "encoder", "backbone"):
+            module = getattr(network, name, None)
+            if isinstance(module, nn.Module):
+                return list(module.parameters())
+        return []
+
+    @property
+    def freeze_encoder_iterations(self) -> int:
+        """The iterations at the start of the run during which the encoder does not learn."""
+        if self.freeze_encoder >= 1:
+            return int(self.freeze_encoder)
+        return int(round(self.freeze_encoder * self.num_epochs * self.iterations_per_epoch))
 
     def build_dataloader(self) -> Iterator[dict]:
         """The endless two-stream batch iterator (labeled rows first, unlabeled rows after)."""
@@ -555,6 +615,9 @@ class TrainerBase:
         self.grad_scaler.scale(losses["loss"]).backward()
         self.on_after_backward()
         self.grad_scaler.unscale_(self.optimizer)
+        if self.global_step < self.freeze_encoder_iterations:
+            for parameter in self.encoder_parameters():
+                parameter.grad = None  # SGD skips a parameter without a gradient (no momentum, no weight decay)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
@@ -740,8 +803,14 @@ class TrainerBase:
 
     def network_options(self) -> dict[str, Any]:
         """Hook: what, besides plans.json, rebuilds this trainer's network (stored as the checkpoint's ``init``)."""
+        weights = self.request.encoder_weights
+        if weights and getattr(self, "_weights_source", None) is None:
+            self._weights_source = file_provenance(weights)  # hashed once, not at every checkpoint
         return {"encoder": self.request.encoder or plan_encoder(self.config),
-                "shared_encoder": self.request.shared_encoder}
+                "shared_encoder": self.request.shared_encoder,
+                "encoder_options": dict(self.request.encoder_options),
+                # provenance only: prediction rebuilds the network without the weights file
+                "encoder_weights_source": self._weights_source if weights else None}
 
     def extra_state(self) -> dict[str, Any]:
         """Hook: trainer-specific state to checkpoint (e.g. an EMA teacher)."""
