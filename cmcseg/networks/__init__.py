@@ -13,9 +13,10 @@ from cmcseg.networks.encoders import (
     build_encoder,
     register_encoder,
 )
+from cmcseg.networks.universal import UniversalEncoder  # registers "universal"
 
 __all__ = [
     "CMCNetwork", "CMCOutput", "build_cmc_network",
     "split_modalities", "ENCODERS", "ModalityEncoder", "WeightsMismatchError", "build_encoder",
-    "register_encoder", "ChannelAttention", "UnifiedFusion",
+    "register_encoder", "ChannelAttention", "UnifiedFusion", "UniversalEncoder",
 ]

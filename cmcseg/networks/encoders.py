@@ -229,7 +229,8 @@ def read_checkpoint(path: Path, unsafe_allow_pickle: bool = False) -> dict[str, 
     """The tensors of a checkpoint file, unwrapped from the usual containers.
 
     Accepts a bare state dict or one under ``state_dict`` / ``network_weights`` (nnU-Net) /
-    ``model`` / ``network``. Reads as data only (:func:`cmcseg.serialization.load_torch_file`:
+    ``model`` / ``network`` / ``net`` (the CLIP-Driven Universal Model) / ``model_state_dict`` (SAM-Med3D).
+    Reads as data only (:func:`cmcseg.serialization.load_torch_file`:
     tensors, plain values and NumPy data, which covers nnU-Net's checkpoints); a file that holds
     other Python objects is refused unless ``unsafe_allow_pickle`` (``--unsafe-allow-pickle``).
     """
@@ -244,7 +245,7 @@ def read_checkpoint(path: Path, unsafe_allow_pickle: bool = False) -> dict[str, 
     except Exception as e:  # noqa: BLE001 - any failure to read is a problem of the user's file
         raise CmcsegError(f"cannot read encoder weights {path}: {str(e).rstrip('.')}. Fix: pass a file written by "
                           "torch.save.") from e
-    for key in ("state_dict", "network_weights", "model", "network"):
+    for key in ("state_dict", "network_weights", "model", "network", "net", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break

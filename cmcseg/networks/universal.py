@@ -44,7 +44,6 @@ from cmcseg.networks.encoders import (
     register_encoder,
     strip_wrapper_prefixes,
 )
-from cmcseg.serialization import UnsafeFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -98,29 +97,6 @@ class DownStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops(x)
-
-
-def read_universal_checkpoint(path: Path, unsafe_allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The tensors of a Universal Model checkpoint: the ``net`` state dict of a ``train.py`` file, else what
-    :func:`read_checkpoint` finds (a bare state dict or one under ``state_dict``/``model``/...).
-
-    The file is first opened memory-mapped (only its structure is read) to look for ``net``;
-    :func:`read_checkpoint` is not told about that key.
-    """
-    path = Path(path)
-    obj: Any = None
-    if path.is_file():
-        try:
-            obj = load_torch_file(path, "encoder weights file", unsafe_allow_pickle=unsafe_allow_pickle, mmap=True)
-        except UnsafeFileError:
-            raise
-        except Exception:  # noqa: BLE001 - read_checkpoint below reads it again and words the failure
-            obj = None
-    if isinstance(obj, Mapping) and isinstance(obj.get("net"), Mapping):
-        state = {str(k): v for k, v in obj["net"].items() if isinstance(v, Tensor)}
-        if state:
-            return state
-    return read_checkpoint(path, unsafe_allow_pickle)
 
 
 def split_universal_keys(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
@@ -228,7 +204,7 @@ class UniversalEncoder(ModalityEncoder):
 
     def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
         """Load the encoder part of the published ``unet.pth`` (see the module docstring for the layout)."""
-        state, heads, decoder = split_universal_keys(read_universal_checkpoint(path, unsafe_allow_pickle))
+        state, heads, decoder = split_universal_keys(read_checkpoint(path, unsafe_allow_pickle))
         if heads or decoder:
             log.info("%s: %d key(s) outside the encoder ignored (%d outside the backbone, e.g. text/controller "
                      "heads; %d of the backbone's decoder)", path, len(heads) + len(decoder), len(heads),
