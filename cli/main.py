@@ -13,10 +13,19 @@ import sys
 from collections.abc import Sequence
 
 from cmcseg import __version__
-from cmcseg.cli import convert_cmd, demo_cmd, evaluate_cmd, plan_cmd, predict_cmd, synth_cmd, train_cmd
+from cmcseg.cli import (
+    convert_cmd,
+    demo_cmd,
+    evaluate_cmd,
+    plan_cmd,
+    predict_cmd,
+    pretrain_cmd,
+    synth_cmd,
+    train_cmd,
+)
 from cmcseg.errors import WRITE_FAULTS, CmcsegError, WriteFaultError
 
-_COMMANDS = (synth_cmd, convert_cmd, plan_cmd, train_cmd, predict_cmd, evaluate_cmd, demo_cmd)
+_COMMANDS = (synth_cmd, convert_cmd, plan_cmd, pretrain_cmd, train_cmd, predict_cmd, evaluate_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -269,3 +269,35 @@ def copy_paste(labeled_x: torch.Tensor, labeled_y: torch.Tensor, unlabeled_x: to
     mixed_x = torch.where(from_labeled, labeled_x[rows].to(unlabeled_x.dtype), unlabeled_x)
     mixed_y = torch.where(from_labeled, labeled_y[rows].to(pseudo.dtype), pseudo)
     return mixed_x, mixed_y
+
+
+class MaskedImageView:
+    """The corrupted view of masked image modelling, MONAI's self-supervised recipe (its ViT autoencoder
+    tutorial): either small holes or everything outside large holes filled with noise (``RandCoarseDropout``, one
+    of the two at random), then blocks shuffled (``RandCoarseShuffle``), on the image channels of each row; the FOV
+    masks stay as they are.
+
+    Hole sizes follow the recipe's on a 96-voxel cube, scaled to the patch (at least one voxel per axis), so a thin
+    3D patch (few slices) gets holes through its slices. ``seed`` makes the views reproducible.
+    """
+
+    def __init__(self, patch_size: list[int], seed: int = 0) -> None:
+        from monai.transforms import Compose, OneOf, RandCoarseDropout, RandCoarseShuffle  # slow import: only here
+
+        def scaled(size: int) -> list[int]:
+            return [max(1, round(size * p / 96)) for p in patch_size]
+
+        self.transform = Compose([
+            OneOf([RandCoarseDropout(prob=1.0, holes=6, spatial_size=scaled(5), max_spatial_size=scaled(32),
+                                     dropout_holes=True),
+                   RandCoarseDropout(prob=1.0, holes=6, spatial_size=scaled(20), max_spatial_size=scaled(64),
+                                     dropout_holes=False)]),
+            RandCoarseShuffle(prob=0.8, holes=10, spatial_size=scaled(8)),
+        ])
+        self.transform.set_random_state(seed)
+
+    def __call__(self, x: torch.Tensor, image_channels: int) -> torch.Tensor:
+        """``x`` ``(B, C + M, *)`` with each row's first ``image_channels`` channels corrupted."""
+        rows = [torch.as_tensor(self.transform(row[:image_channels].detach().cpu())) for row in x]
+        image = torch.stack(rows).to(device=x.device, dtype=x.dtype)
+        return torch.cat([image, x[:, image_channels:]], dim=1)
