@@ -83,6 +83,7 @@ ARMS = {
     "cmc-early-drop-merge": "(a) w 1 from 10 %, drop, merge",
     "cmc-hold-bg": "(a) background held until learned",
     "cmc-bcp": "(a) + bidirectional copy-paste",
+    "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
 }
@@ -157,6 +158,7 @@ def arm_trainer_class(arm: str):
         "cmc-early-drop-merge": {**early, "strong_drop_modality": 0.5, "learned_reliability": 0.5},
         "cmc-hold-bg": {"background_pseudo_label_bar": 0.5},
         "cmc-bcp": {"copy_paste_box": 2 / 3, "pseudo_label_weight": 0.5},
+        "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},
     }[arm]
@@ -182,9 +184,11 @@ def worker_ours(spec: dict) -> dict:
     epochs = int(spec["epochs"])
     roots = WorkRoots(Path(spec["raw"]), Path(spec["preprocessed"]), Path(spec["results"]))
     fraction = 1.0 if spec["arm"] == "full" else spec["labeled"]
+    weights = spec.get("encoder_weights") if spec["arm"] == "cmc-pretrained" else None
     trainer = cls(TrainingRequest(spec["dataset"], spec["fold"], fraction, roots=roots, device=spec["device"],
                                   num_workers=0, seed=spec["seed"], num_epochs=epochs,
-                                  iterations_per_epoch=max(1, int(spec["iterations"]) // epochs), val_iterations=0))
+                                  iterations_per_epoch=max(1, int(spec["iterations"]) // epochs), val_iterations=0,
+                                  encoder_weights=Path(weights) if weights else None))
     folder = trainer.run()
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     history = trainer.history.state_dict()
@@ -335,7 +339,7 @@ def run_arm(arm: str, fold: int, setup: dict, args, budget_s: float | None = Non
     spec.update(work=str(work), arm=arm, fold=fold, validation=setup["folds"][fold]["validation"],
                 nnunet_fold=setup["folds"][fold]["nnunet_fold"].get(arm), budget_s=budget_s,
                 iterations=args.iterations, epochs=args.epochs, features=args.features, patch=args.patch,
-                labeled=args.labeled,
+                labeled=args.labeled, encoder_weights=setup.get("encoder_weights"),
                 threads=args.threads, device=args.device, seed=args.seed)
     worker = "nnunet" if arm in NNUNET_ARMS else arm
     result = nd.run_worker(Path(__file__).resolve(), worker, spec, work, setup["env"])

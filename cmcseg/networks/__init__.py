@@ -13,10 +13,12 @@ from cmcseg.networks.encoders import (
     build_encoder,
     register_encoder,
 )
+from cmcseg.networks.sammed3d import SAMMed3DEncoder  # registers "sammed3d"
 from cmcseg.networks.universal import UniversalEncoder  # registers "universal"
 
 __all__ = [
     "CMCNetwork", "CMCOutput", "build_cmc_network",
     "split_modalities", "ENCODERS", "ModalityEncoder", "WeightsMismatchError", "build_encoder",
     "register_encoder", "ChannelAttention", "UnifiedFusion", "UniversalEncoder",
+    "SAMMed3DEncoder",
 ]
