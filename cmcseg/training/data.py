@@ -351,6 +351,7 @@ def build_training_loader(
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
     spatial_augmentation: SpatialAugmentation | None = None,
+    ds_scales: Sequence[Sequence[float]] | None = None,
 ) -> TrainingBatches:
     """An endless iterator of training batches (see the module docstring for the batch dict).
 
@@ -368,7 +369,9 @@ def build_training_loader(
                                     labeled_batch_size, unlabeled_batch_size, seed=seed)
     patch_size = [int(p) for p in config["patch_size"]]
     augmentation = spatial_augmentation or configure_spatial_augmentation(patch_size)
-    ds_scales = plan_deep_supervision_scales(plans, config) if deep_supervision else None
+    if deep_supervision and ds_scales is None:
+        ds_scales = plan_deep_supervision_scales(plans, config)
+    ds_scales = ds_scales if deep_supervision else None
     fov_index = _channel_fov_index(plans)
     use_mask = config.get("use_mask_for_norm")
     if augment:
@@ -405,6 +408,7 @@ def build_validation_patches(
     batch_size: int | None = None,
     deep_supervision: bool = True,
     oversample_foreground_percent: float = 0.33,
+    ds_scales: Sequence[Sequence[float]] | None = None,
 ) -> list[dict]:
     """A fixed list of validation batches holding ``num_patches`` patches in all (no augmentation).
 
@@ -420,7 +424,9 @@ def build_validation_patches(
     folder = _data_folder(preprocessed_dataset_folder, config)
     patch_size = [int(p) for p in config["patch_size"]]
     batch_size = int(batch_size or config["batch_size"])
-    ds_scales = plan_deep_supervision_scales(plans, config) if deep_supervision else None
+    if deep_supervision and ds_scales is None:
+        ds_scales = plan_deep_supervision_scales(plans, config)
+    ds_scales = ds_scales if deep_supervision else None
     fov_index = _channel_fov_index(plans)
     items = [Item(c, True) for c in val_ids]
     builder = BatchBuilder(folder, items, PatchCropper(patch_size, patch_size, oversample_foreground_percent),

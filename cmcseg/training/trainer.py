@@ -524,7 +524,14 @@ class TrainerBase:
             self.preprocessed_folder, self.plans, self.config, self.cases.labeled, self.cases.unlabeled,
             self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=self.deep_supervision,
             oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
-            seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment)
+            seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment,
+            ds_scales=self.deep_supervision_scales())
+
+    def deep_supervision_scales(self) -> list[list[float]] | None:
+        """Hook: the scale of each deep-supervision output of the network, full resolution first: the network's
+        own (an encoder that is not the plan's, e.g. a ViT, downsamples its own way); None: the plan's strides."""
+        scales = getattr(self.inference_network(), "deep_supervision_scales", None)
+        return scales() if callable(scales) else None
 
     def build_validation_batches(self) -> list[dict]:
         """The fixed validation patches of the per-epoch pseudo-Dice, this rank's share of them."""
