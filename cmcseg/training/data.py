@@ -393,7 +393,8 @@ def build_training_loader(
     logger.info("training loader %s: %d labeled + %d unlabeled cases, batches of %d + %d, patch %s (cut at %s), "
                 "%d worker(s), %d batches per labeled pass", config.name, len(labeled_ids), len(unlabeled_ids),
                 labeled_batch_size, unlabeled_batch_size, patch_size, initial, workers, len(sampler))
-    return TrainingBatches(loader, sampler, augmentation, ds_scales)
+    return TrainingBatches(loader, sampler, augmentation,
+                           None if ds_scales is None else [list(s) for s in ds_scales])
 
 
 # ------------------------------------------------------------------------------------- validation patches
