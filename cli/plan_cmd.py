@@ -37,6 +37,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="network topology to plan (default ResEncM, nnU-Net's residual-encoder U-Net M). Another "
                         "planner writes its own plans (cmcsegPlainConvUNetPlans.json) and preprocessed data beside the "
                         "default ones; train and predict with them with -p cmcsegPlainConvUNetPlans")
+    p.add_argument("--patch-multiple-of", type=int_at_least(1, "--patch-multiple-of 16"), default=1,
+                   metavar="N",
+                   help="round every patch up to a multiple of N on each axis, for an encoder that needs it: 16 for "
+                        "--encoder sammed3d, 8 for universal, 32 for swinunetr (default 1: the plan's own)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the folds and labeled subsets")
     add_root_arguments(p)
     return p
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, roots_from_args(args), configurations=args.configurations, num_workers=args.num_processes,
         reference=args.reference, register=args.register, memory_gb=args.memory_gb,
         verify_only=args.verify_only, seed=args.seed, accept_no_overlap=args.accept_no_overlap,
-        planner=args.planner,
+        planner=args.planner, patch_multiple_of=args.patch_multiple_of,
     )
     print(f"integrity check of {outcome.dataset.name} ({outcome.integrity.num_cases} cases, "
           f"{outcome.integrity.dimensionality}):")

@@ -70,6 +70,7 @@ def plan_and_preprocess(
     accept_no_overlap: bool = False,
     fit_memory: bool = True,
     planner: str = "ResEncM",
+    patch_multiple_of: int = 1,
 ) -> PlanOutcome:
     """Run every planning stage on one raw dataset; stop before any work if the integrity check fails.
 
@@ -122,7 +123,7 @@ def plan_and_preprocess(
 
     plans = plan_experiment(fingerprint, dataset, configurations=configurations or ("2d", "3d_fullres"),
                             memory_gb=memory_gb, reference_channel=reference_channel, register=register,
-                            fit_memory=fit_memory, topology=planner)
+                            fit_memory=fit_memory, topology=planner, patch_multiple_of=patch_multiple_of)
     outcome.plans_file = out / plans_file_name(plans["plans_name"])
     write_json_atomic(plans, outcome.plans_file)
     outcome.plans = plans

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -291,6 +292,7 @@ def plan_experiment(
     branches: int = 1,
     fit_memory: bool = True,
     memory_device: str | None = None,
+    patch_multiple_of: int = 1,
 ) -> dict:
     """Plan ``configurations`` for a dataset from its fingerprint; returns the JSON-ready plans.json content.
 
@@ -301,7 +303,8 @@ def plan_experiment(
     on ``memory_device`` (default: CUDA if available, else CPU); if it does not, nnU-Net's rule runs
     again on a smaller budget until it does. ``fit_memory=False`` is nnU-Net's rule unchanged on
     ``memory_gb / branches``. ``reference_channel`` defaults to the fingerprint's and must agree with
-    it. ``topology`` picks the network family (see ``PLANNERS``).
+    it. ``topology`` picks the network family (see ``PLANNERS``). ``patch_multiple_of`` rounds every patch up
+    to a multiple of it on each axis (:func:`patch_for_encoder`), for an encoder that needs one (a ViT's 16).
     """
     _check_inputs(fingerprint, configurations, register, topology, reference_channel)
     memory = default_memory_gb() if memory_gb is None else float(memory_gb)
@@ -339,6 +342,13 @@ def plan_experiment(
             cfg, estimate = fit_to_budget(planned_at, estimated, memory)
             planned["configurations"][name] = cfg
             estimates[name] = {"device": device, **estimate.as_dict()}
+    if patch_multiple_of > 1:
+        for name, cfg in planned["configurations"].items():
+            before = list(cfg["patch_size"])
+            cfg["patch_size"] = patch_for_encoder(before, cfg["architecture"]["arch_kwargs"]["strides"],
+                                                  patch_multiple_of)
+            log.info("%s: patch %s rounded up to %s (multiples of %d for the encoder; the memory estimate is the "
+                     "default encoder's)", name, before, cfg["patch_size"], patch_multiple_of)
     plans = {
         "schema_version": SCHEMA_VERSION,
         "plans_name": PLANNERS[topology].default_plans_name,
@@ -357,6 +367,7 @@ def plan_experiment(
         "memory_rule": "cmcseg estimate" if fit_memory else "nnU-Net, budget / branches",
         "memory_estimate_gb": estimates,
         "network_topology": topology,
+        "patch_multiple_of": int(patch_multiple_of),
         "experiment_planner_used": PLANNERS[topology].__name__,
         "image_reader_writer": "SimpleITKIO",
         "label_manager": "LabelManager",
@@ -367,6 +378,16 @@ def plan_experiment(
         log.info("%s: spacing %s, patch %s, batch %d: %s", name, [round(float(s), 3) for s in cfg["spacing"]],
                  [int(p) for p in cfg["patch_size"]], cfg["batch_size"], budget_summary(plans, name))
     return _plain(plans)
+
+
+def patch_for_encoder(patch: Sequence[int], strides: Sequence[Sequence[int]], multiple: int) -> list[int]:
+    """``patch`` rounded up, on each axis, to the least common multiple of ``multiple`` (an encoder's need, e.g. a
+    ViT's patch size 16) and the plan network's total stride on that axis (which the plan's own network needs)."""
+    out = []
+    for axis, size in enumerate(patch):
+        step = math.lcm(int(multiple), math.prod(int(s[axis]) for s in strides))
+        out.append(-(-int(size) // step) * step)
+    return out
 
 
 def configuration_estimate(context: Mapping[str, Any], name: str, cfg: Mapping[str, Any], device: str,

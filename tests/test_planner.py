@@ -19,6 +19,7 @@ from cmcseg.plans.planner import (
     ResEncMPlanner,
     default_memory_gb,
     normalization_channel_name,
+    patch_for_encoder,
     plan_experiment,
     write_plans,
 )
@@ -275,3 +276,19 @@ def test_rgb_is_scaled_to_0_1_only_when_it_is_8_bit() -> None:
     assert normalization_channel_name("RGB", 3, None) == "rgb_to_0_1"
     assert normalization_channel_name("RGB", 3, 40000.0) == "RGB"             # -> ZScoreNormalization
     assert normalization_channel_name("RGB", 1, 200.0) == "RGB"               # one component is not colour
+
+
+def test_patch_for_an_encoder_is_a_multiple_of_its_need_and_of_the_plans_strides() -> None:
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]  # total strides 4, 8, 8
+    assert patch_for_encoder([20, 80, 72], strides, 16) == [32, 80, 80]
+    assert patch_for_encoder([20, 80, 72], strides, 1) == [20, 80, 72]
+    assert patch_for_encoder([5, 224, 192], [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2]], 8) == [8, 224, 192]
+
+
+def test_a_plan_for_a_vit_has_patches_it_can_read(nnunet_run) -> None:
+    plans = plan_experiment(nnunet_run["fingerprint"], nnunet_run["dataset"], memory_gb=8, patch_multiple_of=16)
+    assert plans["patch_multiple_of"] == 16
+    for cfg in plans["configurations"].values():
+        strides = cfg["architecture"]["arch_kwargs"]["strides"]
+        for axis, size in enumerate(cfg["patch_size"]):
+            assert size % 16 == 0 and size % int(np.prod([s[axis] for s in strides])) == 0
