@@ -95,14 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pretrain_gain_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        saved = work / "setup.json"
-        if args.reuse and saved.is_file():
-            setup = json.loads(saved.read_text())
-            setup["folds"] = {int(k): v for k, v in setup["folds"].items()}
-            args.patch = setup["cmcseg_plan"]["patch_size"]
-        else:
-            setup = ssg.prepare(work, args)
-            saved.write_text(json.dumps(setup, indent=1))
+        setup = ssg.prepare_or_reuse(work, args)
         pre_work = work / "pretrain"
         pre_work.mkdir(exist_ok=True)
         spec = {k: setup[k] for k in ("raw", "preprocessed", "results", "dataset")}

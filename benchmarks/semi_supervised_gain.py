@@ -331,6 +331,23 @@ def prepare(work: Path, args) -> dict:
     }
 
 
+def prepare_or_reuse(work: Path, args) -> dict:
+    """The set-up saved in ``work/setup.json`` with ``--reuse`` (its patch becomes ``args.patch``), else a new one
+    (:func:`prepare`), saved there."""
+    saved = work / "setup.json"
+    if args.reuse and saved.is_file():
+        setup = json.loads(saved.read_text())
+        setup["folds"] = {int(k): v for k, v in setup["folds"].items()}
+        args.patch = setup["cmcseg_plan"]["patch_size"]
+        missing = [f for f in args.folds if f not in setup["folds"]]
+        if missing:
+            raise SystemExit(f"{saved} was prepared without fold(s) {missing}; run without --reuse")
+        return setup
+    setup = prepare(work, args)
+    saved.write_text(json.dumps(setup, indent=1))
+    return setup
+
+
 def run_arm(arm: str, fold: int, setup: dict, args, budget_s: float | None = None) -> dict:
     work = Path(setup["work"]) / f"fold{fold}_{arm}"
     work.mkdir(parents=True, exist_ok=True)
@@ -410,17 +427,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="semi_supervised_gain_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        saved = work / "setup.json"
-        if args.reuse and saved.is_file():
-            setup = json.loads(saved.read_text())
-            setup["folds"] = {int(k): v for k, v in setup["folds"].items()}
-            args.patch = setup["cmcseg_plan"]["patch_size"]
-            missing = [f for f in args.folds if f not in setup["folds"]]
-            if missing:
-                raise SystemExit(f"{saved} was prepared without fold(s) {missing}; run without --reuse")
-        else:
-            setup = prepare(work, args)
-            saved.write_text(json.dumps(setup, indent=1))
+        setup = prepare_or_reuse(work, args)
         report["setup"] = {k: v for k, v in setup.items() if k not in ("env", "work")}
         report["setup"]["folds"] = {str(k): v for k, v in setup["folds"].items()}
         print(f"setup (data, cmcseg plan, nnU-Net plan and preprocess): {setup['setup_s']:.0f} s", flush=True)

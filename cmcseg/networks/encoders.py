@@ -530,7 +530,7 @@ class SwinUNETREncoder(ModalityEncoder):
                 hidden[3], self.encoder10(hidden[4])]
 
     def build_decoder(self, num_classes: int, deep_supervision: bool) -> nn.Module:
-        return SwinUNETRDecoder(self.spatial_dims, self.feature_size, num_classes, deep_supervision, self.norm_name)
+        return UNETRDecoder(self.spatial_dims, self.output_channels, num_classes, deep_supervision, self.norm_name)
 
     def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
         """Load a SwinViT checkpoint in MONAI's published layout into ``swinViT`` (see
@@ -554,29 +554,28 @@ class SwinUNETREncoder(ModalityEncoder):
                          f"layout, and set the encoder option feature_size to the checkpoint's.{found}")
 
 
-class SwinUNETRDecoder(nn.Module):
-    """SwinUNETR's decoder (``decoder5..decoder1`` ``UnetrUpBlock``s) with a ``UnetOutBlock`` per output level.
+class UNETRDecoder(nn.Module):
+    """UNETR's decoder: a ``UnetrUpBlock`` per skip from the bottleneck up, with a ``UnetOutBlock`` per output level.
 
-    ``forward(skips)`` takes :class:`SwinUNETREncoder`'s six skips. With deep supervision it gives
-    five logits, full resolution first (scales 1, 1/2, ..., 1/16); else the full-resolution logits,
-    exactly SwinUNETR's output path.
+    ``channels`` are the encoder's ``output_channels`` (highest resolution first, the bottleneck last):
+    SwinUNETR's (:class:`SwinUNETREncoder`) and the UNETR-style skips of a ViT (``sammed3d``) alike. With deep
+    supervision ``forward(skips)`` gives one logits tensor per skip above the bottleneck, full resolution first;
+    otherwise the full-resolution logits, exactly SwinUNETR's and UNETR's output path.
     """
 
-    def __init__(self, spatial_dims: int, feature_size: int, num_classes: int, deep_supervision: bool,
-                 norm_name: str = "instance"):
-        from monai.networks.blocks import UnetOutBlock, UnetrUpBlock  # only for this encoder (a slow import)
+    def __init__(self, spatial_dims: int, channels: Sequence[int], num_classes: int, deep_supervision: bool,
+                 norm_name: str | tuple = "instance"):
+        from monai.networks.blocks import UnetOutBlock, UnetrUpBlock  # only for these encoders (a slow import)
 
         super().__init__()
         self.deep_supervision = deep_supervision
-        f = feature_size
-        channels = [16 * f, 8 * f, 4 * f, 2 * f, f, f]  # bottleneck, then each up block's output
+        up = list(channels)[::-1]  # bottleneck, then each up block's output
         self.up_blocks = nn.ModuleList(
-            UnetrUpBlock(spatial_dims=spatial_dims, in_channels=channels[i], out_channels=channels[i + 1],
-                         kernel_size=3,
-                         upsample_kernel_size=2, norm_name=norm_name, res_block=True) for i in range(5))
-        # seg_layers[0] is the full-resolution head (SwinUNETR's ``out``), then /2, /4, /8, /16
+            UnetrUpBlock(spatial_dims=spatial_dims, in_channels=up[i], out_channels=up[i + 1], kernel_size=3,
+                         upsample_kernel_size=2, norm_name=norm_name, res_block=True) for i in range(len(up) - 1))
+        # seg_layers[0] is the full-resolution head (the network's ``out``), then /2, /4, ...
         self.seg_layers = nn.ModuleList(
-            UnetOutBlock(spatial_dims=spatial_dims, in_channels=c, out_channels=num_classes) for c in channels[:0:-1])
+            UnetOutBlock(spatial_dims=spatial_dims, in_channels=c, out_channels=num_classes) for c in up[:0:-1])
 
     def forward(self, skips: list[Tensor]) -> Tensor | list[Tensor]:
         x = skips[-1]

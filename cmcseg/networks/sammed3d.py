@@ -55,12 +55,13 @@ from torch import Tensor, nn
 from cmcseg.errors import CmcsegError
 from cmcseg.networks.encoders import (
     ModalityEncoder,
+    UNETRDecoder,
     adapt_input_weight,
     load_checked,
+    read_checkpoint,
     register_encoder,
     strip_wrapper_prefixes,
 )
-from cmcseg.serialization import UnsafeFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -292,27 +293,9 @@ class SAMMed3DViT(nn.Module):
 def read_sammed3d_checkpoint(path: Path, unsafe_allow_pickle: bool = False) -> tuple[dict[str, Tensor], Counter[str]]:
     """The image-encoder tensors of a SAM-Med3D file (keys without ``image_encoder.``), and a count of the
     ignored keys by their first name part (``prompt_encoder``, ``mask_decoder``, ...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CmcsegError(f"encoder weights file {path} does not exist. Fix: pass the path of a local SAM-Med3D "
-                          "checkpoint such as sam_med3d_turbo.pth (nothing is downloaded).")
-    try:
-        # the training script stores its argparse.Namespace in the file; it rebuilds as a plain attribute bag
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = load_torch_file(path, "encoder weights file", unsafe_allow_pickle=unsafe_allow_pickle)
-    except UnsafeFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to read is a problem of the user's file
-        raise CmcsegError(f"cannot read encoder weights {path}: {str(e).rstrip('.')}. Fix: pass a file written by "
-                          "torch.save, e.g. SAM-Med3D's sam_med3d_turbo.pth.") from e
-    for key in (STATE_KEY, "state_dict", "model", "network"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise CmcsegError(f"{path} holds no state dict under {STATE_KEY!r} (nor a bare one). Fix: pass a SAM-Med3D "
-                          "checkpoint (sam_med3d.pth, sam_med3d_turbo.pth) or a torch.save'd state dict.")
-    state = strip_wrapper_prefixes({str(k): v for k, v in obj.items() if isinstance(v, Tensor)})
+    # the training script stores its argparse.Namespace in the file; it rebuilds as a plain attribute bag
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = strip_wrapper_prefixes(read_checkpoint(Path(path), unsafe_allow_pickle))
     if not any(k.startswith(IMAGE_ENCODER_PREFIX) for k in state):
         return state, Counter()  # a bare image-encoder state dict
     encoder = {k[len(IMAGE_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(IMAGE_ENCODER_PREFIX)}
@@ -447,7 +430,7 @@ class SAMMed3DEncoder(ModalityEncoder):
                 bottleneck]
 
     def build_decoder(self, num_classes: int, deep_supervision: bool) -> nn.Module:
-        return UNETRDecoder(self.output_channels, num_classes, deep_supervision, self.norm_name)
+        return UNETRDecoder(3, self.output_channels, num_classes, deep_supervision, self.norm_name)
 
     def load_weights(self, path: Path, unsafe_allow_pickle: bool = False) -> None:
         """Load a SAM-Med3D checkpoint's image encoder into ``image_encoder`` (see the module docstring).
@@ -486,37 +469,3 @@ class SAMMed3DEncoder(ModalityEncoder):
             fix="pass SAM-Med3D's sam_med3d.pth / sam_med3d_turbo.pth (ViT-B: the default options) or a checkpoint "
                 "in its layout, and set the encoder options to the checkpoint's."
                 + (f" This checkpoint shows {found}." if found else ""))
-
-
-class UNETRDecoder(nn.Module):
-    """UNETR's decoder (``UnetrUpBlock``s, bottleneck -> 8F -> 4F -> 2F -> F) with a ``UnetOutBlock`` per level.
-
-    ``forward(skips)`` takes :class:`SAMMed3DEncoder`'s skips (``channels`` = its ``output_channels``). With deep
-    supervision it returns one logits tensor per skip above the bottleneck, full resolution first; otherwise the
-    full-resolution logits (UNETR's output path).
-    """
-
-    def __init__(self, channels: Sequence[int], num_classes: int, deep_supervision: bool,
-                 norm_name: str | tuple = "instance"):
-        from monai.networks.blocks import UnetOutBlock, UnetrUpBlock  # only for this decoder (a slow import)
-
-        super().__init__()
-        self.deep_supervision = deep_supervision
-        chans = list(channels)[::-1]  # bottleneck first
-        self.up_blocks = nn.ModuleList(
-            UnetrUpBlock(spatial_dims=3, in_channels=chans[i], out_channels=chans[i + 1], kernel_size=3,
-                         upsample_kernel_size=2, norm_name=norm_name, res_block=True) for i in range(len(chans) - 1))
-        # seg_layers[0] is the full-resolution head (UNETR's ``out``), then /2, /4, /8
-        self.seg_layers = nn.ModuleList(
-            UnetOutBlock(spatial_dims=3, in_channels=c, out_channels=num_classes) for c in list(channels)[:-1])
-
-    def forward(self, skips: list[Tensor]) -> Tensor | list[Tensor]:
-        x = skips[-1]
-        outputs: list[Tensor] = []
-        for i, block in enumerate(self.up_blocks):
-            x = block(x, skips[-(i + 2)])
-            if self.deep_supervision:
-                outputs.append(self.seg_layers[len(self.up_blocks) - 1 - i](x))
-        if not self.deep_supervision:
-            return self.seg_layers[0](x)
-        return outputs[::-1]

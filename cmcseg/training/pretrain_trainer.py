@@ -25,7 +25,13 @@ from cmcseg.image_io import atomic_path
 from cmcseg.losses.reconstruction import masked_reconstruction_loss
 from cmcseg.networks.reconstruction import ReconstructionNetwork, build_reconstruction_network
 from cmcseg.plans.files import DEFAULT_PLANS
-from cmcseg.plans.plans import Configuration, plan_channels_per_modality, plan_configuration, plan_encoder
+from cmcseg.plans.plans import (
+    Configuration,
+    input_channel_modalities,
+    plan_channels_per_modality,
+    plan_configuration,
+    plan_encoder,
+)
 from cmcseg.plans.splits import labeled_subset, unlabeled_subset
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import MaskedImageView
@@ -40,8 +46,6 @@ ENCODER_WEIGHTS_FILE = "encoder_weights.pt"
 class PretrainTrainer(TrainerBase):
     """Masked image modelling of every case of the dataset; writes the encoder's weights."""
 
-    #: cases without labels come in rows of their own beside the labeled ones (the batch is the plan's)
-    unlabeled_batch_ratio: float = 1.0
     val_iterations = 0  # nothing to score: labels are not used
 
     def select_cases(self) -> FoldCases:
@@ -88,9 +92,8 @@ class PretrainTrainer(TrainerBase):
                 "unsafe_allow_pickle": self.request.unsafe_allow_pickle}
 
     def build_losses(self) -> None:
-        channels = plan_channels_per_modality(self.plans)
-        self.image_channels = sum(channels)
-        self.channel_modalities = [m for m, c in enumerate(channels) for _ in range(c)]
+        self.channel_modalities = input_channel_modalities(self.plans["channels_per_modality"])
+        self.image_channels = len(self.channel_modalities)
         self.corrupt = MaskedImageView(self.patch_size, seed=self.seed + 7919 * self.current_epoch)
 
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:

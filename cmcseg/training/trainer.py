@@ -285,6 +285,7 @@ class TrainerBase:
         self.best = BestTracker(self.pseudo_dice_ema_momentum)
         self.history = MetricsHistory()
         self._log_handler: logging.Handler | None = None
+        self._weights_source: dict[str, Any] | None = None  # the encoder weights file's provenance, hashed once
         self._initialized = False
 
     # =================================================================================== properties
@@ -811,8 +812,8 @@ class TrainerBase:
     def network_options(self) -> dict[str, Any]:
         """Hook: what, besides plans.json, rebuilds this trainer's network (stored as the checkpoint's ``init``)."""
         weights = self.request.encoder_weights
-        if weights and getattr(self, "_weights_source", None) is None:
-            self._weights_source = file_provenance(weights)  # hashed once, not at every checkpoint
+        if weights and self._weights_source is None:
+            self._weights_source = file_provenance(weights)  # not at every checkpoint
         return {"encoder": self.request.encoder or plan_encoder(self.config),
                 "shared_encoder": self.request.shared_encoder,
                 "encoder_options": dict(self.request.encoder_options),
