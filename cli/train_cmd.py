@@ -69,9 +69,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    default=None, metavar="W",
                    help="scales every unlabeled loss term (pseudo-labels, CSC, CAC; default 1). 0 trains the same "
                         "network on the same batches and schedule with the labels alone: the supervised baseline")
-    any2seg = p.add_argument_group("Any2Seg (--trainer any2seg -c 2d)")
-    any2seg.add_argument("--backbone", default=None, metavar="mit_b0..mit_b5",
-                         help="SegFormer MiT backbone shared by the modalities (default mit_b0)")
+    any2seg = p.add_argument_group("Any2Seg (--trainer any2seg): one model for any subset of the modalities")
+    any2seg.add_argument("--backbone", default=None, metavar="NAME",
+                         help="the encoder shared by the modalities: a SegFormer MiT backbone, mit_b0..mit_b5 (2D; "
+                              "default of 2d configurations), or an encoder name (residual, the default of 3D "
+                              "configurations, plain, swinunetr, ...) for nnU-Net's U-Net with MFF on every skip")
     any2seg.add_argument("--backbone-weights", type=Path, default=None,
                          help="local MiT weights (a .pth/.safetensors file or a Hugging Face folder); "
                               "none: random init")

@@ -49,8 +49,8 @@ class TinyAny2SegTrainer(Any2SegTrainer):
     num_workers = 0
     backbone_variant = "tiny"
     scratch_lr = 1e-3
-    lscd_rampup_epochs = 5.0
-    consistency_rampup_epochs = 5.0
+    lscd_rampup = 0.5
+    consistency_rampup = 0.5
     lscd_affinity_size = 8
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmcseg.losses.mean_teacher import create_ema_teacher, update_ema_teacher
-from cmcseg.networks.any2seg import Any2SegModel, Any2SegOutput
+from cmcseg.networks.any2seg import Any2SegNetwork, Any2SegOutput
 
 
 @dataclass
@@ -103,7 +103,7 @@ class LSCDLoss(nn.Module):
         self.ignore_index = ignore_index
 
     @classmethod
-    def for_model(cls, model: Any2SegModel, text_dim: int, **options: Any) -> LSCDLoss:
+    def for_model(cls, model: Any2SegNetwork, text_dim: int, **options: Any) -> LSCDLoss:
         """An LSCD loss whose projection fits ``model``'s ``inter_stage`` channels."""
         stage = int(options.get("inter_stage", -1))
         return cls(model.stage_channels[stage], text_dim, **options)
@@ -185,17 +185,17 @@ class LSCDLoss(nn.Module):
 
 
 class EMATeacherModel(nn.Module):
-    """An EMA copy of an :class:`Any2SegModel` that gives the full-modality visual target, without gradient.
+    """An EMA copy of an :class:`Any2SegNetwork` that gives the full-modality visual target, without gradient.
 
     ``theta_t <- a theta_t + (1 - a) theta_s`` with ``a = min(1 - 1/(step + 1), decay)``
     (:func:`cmcseg.losses.mean_teacher.update_ema_teacher`; buffers are copied). It always runs
     in eval mode, whatever mode its parent is put in.
     """
 
-    def __init__(self, student: Any2SegModel, decay: float = 0.999):
+    def __init__(self, student: Any2SegNetwork, decay: float = 0.999):
         super().__init__()
         self.decay = decay
-        self.model: Any2SegModel = create_ema_teacher(student)
+        self.model: Any2SegNetwork = create_ema_teacher(student)
         self.model.eval()
 
     def train(self, mode: bool = True) -> EMATeacherModel:
@@ -204,7 +204,7 @@ class EMATeacherModel(nn.Module):
         return self
 
     @torch.no_grad()
-    def update(self, student: Any2SegModel, step: int) -> None:
+    def update(self, student: Any2SegNetwork, step: int) -> None:
         """One EMA step towards ``student`` (``step`` is the global optimiser step, 0-based)."""
         update_ema_teacher(self.model, student, self.decay, step)
 

@@ -1,15 +1,22 @@
-"""The Any2Seg network: one shared MiT backbone, MFF at every stage, SegFormer's all-MLP decoder.
+"""The Any2Seg networks: one encoder shared by the modalities, MFF at every stage, one decoder.
 
-``Any2SegModel(images (B, M, C, H, W), present (B, M) or (M,))`` segments from any non-empty
+``network(images (B, M, C, *spatial), present (B, M) or (M,))`` segments from any non-empty
 subset of the M modalities it was built for:
 
-1. the present ``(b, m)`` images go through the ONE backbone together, stacked in the batch
+1. the present ``(b, m)`` images go through the ONE encoder together, stacked in the batch
    (absent images are never read, so they cannot influence anything, BatchNorm included);
 2. per stage, :func:`~cmcseg.networks.any2seg_fusion.modality_agnostic_feature_fusion` fuses the present
    modalities' features of each sample;
-3. SegFormer's all-MLP head (transformers' ``SegformerDecodeHead``: per-stage linear projection
-   to ``decoder_hidden_size``, upsampling to 1/4, concatenation, 1x1 fuse conv + BN + ReLU,
-   dropout, 1x1 classifier) gives logits at 1/4, bilinearly upsampled to the input size.
+3. one decoder turns the fused stages into logits.
+
+Two networks share these steps (:class:`Any2SegNetwork`):
+
+* :class:`Any2SegModel` (2D, the paper's): a SegFormer MiT backbone and SegFormer's all-MLP head
+  (transformers' ``SegformerDecodeHead``: per-stage linear projection to ``decoder_hidden_size``,
+  upsampling to 1/4, concatenation, 1x1 fuse conv + BN + ReLU, dropout, 1x1 classifier), logits
+  bilinearly upsampled to the input size;
+* :class:`Any2SegUNet` (2D and 3D, the default for volumes): the plan's nnU-Net encoder, MFF on
+  every skip, nnU-Net's ``UNetDecoder`` with deep supervision.
 
 The output keeps what the LSCD distillation needs: the per-stage fused maps and the
 per-modality maps (zeros where a modality is absent) with the presence mask.
@@ -17,9 +24,10 @@ per-modality maps (zeros where a modality is absent) with the presence mask.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +35,21 @@ from torch import Tensor, nn
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
 from cmcseg.networks.any2seg_fusion import ModalityAgnosticFusion
+from cmcseg.networks.cmc import split_modalities
+from cmcseg.networks.encoders import ModalityEncoder, build_encoder
 from cmcseg.networks.mit import MiTBackbone, build_mit_backbone, match_channels, mit_config
 
 
 @dataclass
 class Any2SegOutput:
-    """What :class:`Any2SegModel` returns.
+    """What an :class:`Any2SegNetwork` returns.
 
-    ``logits`` ``(B, K, H, W)``; ``fused``: per stage ``(B, C_s, h_s, w_s)``; ``features``: per
-    stage ``(B, M, C_s, h_s, w_s)``, zeros for absent modalities; ``present``: bool ``(B, M)``.
+    ``logits`` ``(B, K, *spatial)`` (a list over scales, full resolution first, when a network with deep
+    supervision trains); ``fused``: per stage ``(B, C_s, *spatial_s)``; ``features``: per stage
+    ``(B, M, C_s, *spatial_s)``, zeros for absent modalities; ``present``: bool ``(B, M)``.
     """
 
-    logits: Tensor
+    logits: Any
     fused: list[Tensor] = field(default_factory=list)
     features: list[Tensor] = field(default_factory=list)
     present: Tensor | None = None
@@ -87,6 +98,11 @@ def sample_modality_subsets(available: Tensor, drop_prob: float, generator: torc
     return keep
 
 
+def full_resolution(logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """The full-resolution logits of an output (the first scale when deep supervision gives a list)."""
+    return logits if isinstance(logits, Tensor) else logits[0]
+
+
 def non_empty_subsets(num_modalities: int) -> list[tuple[int, ...]]:
     """Every non-empty subset of ``range(num_modalities)``, by size then lexicographically (15 for four)."""
     return [c for k in range(1, num_modalities + 1) for c in itertools.combinations(range(num_modalities), k)]
@@ -118,17 +134,21 @@ def fov_presence(x: Tensor, channels_per_modality: Sequence[int]) -> Tensor:
     return present | ~present.any(dim=1, keepdim=True)
 
 
-class Any2SegModel(nn.Module):
-    """Shared MiT backbone + MFF per stage + all-MLP decoder (see the module docstring).
+class Any2SegNetwork(nn.Module):
+    """What every Any2Seg network shares: ONE encoder for all modalities (stacked in the batch), MFF per stage.
 
-    Attributes: ``num_classes``, ``num_modalities``, ``modality_names``, ``in_channels``,
-    ``backbone`` (:class:`~cmcseg.networks.mit.MiTBackbone`), ``fusion``, ``decode_head``.
+    A subclass says how an input becomes per-modality images (:meth:`split_input`), how a stack of
+    images becomes per-stage features (:meth:`encode`) and how the fused stages become logits
+    (:meth:`decode`). Attributes: ``num_classes``, ``num_modalities``, ``modality_names``,
+    ``in_channels`` (of each modality's image), ``fusion``.
     """
 
-    def __init__(self, num_classes: int, num_modalities: int, variant: str = "mit_b0", in_channels: int = 3,
-                 backbone_weights: Path | str | None = None, decoder_hidden_size: int | None = None,
-                 fusion_temperature: float = 1.0, dropout: float = 0.1,
-                 modality_names: Sequence[str] | None = None):
+    num_classes: int
+    num_modalities: int
+    in_channels: int
+
+    def __init__(self, num_classes: int, num_modalities: int, fusion_temperature: float = 1.0,
+                 modality_names: Sequence[str] | None = None) -> None:
         super().__init__()
         if num_modalities < 1 or num_classes < 1:
             raise ValueError("num_modalities and num_classes must be >= 1")
@@ -137,35 +157,42 @@ class Any2SegModel(nn.Module):
         self.num_classes = num_classes
         self.num_modalities = num_modalities
         self.modality_names = list(modality_names) if modality_names else [f"m{i}" for i in range(num_modalities)]
-        self.in_channels = in_channels
-        self.backbone: MiTBackbone = build_mit_backbone(variant, in_channels, backbone_weights)
         self.fusion = ModalityAgnosticFusion(temperature=fusion_temperature)
-        head_config = mit_config(variant, in_channels, num_labels=num_classes)
-        if decoder_hidden_size is not None:
-            head_config.decoder_hidden_size = decoder_hidden_size
-        head_config.classifier_dropout_prob = dropout
-        self.decode_head = SegformerDecodeHead(head_config)
 
+    # ------------------------------------------------------------------------------ the hooks
     @property
     def stage_channels(self) -> list[int]:
         """Channels of each stage's features (and fused maps)."""
-        return list(self.backbone.out_channels)
+        raise NotImplementedError
 
+    def split_input(self, x: Tensor, channels_per_modality: Sequence[int]) -> Tensor:
+        """The pipeline's input ``(B, C + M, *spatial)`` as ``(B, M, in_channels, *spatial)`` images."""
+        raise NotImplementedError
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """Per-stage features of a stack of single-modality images ``(N, in_channels, *spatial)``."""
+        raise NotImplementedError
+
+    def decode(self, fused: Sequence[Tensor], size: Sequence[int]) -> Tensor | list[Tensor]:
+        """Logits ``(B, K, *size)`` from the fused stages (a list over scales with deep supervision)."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- shared steps
     def _check_images(self, images: Tensor) -> Tensor:
-        if images.dim() != 5 or images.shape[1] != self.num_modalities:
-            raise ValueError(f"images must be (B, M={self.num_modalities}, C, H, W), got {tuple(images.shape)}")
-        return match_channels(images, self.in_channels)
+        if images.dim() < 4 or images.shape[1] != self.num_modalities:
+            raise ValueError(f"images must be (B, M={self.num_modalities}, C, *spatial), got {tuple(images.shape)}")
+        return images
 
     def forward_modalities(self, images: Tensor, present: Tensor | Sequence[bool] | None = None
                            ) -> tuple[list[Tensor], Tensor]:
-        """Per-stage per-modality features ``(B, M, C_s, h_s, w_s)`` (zeros where absent) and the ``(B, M)`` mask.
+        """Per-stage per-modality features ``(B, M, C_s, *spatial_s)`` (zeros where absent) and the ``(B, M)`` mask.
 
-        Only the present images go through the backbone, all in one batch.
+        Only the present images go through the encoder, all in one batch.
         """
         images = self._check_images(images)
         b, m = images.shape[:2]
         mask = normalize_present(present, b, m, images.device)
-        stages = self.backbone(images[mask])                              # each (N, C_s, h, w), N = mask.sum()
+        stages = self.encode(images[mask])                                # each (N, C_s, *spatial_s)
         features = []
         for stage in stages:
             full = stage.new_zeros(b, m, *stage.shape[1:])
@@ -174,24 +201,110 @@ class Any2SegModel(nn.Module):
         return features, mask
 
     def fuse(self, features: Sequence[Tensor], present: Tensor) -> list[Tensor]:
-        """MFF of each stage's ``(B, M, C, h, w)`` features under the ``(B, M)`` mask -> ``(B, C, h, w)``."""
+        """MFF of each stage's ``(B, M, C, *spatial)`` features under the ``(B, M)`` mask -> ``(B, C, *spatial)``."""
         return [self.fusion(f.transpose(0, 1), present.transpose(0, 1)) for f in features]
+
+    def forward(self, images: Tensor, present: Tensor | Sequence[bool] | None = None) -> Any2SegOutput:
+        """Segment ``images (B, M, C, *spatial)`` from the modalities marked in ``present`` (None: all)."""
+        features, mask = self.forward_modalities(images, present)
+        fused = self.fuse(features, mask)
+        logits = self.decode(fused, images.shape[3:])
+        return Any2SegOutput(logits=logits, fused=fused, features=features, present=mask)
+
+
+class Any2SegModel(Any2SegNetwork):
+    """Shared MiT backbone + MFF per stage + all-MLP decoder (2D; see the module docstring).
+
+    Attributes beside the base's: ``backbone`` (:class:`~cmcseg.networks.mit.MiTBackbone`), ``decode_head``.
+    """
+
+    def __init__(self, num_classes: int, num_modalities: int, variant: str = "mit_b0", in_channels: int = 3,
+                 backbone_weights: Path | str | None = None, decoder_hidden_size: int | None = None,
+                 fusion_temperature: float = 1.0, dropout: float = 0.1,
+                 modality_names: Sequence[str] | None = None):
+        super().__init__(num_classes, num_modalities, fusion_temperature, modality_names)
+        self.in_channels = in_channels
+        self.backbone: MiTBackbone = build_mit_backbone(variant, in_channels, backbone_weights)
+        head_config = mit_config(variant, in_channels, num_labels=num_classes)
+        if decoder_hidden_size is not None:
+            head_config.decoder_hidden_size = decoder_hidden_size
+        head_config.classifier_dropout_prob = dropout
+        self.decode_head = SegformerDecodeHead(head_config)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        return list(self.backbone.out_channels)
+
+    def split_input(self, x: Tensor, channels_per_modality: Sequence[int]) -> Tensor:
+        """Each modality's image channels mapped onto the backbone's (:func:`modality_images`)."""
+        return modality_images(x, channels_per_modality, self.in_channels)
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        if images.dim() != 5 or images.shape[1] != self.num_modalities:
+            raise ValueError(f"images must be (B, M={self.num_modalities}, C, H, W), got {tuple(images.shape)}")
+        return match_channels(images, self.in_channels)
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        return list(self.backbone(images))
 
     def decode(self, fused: Sequence[Tensor], size: Sequence[int]) -> Tensor:
         """All-MLP decoder on the fused stages; logits ``(B, K, *size)``."""
         logits = self.decode_head(list(fused))
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
-    def forward(self, images: Tensor, present: Tensor | Sequence[bool] | None = None) -> Any2SegOutput:
-        """Segment ``images (B, M, C, H, W)`` from the modalities marked in ``present`` (None: all)."""
-        features, mask = self.forward_modalities(images, present)
-        fused = self.fuse(features, mask)
-        logits = self.decode(fused, images.shape[-2:])
-        return Any2SegOutput(logits=logits, fused=fused, features=features, present=mask)
+
+class Any2SegUNet(Any2SegNetwork):
+    """Any2Seg on nnU-Net's encoder-decoder, 2D or 3D: the plan's encoder shared by the modalities, MFF on every
+    skip, and nnU-Net's ``UNetDecoder`` (with deep supervision) on the fused skips.
+
+    Each modality's image is its channels, zero-padded to the largest modality's count, plus its
+    field-of-view mask (as a CMC branch sees it, :func:`~cmcseg.networks.cmc.split_modalities`), so
+    ``in_channels = max(channels_per_modality) + 1``. ``encoder`` is any registered encoder
+    (:mod:`cmcseg.networks.encoders`: ``residual``, the plan's default, ``plain``, ``swinunetr``, ...),
+    built from the plan and loaded from ``encoder_weights`` if given. With the instance norm of the
+    plan, stacking the modalities in the batch changes nothing per image.
+    """
+
+    def __init__(self, plan_config: Mapping[str, Any], channels_per_modality: Sequence[int], num_classes: int,
+                 encoder: str = "residual", deep_supervision: bool = True, fusion_temperature: float = 1.0,
+                 encoder_weights: Path | str | None = None, encoder_options: Mapping[str, Any] | None = None,
+                 modality_names: Sequence[str] | None = None, unsafe_allow_pickle: bool = False) -> None:
+        super().__init__(num_classes, len(channels_per_modality), fusion_temperature, modality_names)
+        self.channels_per_modality = [int(c) for c in channels_per_modality]
+        self.in_channels = max(self.channels_per_modality) + 1
+        self.encoder: ModalityEncoder = build_encoder(encoder, plan_config, self.in_channels, encoder_weights,
+                                                      fov_channels=1, unsafe_allow_pickle=unsafe_allow_pickle,
+                                                      **dict(encoder_options or {}))
+        self.decoder = self.encoder.build_decoder(num_classes, deep_supervision)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        return list(self.encoder.output_channels)
+
+    @property
+    def deep_supervision(self) -> bool:
+        return bool(getattr(self.decoder, "deep_supervision", False))
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Deep supervision on (training) or off (inference: one full-resolution output)."""
+        cast(Any, self.decoder).deep_supervision = bool(enabled)
+
+    def deep_supervision_scales(self) -> list[list[float]]:
+        """The scale of each deep-supervision output relative to the patch, full resolution first."""
+        return self.encoder.deep_supervision_scales()
+
+    def split_input(self, x: Tensor, channels_per_modality: Sequence[int]) -> Tensor:
+        return torch.stack(split_modalities(x, channels_per_modality, self.in_channels - 1), dim=1)
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        return list(self.encoder(images))
+
+    def decode(self, fused: Sequence[Tensor], size: Sequence[int]) -> Tensor | list[Tensor]:
+        return self.decoder(list(fused))
 
 
 class Any2SegProbabilities(nn.Module):
-    """Class probabilities of an :class:`Any2SegModel` from the pipeline's input ``(B, C + M, H, W)``.
+    """Class probabilities of an :class:`Any2SegNetwork` from the pipeline's input ``(B, C + M, *spatial)``.
 
     Used by validation, the subset evaluation and ``cmcseg predict`` alike. A modality counts as
     present in a window where its field of view is non-empty (an absent modality of a case has
@@ -202,7 +315,7 @@ class Any2SegProbabilities(nn.Module):
 
     allowed: Tensor  # buffer ``(M,)``: the modalities the network may use
 
-    def __init__(self, network: Any2SegModel, channels_per_modality: Sequence[int],
+    def __init__(self, network: Any2SegNetwork, channels_per_modality: Sequence[int],
                  subset: Sequence[int] | None = None) -> None:
         super().__init__()
         self.network = network
@@ -221,8 +334,8 @@ class Any2SegProbabilities(nn.Module):
         return torch.where(present.any(dim=1, keepdim=True), present, allowed.expand_as(present))
 
     def forward(self, x: Tensor) -> Tensor:
-        images = modality_images(x, self.channels_per_modality, self.network.in_channels)
-        return torch.softmax(self.network(images, self.presence(x)).logits.float(), dim=1)
+        images = self.network.split_input(x, self.channels_per_modality)
+        return torch.softmax(full_resolution(self.network(images, self.presence(x)).logits).float(), dim=1)
 
 
 class SubsetProbabilities(Any2SegProbabilities):
@@ -236,7 +349,7 @@ class SubsetProbabilities(Any2SegProbabilities):
 
     subset_masks: Tensor  # buffer ``(S, M)``: one row of allowed modalities per subset
 
-    def __init__(self, network: Any2SegModel, channels_per_modality: Sequence[int],
+    def __init__(self, network: Any2SegNetwork, channels_per_modality: Sequence[int],
                  subsets: Sequence[Sequence[int]]) -> None:
         super().__init__(network, channels_per_modality)
         masks = torch.zeros(len(subsets), network.num_modalities, dtype=torch.bool)
@@ -245,10 +358,11 @@ class SubsetProbabilities(Any2SegProbabilities):
         self.register_buffer("subset_masks", masks, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        images = modality_images(x, self.channels_per_modality, self.network.in_channels)
+        images = self.network.split_input(x, self.channels_per_modality)
         features, _ = self.network.forward_modalities(images, None)
         out = []
         for allowed in self.subset_masks:
             fused = self.network.fuse(features, self.presence(x, allowed))
-            out.append(torch.softmax(self.network.decode(fused, images.shape[-2:]).float(), dim=1))
+            logits = full_resolution(self.network.decode(fused, images.shape[3:]))
+            out.append(torch.softmax(logits.float(), dim=1))
         return torch.cat(out, dim=1)

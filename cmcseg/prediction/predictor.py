@@ -248,9 +248,11 @@ def prepare_case(case: InputCase, model: TrainedModel, dataset: Dataset) -> Prep
         if missing and not model.accepts_missing_modalities:
             raise missing_modality_error(case, missing, model, dataset.file_ending)
         if missing:
-            log.info("case %s: %s absent; the %s model segments it from %s", case.case_id,
+            grid = int(model.plans["reference_channel"])
+            grid = grid if grid in case.images else sorted(case.images)[0]
+            log.info("case %s: %s absent; the %s model segments it from %s, written on the %s grid", case.case_id,
                      ", ".join(model.channel_names[c] for c in missing), model.trainer_name,
-                     ", ".join(model.channel_names[c] for c in sorted(case.images)))
+                     ", ".join(model.channel_names[c] for c in sorted(case.images)), model.channel_names[grid])
             result = preprocess_partial_case(dataset, raw_case, model.plans, model.configuration)
         else:
             transforms = rigid_transforms(dataset, raw_case, model.plans)

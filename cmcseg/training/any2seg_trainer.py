@@ -1,20 +1,28 @@
-"""The Any2Seg trainer (2D): one model that segments from any non-empty subset of the modalities.
+"""The Any2Seg trainer (2D and 3D): one model that segments from any non-empty subset of the modalities.
 
 It shares everything with :class:`~cmcseg.training.cmc_trainer.CMCTrainer` through
 :class:`~cmcseg.training.trainer.TrainerBase` (plans, folds, the two-stream loader, checkpoints,
 ``--continue``, logs, ``progress.png``, validation) and differs in the network, the losses and
 the batch composition:
 
-* **network**: :class:`~cmcseg.networks.any2seg.Any2SegModel`, a SegFormer MiT backbone shared by
-  the modalities (stacked in the batch), MFF at every stage, the all-MLP head;
+* **network** (``--backbone``): one encoder shared by the modalities (stacked in the batch), MFF at
+  every stage, one decoder (:mod:`cmcseg.networks.any2seg`):
+
+  - ``mit_b0`` .. ``mit_b5`` (the default of 2D configurations, the paper's):
+    :class:`~cmcseg.networks.any2seg.Any2SegModel`, a SegFormer MiT backbone and the all-MLP head;
+  - a registered encoder name, ``residual`` (the plan's, the default of 3D configurations), ``plain``,
+    ``swinunetr``, ...: :class:`~cmcseg.networks.any2seg.Any2SegUNet`, nnU-Net's encoder, MFF on
+    each skip and nnU-Net's decoder with deep supervision, trained with nnU-Net's SGD and poly
+    schedule; ``--encoder-weights`` loads the encoder (e.g. from ``cmcseg pretrain``);
 * **modality dropout**: each row keeps, with probability ``modality_dropout``, a subset drawn
   uniformly from the non-empty subsets of its available modalities, else all of them
   (:func:`~cmcseg.networks.any2seg.sample_modality_subsets`); a modality whose field of view is
   empty in the patch is not available;
-* **losses** (weights are attributes, ramp-ups sigmoid over epochs)::
+* **losses** (weights are attributes, ramp-ups sigmoid over fractions of the run, so a short run
+  and a long one follow the same curve)::
 
-      L = w_seg L_DiceCE(student, y)                       labeled rows only
-        + w_lscd(t) L_LSCD(student, EMA teacher, anchors)  all rows (inter + intra + text alignment)
+      L = w_seg L_DiceCE(student, y)                       labeled rows only (deep-supervised: U-Net)
+        + w_lscd(t) L_LSCD(student, EMA teacher, anchors)  all rows (inter + intra + text alignment; MiT)
         + w_cons(t) L_cons(student, EMA teacher)           all rows
 
   where the student sees the dropped subset and the EMA teacher (no gradient) sees every
@@ -22,14 +30,17 @@ the batch composition:
   ``L_LSCD`` is :class:`~cmcseg.losses.language_distillation.LSCDLoss` with text anchors of the class
   names from the frozen language teacher (``--teacher minilm``, offline, or ``languagebind``,
   whose image towers then give the inter-modal target), ``L_cons`` the softmax MSE between the
-  student's and the teacher's class maps. Unlabeled rows (``--labeled F < 1``) train through the
-  last two terms: that is the semi-supervised path;
+  student's and the teacher's full-resolution class maps. LSCD belongs to the MiT network: its
+  projection and token affinities work on 2D feature maps, and the U-Net trains without it
+  (modality dropout, the full-modality EMA teacher and MFF are what make it any-subset).
+  Unlabeled rows (``--labeled F < 1``) train through the last terms: that is the semi-supervised path;
 * **evaluation across subsets**: after the base trainer's validation (all modalities), every
   validation case is predicted from every non-empty subset; ``validation/subsets.csv`` and
   ``validation/subsets.png`` hold mIoU (2D datasets: scenes) or Dice (3D medical data) per subset.
 
-Optimisation follows SegFormer/Any2Seg: AdamW with the poly schedule; ``initial_lr`` with
-pretrained backbone weights, ``scratch_lr`` without. Scenes (datasets of 2D images) are
+Optimisation of the MiT network follows SegFormer/Any2Seg: AdamW with the poly schedule; ``initial_lr``
+with pretrained backbone weights, ``scratch_lr`` without. The U-Net trains as nnU-Net does
+(SGD, ``unet_lr``, ``unet_weight_decay``). Scenes (datasets of 2D images) are
 augmented upright: small rotations and horizontal mirroring only, and the test-time mirroring
 of ``cmcseg predict`` follows.
 """
@@ -49,14 +60,23 @@ from cmcseg.losses import DeepSupervisedDiceCELoss, RampUp, mean_teacher_consist
 from cmcseg.losses.language_distillation import EMATeacherModel, LSCDLoss
 from cmcseg.networks.any2seg import (
     Any2SegModel,
+    Any2SegNetwork,
     Any2SegProbabilities,
+    Any2SegUNet,
     SubsetProbabilities,
     fov_presence,
-    modality_images,
+    full_resolution,
     sample_modality_subsets,
 )
+from cmcseg.networks.encoders import ENCODERS
 from cmcseg.networks.language_teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
-from cmcseg.plans.plans import Configuration, plan_channels_per_modality, plan_num_classes
+from cmcseg.plans.plans import (
+    Configuration,
+    plan_channels_per_modality,
+    plan_configuration,
+    plan_encoder,
+    plan_num_classes,
+)
 from cmcseg.training import ddp
 from cmcseg.training.augmentation import configure_spatial_augmentation
 from cmcseg.training.data import build_training_loader
@@ -80,15 +100,21 @@ def class_names_by_index(labels: dict[str, Any], num_classes: int) -> list[str]:
     return [by_value.get(i, f"class {i}") for i in range(num_classes)]
 
 
+def uses_unet(backbone: str) -> bool:
+    """True when ``--backbone`` names a registered encoder (the U-Net network), not a MiT variant."""
+    return backbone in ENCODERS
+
+
 class Any2SegTrainer(TrainerBase):
-    """Any2Seg on a 2D configuration (see the module docstring)."""
+    """Any2Seg on a 2D or 3D configuration (see the module docstring)."""
 
     #: cmcseg predict may give this model cases with modalities missing
     accepts_missing_modalities: bool = True
-    deep_supervision: bool = False  # the all-MLP head has one output
+    deep_supervision: bool = False  # the all-MLP head has one output; the U-Net network switches it on
     ddp_find_unused_parameters: bool = False  # every parameter takes part in every step
-    # ---- network
-    backbone_variant: str = "mit_b0"
+    # ---- network: None picks mit_b0 for 2D configurations and the plan's encoder (residual) for 3D ones
+    backbone_variant: str | None = None
+    default_2d_backbone: str = "mit_b0"
     backbone_in_channels: int = 3
     decoder_hidden_size: int | None = None  # None: SegFormer's width for the variant
     fusion_temperature: float = 1.0
@@ -97,6 +123,9 @@ class Any2SegTrainer(TrainerBase):
     initial_lr: float = 6e-5  # with pretrained backbone weights
     scratch_lr: float = 6e-4  # from random initialisation
     weight_decay: float = 0.01
+    # ---- optimisation of the U-Net network: nnU-Net's SGD
+    unet_lr: float = 1e-2
+    unet_weight_decay: float = 3e-5
     adam_betas: tuple[float, float] = (0.9, 0.999)
     # ---- modality dropout: probability that a row keeps a random non-empty subset instead of all
     modality_dropout: float = 0.5
@@ -106,7 +135,7 @@ class Any2SegTrainer(TrainerBase):
     teacher_name: str = "minilm"
     text_template: str | None = None  # None: a scene prompt for 2D datasets, a medical prompt for 3D ones
     lscd_weight: float = 0.1
-    lscd_rampup_epochs: float = 50.0
+    lscd_rampup: float = 0.05  # fraction of the run
     lscd_temperature: float = 0.1
     lscd_inter_weight: float = 1.0
     lscd_intra_weight: float = 1.0
@@ -114,7 +143,7 @@ class Any2SegTrainer(TrainerBase):
     lscd_affinity_size: int = 16
     # ---- consistency of the dropped-subset student with the full-modality EMA teacher
     consistency_weight: float = 1.0
-    consistency_rampup_epochs: float = 50.0
+    consistency_rampup: float = 0.05  # fraction of the run
     ema_decay: float = 0.99
     # ---- subset table: "miou", "dice" or None (mIoU for datasets of 2D images, Dice for 3D volumes)
     subset_metric: str | None = None
@@ -135,15 +164,23 @@ class Any2SegTrainer(TrainerBase):
             self.modality_dropout = float(request.modality_dropout)
         if request.backbone_weights is None:
             self.initial_lr = self.scratch_lr
+        self.lscd: LSCDLoss | None = None
 
     # =================================================================================== building
     def load_plans_and_fold(self) -> None:
-        """The base's plans and fold, refusing a 3D configuration; then the dataset's kind and modalities."""
+        """The base's plans and fold; the backbone for the configuration's dimensionality (a MiT backbone is 2D);
+        then the dataset's kind and modalities."""
         super().load_plans_and_fold()
-        if len(self.patch_size) != 2:
-            raise CmcsegError(f"the Any2Seg trainer is 2D but configuration {self.configuration!r} has a "
-                              f"{len(self.patch_size)}D patch. Fix: pass -c 2d (plan it with `cmcseg plan -d "
-                              f"{self.request.dataset} -c 2d` if it is missing).")
+        if self.backbone_variant is None:
+            self.backbone_variant = self.default_2d_backbone if len(self.patch_size) == 2 else plan_encoder(self.config)
+        self.uses_unet = uses_unet(self.backbone_variant)
+        if not self.uses_unet and len(self.patch_size) != 2:
+            raise CmcsegError(f"--backbone {self.backbone_variant} is a 2D SegFormer backbone but configuration "
+                              f"{self.configuration!r} has a {len(self.patch_size)}D patch. Fix: drop --backbone "
+                              f"(3D configurations use the plan's residual encoder) or pass -c 2d.")
+        if self.uses_unet:
+            self.deep_supervision = True
+            self.initial_lr, self.weight_decay = self.unet_lr, self.unet_weight_decay
         if str(self.plans.get("pairing", "paired")).lower() == "unpaired":
             raise CmcsegError(f"dataset {self.request.dataset} has unpaired modalities (one per case): Any2Seg fuses "
                               "modalities of the same scene. Fix: use the cmc trainer for unpaired data.")
@@ -166,33 +203,40 @@ class Any2SegTrainer(TrainerBase):
         return model
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the network (the LSCD projection is added when the losses are built)."""
+        """AdamW over the MiT network (the LSCD projection is added when the losses are built); nnU-Net's SGD over
+        the U-Net."""
+        if self.uses_unet:
+            return super().configure_optimizer()
         return torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, betas=self.adam_betas,
                                  weight_decay=self.weight_decay)
 
     def build_losses(self) -> None:
-        """Dice+CE, the frozen text anchors, LSCD (its projection joins the optimizer), the EMA teacher, ramps."""
+        """Dice+CE, the EMA teacher and the ramps; for the MiT network the frozen text anchors and LSCD (its
+        projection joins the optimizer)."""
         self.segmentation_loss = DeepSupervisedDiceCELoss(batch_dice=bool(self.config.get("batch_dice", False)),
                                                           ignore_label=self.labels.ignore_label)
+        model = self.inference_network()
+        self.ema_teacher = EMATeacherModel(model, self.ema_decay).to(self.device)
+        if isinstance(self.ema_teacher.model, Any2SegUNet):
+            self.ema_teacher.model.set_deep_supervision(False)  # its full-resolution map is the target
+        self.lscd_ramp = RampUp(self.lscd_weight, self.lscd_rampup, "sigmoid", "fraction")
+        self.consistency_ramp = RampUp(self.consistency_weight, self.consistency_rampup, "sigmoid", "fraction")
+        if not self.uses_unet:
+            self.build_lscd(model)
+
+    def build_lscd(self, model: Any2SegNetwork) -> None:
+        """The language teacher's class anchors and the LSCD loss, whose projection joins the optimizer."""
         template = self.text_template or (DEFAULT_TEMPLATE if self.natural_scenes else MEDICAL_TEMPLATE)
         self.teacher = build_teacher(self.teacher_name, self.request.teacher_weights, templates=(template,))
         self.anchors = self.teacher.class_text_embeddings(self.class_names).to(self.device)
         log.info("LSCD: %s teacher, %d class anchors of dimension %d (%r)%s", self.teacher_name, len(self.class_names),
                  self.anchors.shape[1], template, "; its image towers give the inter-modal target"
                  if self.teacher.has_image_encoder else "; the EMA full-modality representation is the visual target")
-        model = self.inference_network()
         self.lscd = LSCDLoss.for_model(model, int(self.anchors.shape[1]), temperature=self.lscd_temperature,
                                        inter_weight=self.lscd_inter_weight, intra_weight=self.lscd_intra_weight,
                                        align_weight=self.lscd_align_weight,
                                        affinity_size=self.lscd_affinity_size).to(self.device)
         self.optimizer.add_param_group({"params": list(self.lscd.parameters())})
-        self.ema_teacher = EMATeacherModel(model, self.ema_decay).to(self.device)
-        self.lscd_ramp = RampUp(self.lscd_weight, self.lscd_rampup_epochs, "sigmoid", "epoch")
-        self.consistency_ramp = RampUp(self.consistency_weight, self.consistency_rampup_epochs, "sigmoid", "epoch")
-        if max(self.lscd_rampup_epochs, self.consistency_rampup_epochs) > self.num_epochs:
-            log.warning("ramp-ups of up to %g epochs are longer than the %d epochs of training: the distillation "
-                        "terms never reach their full weight", max(self.lscd_rampup_epochs,
-                                                                    self.consistency_rampup_epochs), self.num_epochs)
 
     def spatial_augmentation(self):
         """nnU-Net's rule for medical slices; upright small rotations and horizontal mirroring for scenes."""
@@ -207,50 +251,65 @@ class Any2SegTrainer(TrainerBase):
         """The base's two-stream loader with this trainer's spatial augmentation."""
         return build_training_loader(
             self.preprocessed_folder, self.plans, self.config, self.cases.labeled, self.cases.unlabeled,
-            self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=False,
+            self.labeled_batch_size, self.unlabeled_batch_size, deep_supervision=self.deep_supervision,
             oversample_foreground_percent=self.oversample_foreground_percent, num_workers=self.num_workers,
             seed=self.seed + 1000 * self.dist.rank + 7919 * self.current_epoch, augment=self.augment,
-            spatial_augmentation=self.spatial_augmentation())
+            spatial_augmentation=self.spatial_augmentation(), ds_scales=self.deep_supervision_scales())
 
     @classmethod
     def build_network_architecture(cls, plans: Mapping[str, Any], configuration: str | Configuration,
                                    options: Mapping[str, Any], deep_supervision: bool) -> nn.Module:
-        """The Any2Seg model for the plan's modalities and classes (SegFormer's decoder has no deep supervision).
-        Checkpoints from before the options were stored name the backbone in their hyperparameters."""
+        """The Any2Seg network for the plan's modalities and classes: the U-Net when ``backbone`` names a registered
+        encoder, else the MiT model (SegFormer's decoder has no deep supervision). Checkpoints from before the
+        options were stored name the backbone in their hyperparameters."""
+        backbone = str(options.get("backbone", options.get("backbone_variant", "mit_b0")))
+        if uses_unet(backbone):
+            return Any2SegUNet(
+                plan_configuration(plans, configuration), plan_channels_per_modality(plans), plan_num_classes(plans),
+                encoder=backbone, deep_supervision=deep_supervision,
+                fusion_temperature=float(options.get("fusion_temperature", 1.0)),
+                encoder_weights=options.get("encoder_weights"), encoder_options=options.get("encoder_options"),
+                modality_names=options.get("modality_names"),
+                unsafe_allow_pickle=bool(options.get("unsafe_allow_pickle", False)))
         return Any2SegModel(
             num_classes=plan_num_classes(plans), num_modalities=len(plan_channels_per_modality(plans)),
-            variant=str(options.get("backbone", options.get("backbone_variant", "mit_b0"))),
+            variant=backbone,
             in_channels=int(options.get("in_channels", options.get("backbone_in_channels", 3))),
             backbone_weights=options.get("backbone_weights"), decoder_hidden_size=options.get("decoder_hidden_size"),
             fusion_temperature=float(options.get("fusion_temperature", 1.0)),
             dropout=float(options.get("classifier_dropout", 0.1)), modality_names=options.get("modality_names"))
 
     def training_network_options(self) -> dict[str, Any]:
-        """The local backbone weights, the classifier dropout and the modality names (for the log)."""
+        """The local backbone (MiT) or encoder (U-Net) weights, the classifier dropout and the modality names."""
         return {"backbone_weights": self.request.backbone_weights, "classifier_dropout": self.classifier_dropout,
-                "modality_names": self.modality_names}
+                "modality_names": self.modality_names, "encoder_weights": self.request.encoder_weights,
+                "unsafe_allow_pickle": self.request.unsafe_allow_pickle}
 
     @classmethod
     def probabilities_module(cls, network: nn.Module, plans: Mapping[str, Any]) -> nn.Module:
-        """Probabilities from the modalities in view of each window (:class:`Any2SegProbabilities`)."""
-        return Any2SegProbabilities(cast(Any2SegModel, network), plan_channels_per_modality(plans))
+        """Probabilities from the modalities in view of each window (:class:`Any2SegProbabilities`), one output."""
+        if isinstance(network, Any2SegUNet):
+            network.set_deep_supervision(False)
+        return Any2SegProbabilities(cast(Any2SegNetwork, network), plan_channels_per_modality(plans))
 
     def network_options(self) -> dict[str, Any]:
-        """Backbone variant and input channels rebuild the network; the mirror axes steer test-time mirroring."""
+        """Backbone variant and input channels (encoder options for the U-Net) rebuild the network; the mirror axes
+        steer test-time mirroring."""
         return {"backbone": self.backbone_variant, "in_channels": self.backbone_in_channels,
                 "decoder_hidden_size": self.decoder_hidden_size, "fusion_temperature": self.fusion_temperature,
+                "encoder_options": dict(self.request.encoder_options), "deep_supervision": self.deep_supervision,
                 "mirror_axes": list(self.spatial_augmentation().mirror_axes)}
 
     # =================================================================================== losses
     def split_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images ``(B, M, C, H, W)`` and the ``(B, M)`` modalities in view of each row."""
-        return modality_images(x, self.channels_per_modality, self.backbone_in_channels), \
+        return self.inference_network().split_input(x, self.channels_per_modality), \
             fov_presence(x, self.channels_per_modality)
 
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         """Dice+CE on labeled rows of the dropped-subset student; LSCD and consistency with the EMA teacher."""
         x = batch["data"]
-        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+        targets = list(batch["target"]) if isinstance(batch["target"], (list, tuple)) else [batch["target"]]
         labeled = batch["labeled"].to(x.device).bool()
         images, available = self.split_batch(x)
         present = sample_modality_subsets(available, self.modality_dropout, self.dropout_generator).to(x.device)
@@ -258,10 +317,29 @@ class Any2SegTrainer(TrainerBase):
         with torch.no_grad():
             teacher = self.ema_teacher(images, available)
         losses: dict[str, Tensor] = {}
+        logits = full_resolution(student.logits)
         if bool(labeled.any()):
-            losses["segmentation"] = self.segmentation_loss(student.logits[labeled], target[labeled])
+            scales = [student.logits] if isinstance(student.logits, Tensor) else list(student.logits)
+            losses["segmentation"] = self.segmentation_loss([s[labeled] for s in scales],
+                                                            [t[labeled] for t in targets[:len(scales)]])
         else:
-            losses["segmentation"] = student.logits.sum() * 0.0
+            losses["segmentation"] = logits.sum() * 0.0
+        step = self.run_fraction
+        weights = {"consistency": self.consistency_ramp(step)}
+        losses["consistency"] = mean_teacher_consistency_loss(logits, full_resolution(teacher.logits))
+        total = self.segmentation_weight * losses["segmentation"] + weights["consistency"] * losses["consistency"]
+        if self.lscd is not None:
+            weights["lscd"] = self.lscd_ramp(step)
+            total = total + weights["lscd"] * self.lscd_terms(batch, images, available, student, teacher, losses)
+        losses["modalities_per_row"] = present.float().sum(1).mean()
+        return {"loss": total, **losses, **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+
+    def lscd_terms(self, batch: dict, images: Tensor, available: Tensor, student: Any, teacher: Any,
+                   losses: dict[str, Tensor]) -> Tensor:
+        """The LSCD terms (added to ``losses``) and their weighted sum."""
+        assert self.lscd is not None
+        x = batch["data"]
+        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
         embeddings = None
         if self.teacher.has_image_encoder:
             embeddings = self.teacher.full_modality_embedding(images, self.modality_names, available).to(x.device)
@@ -270,26 +348,21 @@ class Any2SegTrainer(TrainerBase):
             align_labels = torch.where(align_labels == self.labels.ignore_label, -1, align_labels)
         terms = self.lscd(student, teacher, self.anchors, labels=align_labels, teacher_embeddings=embeddings)
         losses.update({"lscd_inter": terms.inter, "lscd_intra": terms.intra, "lscd_align": terms.align})
-        losses["consistency"] = mean_teacher_consistency_loss(student.logits, teacher.logits)
-        step = self.epoch_progress
-        weights = {"lscd": self.lscd_ramp(step), "consistency": self.consistency_ramp(step)}
-        total = (self.segmentation_weight * losses["segmentation"] + weights["lscd"] * terms.total
-                 + weights["consistency"] * losses["consistency"])
-        losses["modalities_per_row"] = present.float().sum(1).mean()
-        return {"loss": total, **losses, **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
+        return terms.total
 
     def on_after_backward(self) -> None:
         """The LSCD projection lives outside the DDP wrapper: average its gradients over ranks."""
-        ddp.average_gradients(self.lscd, self.dist)
+        if self.lscd is not None:
+            ddp.average_gradients(self.lscd, self.dist)
 
     def on_after_optimizer_step(self) -> None:
         """Move the EMA teacher towards the student."""
         self.ema_teacher.update(self.inference_network(), self.global_step)
 
     # =================================================================================== prediction
-    def inference_network(self) -> Any2SegModel:
-        """The plain Any2Seg model (outside DDP)."""
-        return cast(Any2SegModel, super().inference_network())
+    def inference_network(self) -> Any2SegNetwork:
+        """The plain Any2Seg network (outside DDP)."""
+        return cast(Any2SegNetwork, super().inference_network())
 
     def probabilities_network(self, subset: Sequence[int] | None = None) -> Any2SegProbabilities:
         """The probability wrapper (the one ``cmcseg predict`` rebuilds), optionally restricted to ``subset``."""
@@ -335,14 +408,16 @@ class Any2SegTrainer(TrainerBase):
     def extra_state(self) -> dict[str, Any]:
         """The EMA teacher, the LSCD projection and the modality-dropout generator (a resumed run goes on drawing
         where it stopped instead of repeating the first epoch's subsets)."""
-        return {"ema_teacher": self.ema_teacher.model.state_dict(), "lscd": self.lscd.state_dict(),
-                "dropout_rng": self.dropout_generator.get_state()}
+        state = {"ema_teacher": self.ema_teacher.model.state_dict(), "dropout_rng": self.dropout_generator.get_state()}
+        if self.lscd is not None:
+            state["lscd"] = self.lscd.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the EMA teacher, the LSCD projection and the modality-dropout generator."""
         if "ema_teacher" in state:
             self.ema_teacher.model.load_state_dict(state["ema_teacher"])
-        if "lscd" in state:
+        if "lscd" in state and self.lscd is not None:
             self.lscd.load_state_dict(state["lscd"])
         if "dropout_rng" in state:
             self.dropout_generator.set_state(state["dropout_rng"])
