@@ -257,6 +257,9 @@ def test_a_local_languagebind_teacher_gives_the_inter_modal_target(planned: Work
     trainer.initialize()
     try:
         assert trainer.teacher.has_image_encoder and tuple(trainer.anchors.shape) == (6, 12)
+        assert trainer.teacher.device == trainer.device
+        assert all(p.device == trainer.device for towers in trainer.teacher.towers.values()
+                   for p in towers.vision_model.parameters())
         targets = []
         original = trainer.lscd.embedding_log_probs
         monkeypatch.setattr(trainer.lscd, "embedding_log_probs",
@@ -264,6 +267,23 @@ def test_a_local_languagebind_teacher_gives_the_inter_modal_target(planned: Work
         losses = trainer.train_step(next(trainer.dataloader))
         assert len(targets) == 1 and targets[0].shape == (trainer.labeled_batch_size, 6)
         assert np.isfinite(losses["lscd_inter"]) and losses["lscd_inter"] > 0
+    finally:
+        trainer.close()
+
+
+def test_the_language_teacher_is_built_on_the_training_device(planned: WorkRoots, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the teacher must encode where the batch lies; on this CPU-only test the device is passed through."""
+    import cmcseg.training.any2seg_trainer as any2seg_trainer
+
+    calls: list[dict] = []
+    original = any2seg_trainer.build_teacher
+    monkeypatch.setattr(any2seg_trainer, "build_teacher", lambda *a, **k: calls.append(k) or original(*a, **k))
+    trainer = TinyAny2SegTrainer(request(planned, tmp_path, num_epochs=1, iterations_per_epoch=1))
+    trainer.initialize()
+    try:
+        assert len(calls) == 1 and calls[0]["device"] == trainer.device
+        assert trainer.teacher.device == trainer.device and trainer.anchors.device == trainer.device
     finally:
         trainer.close()
 

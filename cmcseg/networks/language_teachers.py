@@ -64,6 +64,8 @@ class Teacher(ABC):
 
     #: dimension D of the shared embedding space
     embedding_dim: int
+    #: where the teacher's models run (the trainer's device, so that encoding does not round-trip through the CPU)
+    device: torch.device
 
     @abstractmethod
     def class_text_embeddings(self, class_names: Sequence[str]) -> Tensor:
@@ -79,19 +81,22 @@ class Teacher(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no image encoder; the visual target of LSCD is the "
                                   "EMA full-modality representation of the student")
 
+    @torch.no_grad()
     def full_modality_embedding(self, images: Tensor, modalities: Sequence[str],
                                 present: Tensor | None = None) -> Tensor:
-        """The normalised mean of the per-modality embeddings of ``images (B, M, C, H, W)``: ``(B, D)``.
+        """The normalised mean of the per-modality embeddings of ``images (B, M, C, H, W)``: ``(B, D)``, on
+        :attr:`device`.
 
-        ``e_b = normalize(sum_m a_bm e_bm)`` over present modalities (all when ``present`` is None).
+        ``e_b = normalize(sum_m a_bm e_bm)`` over present modalities (all when ``present`` is None). A modality
+        absent from every row is not encoded (its embeddings would be multiplied by zero).
         """
         b, m = images.shape[:2]
-        mask = torch.ones(b, m, dtype=torch.bool, device=images.device) if present is None else present.bool()
-        total = None
+        mask = torch.ones(b, m, dtype=torch.bool) if present is None else present.bool()
+        total = torch.zeros(b, self.embedding_dim, device=self.device)
         for i, name in enumerate(modalities):
-            emb = self.encode_images(images[:, i], name) * mask[:, i:i + 1].to(images.dtype)
-            total = emb if total is None else total + emb
-        assert total is not None, "at least one modality"
+            if bool(mask[:, i].any()):
+                emb = self.encode_images(images[:, i], name)
+                total = total + emb * mask[:, i:i + 1].to(emb.device, emb.dtype)
         return F.normalize(total, dim=-1)
 
 
@@ -135,9 +140,10 @@ class MiniLMTeacher(Teacher):
 
     embedding_dim = 384
 
-    def __init__(self, templates: Sequence[str] = (DEFAULT_TEMPLATE,), device: str = "cpu", model: Any = None):
+    def __init__(self, templates: Sequence[str] = (DEFAULT_TEMPLATE,), device: torch.device | str = "cpu",
+                 model: Any = None):
         self.templates = tuple(templates)
-        self.device = device
+        self.device = torch.device(device)
         self._model = model
         self._cache: dict[tuple[str, ...], Tensor] = {}
 
@@ -145,7 +151,7 @@ class MiniLMTeacher(Teacher):
     def model(self) -> Any:
         """The SentenceTransformer, loaded on first use."""
         if self._model is None:
-            self._model = load_minilm(self.device)
+            self._model = load_minilm(str(self.device))
         return self._model
 
     @torch.no_grad()
@@ -333,7 +339,7 @@ class LanguageBindTeacher(Teacher):
     """
 
     def __init__(self, weights: Path | str, backend: str = "auto", templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-                 modality_towers: Mapping[str, str] | None = None, device: str = "cpu",
+                 modality_towers: Mapping[str, str] | None = None, device: torch.device | str = "cpu",
                  clip_normalize: bool = False, max_length: int = 77):
         if backend not in ("auto", "languagebind", "transformers"):
             raise CmcsegError(f"unknown LanguageBind backend {backend!r}. "
@@ -441,14 +447,16 @@ class LanguageBindTeacher(Teacher):
         return F.normalize(towers.visual_projection(pooled).float(), dim=-1)
 
 
-def build_teacher(name: str, weights: Path | str | None = None, **options: Any) -> Teacher:
-    """The teacher of ``--teacher NAME`` (``minilm`` or ``languagebind``; the latter needs ``weights``)."""
+def build_teacher(name: str, weights: Path | str | None = None, device: torch.device | str = "cpu",
+                  **options: Any) -> Teacher:
+    """The teacher of ``--teacher NAME`` (``minilm`` or ``languagebind``; the latter needs ``weights``), with its
+    models on ``device`` (pass the training device: the image towers then encode each batch where it lies)."""
     key = name.lower()
     if key == "minilm":
-        return MiniLMTeacher(**options)
+        return MiniLMTeacher(device=device, **options)
     if key == "languagebind":
         if weights is None:
             raise CmcsegError("--teacher languagebind needs --teacher-weights PATH (a local LanguageBind folder); "
                               "nothing is downloaded. Fix: pass the folder or use --teacher minilm.")
-        return LanguageBindTeacher(weights, **options)
+        return LanguageBindTeacher(weights, device=device, **options)
     raise CmcsegError(f"unknown teacher {name!r}. Fix: choose minilm (offline default) or languagebind.")

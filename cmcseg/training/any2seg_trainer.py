@@ -225,9 +225,11 @@ class Any2SegTrainer(TrainerBase):
             self.build_lscd(model)
 
     def build_lscd(self, model: Any2SegNetwork) -> None:
-        """The language teacher's class anchors and the LSCD loss, whose projection joins the optimizer."""
+        """The language teacher (on the training device) with its class anchors, and the LSCD loss, whose projection
+        joins the optimizer."""
         template = self.text_template or (DEFAULT_TEMPLATE if self.natural_scenes else MEDICAL_TEMPLATE)
-        self.teacher = build_teacher(self.teacher_name, self.request.teacher_weights, templates=(template,))
+        self.teacher = build_teacher(self.teacher_name, self.request.teacher_weights, device=self.device,
+                                     templates=(template,))
         self.anchors = self.teacher.class_text_embeddings(self.class_names).to(self.device)
         log.info("LSCD: %s teacher, %d class anchors of dimension %d (%r)%s", self.teacher_name, len(self.class_names),
                  self.anchors.shape[1], template, "; its image towers give the inter-modal target"
