@@ -284,6 +284,7 @@ def test_the_language_teacher_is_built_on_the_training_device(planned: WorkRoots
     try:
         assert len(calls) == 1 and calls[0]["device"] == trainer.device
         assert trainer.teacher.device == trainer.device and trainer.anchors.device == trainer.device
+        assert trainer.lscd.temperature == trainer.lscd_temperature == 0.01
     finally:
         trainer.close()
 

@@ -59,3 +59,33 @@ def test_full_modality_embedding_skips_modalities_absent_from_every_row_and_has_
     assert not full.requires_grad and full.device == teacher.device
     e0, e1 = teacher.encode_images(images[:, 0], "m0"), teacher.encode_images(images[:, 1], "m1")
     assert torch.allclose(full[0], e0[0]) and torch.allclose(full[1], F.normalize(e0[1] + e1[1], dim=-1))
+
+
+# ------------------------------------------------------------------------------------------ temperature
+def _clip_like(k: int = 10, d: int = 32, right: int = 3) -> tuple[Tensor, Tensor]:
+    """Orthonormal anchors ``(k, d)`` and a unit embedding ``(d,)`` whose cosines with them are CLIP-like: 0.20 for
+    every class, 0.25 for the right one."""
+    anchors = torch.eye(k, d)
+    cosines = torch.full((k,), 0.20)
+    cosines[right] = 0.25
+    embedding = torch.zeros(d)
+    embedding[:k] = cosines
+    embedding[k] = (1 - cosines.pow(2).sum()).sqrt()
+    return anchors, embedding
+
+
+def test_the_default_temperature_gives_peaked_class_distributions_for_clip_range_cosines() -> None:
+    from cmcseg.losses.language_distillation import LSCDLoss
+    from cmcseg.training.any2seg_trainer import Any2SegTrainer
+
+    anchors, embedding = _clip_like()
+    loss = LSCDLoss(feature_dim=32, text_dim=32)
+    assert loss.temperature == Any2SegTrainer.lscd_temperature == 0.01
+    assert LSCDLoss.embedding_log_probs(embedding[None], anchors, 0.1).exp().max() < 0.3   # the old default: ~flat
+    q = LSCDLoss.embedding_log_probs(embedding[None], anchors, loss.temperature).exp()[0]
+    assert q.argmax() == 3 and q.max() > 0.5
+    with torch.no_grad():                                                        # the per-token path: P = identity
+        loss.projection.weight.copy_(torch.eye(32))
+        loss.projection.bias.zero_()
+    q_tokens = loss.teacher_log_probs(embedding.view(1, 32, 1, 1), anchors).exp()[0, :, 0, 0]
+    assert torch.allclose(q_tokens, q, atol=1e-5)

@@ -4,7 +4,10 @@ Notation: ``f_{b,m}`` the student's features of modality ``m`` of sample ``b`` (
 ``a_{b,m} = 1``), ``T`` the EMA teacher's fused features computed with ALL modalities present,
 ``t_k`` the frozen, L2-normalised text anchor of class ``k`` (``K x D``), ``P`` a learnable
 linear projection from visual channels to the text space ``D``, ``n(.)`` L2 normalisation,
-``tau`` a temperature.
+``tau`` a temperature: 0.01 by default, CLIP's ``1 / logit_scale`` (CLIP and LanguageBind learn
+``logit_scale`` up to its cap of 100). Cosines in such a space span a narrow range (image-text
+cosines of all classes lie within about 0.1 of each other), so ``tau = 0.1`` would make every class
+distribution nearly uniform; the same fixed value serves both teachers.
 
 * **Inter-modal** (language-guided class distributions). Per token ``x`` (of stage
   ``inter_stage``, or of the pooled map when the target is global)::
@@ -88,7 +91,7 @@ class LSCDLoss(nn.Module):
     teacher's embedding dimension D. Weights and settings are plain attributes.
     """
 
-    def __init__(self, feature_dim: int, text_dim: int, temperature: float = 0.1, inter_weight: float = 1.0,
+    def __init__(self, feature_dim: int, text_dim: int, temperature: float = 0.01, inter_weight: float = 1.0,
                  intra_weight: float = 1.0, align_weight: float = 1.0, inter_stage: int = -1, intra_stage: int = -1,
                  affinity_size: int = 16, ignore_index: int = -1):
         super().__init__()

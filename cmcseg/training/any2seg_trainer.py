@@ -136,7 +136,7 @@ class Any2SegTrainer(TrainerBase):
     text_template: str | None = None  # None: a scene prompt for 2D datasets, a medical prompt for 3D ones
     lscd_weight: float = 0.1
     lscd_rampup: float = 0.05  # fraction of the run
-    lscd_temperature: float = 0.1
+    lscd_temperature: float = 0.01  # CLIP's 1 / logit_scale: cosines in a CLIP space span a narrow range
     lscd_inter_weight: float = 1.0
     lscd_intra_weight: float = 1.0
     lscd_align_weight: float = 1.0
