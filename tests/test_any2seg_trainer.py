@@ -224,6 +224,11 @@ def test_continue_restores_the_ema_teacher_and_the_lscd_projection(planned: Work
     try:
         assert resumed.current_epoch == 1
         assert torch.equal(resumed.lscd.projection.weight.cpu(), saved["extra"]["lscd"]["projection.weight"])
+        # the target's EMA projection: moved after each step (step 0 copies P, step 1 mixes), saved and restored
+        ema = saved["extra"]["lscd"]["ema_projection.weight"]
+        assert torch.equal(resumed.lscd.ema_projection.weight.cpu(), ema)
+        assert not torch.equal(ema, saved["extra"]["lscd"]["projection.weight"])
+        assert not resumed.lscd.ema_projection.weight.requires_grad
         for key, value in saved["extra"]["ema_teacher"].items():
             assert torch.equal(resumed.ema_teacher.model.state_dict()[key].cpu(), value), key
         assert len(resumed.optimizer.param_groups) == 2                         # the network and the projection

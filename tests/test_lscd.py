@@ -85,7 +85,59 @@ def test_the_default_temperature_gives_peaked_class_distributions_for_clip_range
     q = LSCDLoss.embedding_log_probs(embedding[None], anchors, loss.temperature).exp()[0]
     assert q.argmax() == 3 and q.max() > 0.5
     with torch.no_grad():                                                        # the per-token path: P = identity
-        loss.projection.weight.copy_(torch.eye(32))
-        loss.projection.bias.zero_()
+        for projection in (loss.projection, loss.ema_projection):
+            projection.weight.copy_(torch.eye(32))
+            projection.bias.zero_()
     q_tokens = loss.teacher_log_probs(embedding.view(1, 32, 1, 1), anchors).exp()[0, :, 0, 0]
     assert torch.allclose(q_tokens, q, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ EMA projection
+def _outputs(generator: torch.Generator, b: int = 2, m: int = 3, c: int = 6, size: int = 4,
+             present: Tensor | None = None):
+    """A student and a teacher :class:`Any2SegOutput` of one stage, random features, student features with grad."""
+    from cmcseg.networks.any2seg import Any2SegOutput
+
+    present = torch.tensor([[True, True, False], [False, True, True]]) if present is None else present
+    features = torch.randn(b, m, c, size, size, generator=generator) * present[..., None, None, None]
+    features.requires_grad_(True)
+    teacher_features = torch.randn(b, m, c, size, size, generator=generator)
+    student = Any2SegOutput(logits=None, fused=[features.mean(dim=1)], features=[features], present=present)
+    teacher = Any2SegOutput(logits=None, fused=[teacher_features.mean(dim=1)], features=[teacher_features],
+                            present=torch.ones(b, m, dtype=torch.bool))
+    return student, teacher
+
+
+def test_the_teacher_target_comes_from_an_ema_copy_of_the_projection() -> None:
+    from cmcseg.losses.language_distillation import LSCDLoss
+
+    generator = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    loss = LSCDLoss(feature_dim=6, text_dim=8, affinity_size=4)
+    anchors = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    student, teacher = _outputs(generator)
+    before = loss.teacher_log_probs(teacher.fused[0], anchors)
+    with torch.no_grad():
+        loss.projection.weight.add_(torch.randn(8, 6, generator=generator))       # only the student's P moves
+    assert torch.equal(loss.teacher_log_probs(teacher.fused[0], anchors), before)
+    ema_before = loss.ema_projection.weight.clone()
+    loss.update_ema(decay=0.9, step=100)
+    assert torch.allclose(loss.ema_projection.weight, 0.9 * ema_before + 0.1 * loss.projection.weight)
+    assert not torch.allclose(loss.teacher_log_probs(teacher.fused[0], anchors), before)
+
+    optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=0.1)
+    ema_state = {k: v.clone() for k, v in loss.ema_projection.state_dict().items()}
+    terms = loss(student, teacher, anchors, labels=torch.randint(0, 3, (2, 4, 4), generator=generator))
+    terms.total.backward()
+    assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in loss.ema_projection.parameters())
+    optimizer.step()
+    for key, value in loss.ema_projection.state_dict().items():
+        assert torch.equal(value, ema_state[key]), key
+
+    restored = LSCDLoss(feature_dim=6, text_dim=8)
+    restored.load_state_dict(loss.state_dict())
+    assert torch.equal(restored.ema_projection.weight, loss.ema_projection.weight)
+    old = {k: v for k, v in loss.state_dict().items() if not k.startswith("ema_")}   # saved before P' existed
+    restored.load_state_dict(old)
+    assert torch.equal(restored.ema_projection.weight, loss.projection.weight)

@@ -3,7 +3,10 @@
 Notation: ``f_{b,m}`` the student's features of modality ``m`` of sample ``b`` (present:
 ``a_{b,m} = 1``), ``T`` the EMA teacher's fused features computed with ALL modalities present,
 ``t_k`` the frozen, L2-normalised text anchor of class ``k`` (``K x D``), ``P`` a learnable
-linear projection from visual channels to the text space ``D``, ``n(.)`` L2 normalisation,
+linear projection from visual channels to the text space ``D``, ``P'`` its EMA copy (no
+gradient; ``P' <- a P' + (1 - a) P`` after each optimizer step, with the EMA teacher's decay and
+ramp), which maps the teacher's features so that the target does not move with the student's
+projection, ``n(.)`` L2 normalisation,
 ``tau`` a temperature: 0.01 by default, CLIP's ``1 / logit_scale`` (CLIP and LanguageBind learn
 ``logit_scale`` up to its cap of 100). Cosines in such a space span a narrow range (image-text
 cosines of all classes lie within about 0.1 of each other), so ``tau = 0.1`` would make every class
@@ -13,7 +16,7 @@ distribution nearly uniform; the same fixed value serves both teachers.
   ``inter_stage``, or of the pooled map when the target is global)::
 
       p_{b,m}(k | x) = softmax_k( <n(P f_{b,m}(x)), t_k> / tau )          student, per present modality
-      q_b(k | x)     = softmax_k( <n(P T_b(x)),     t_k> / tau )          teacher (no gradient)
+      q_b(k | x)     = softmax_k( <n(P' T_b(x)),    t_k> / tau )          teacher (no gradient)
       L_inter = mean_{b, m: a_bm = 1} mean_x  KL(q_b || p_{b,m})
               = mean sum_k q log(q / p)
 
@@ -42,7 +45,8 @@ the backbone otherwise.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +89,8 @@ def token_affinity(features: Tensor, max_size: int) -> Tensor:
 
 
 class LSCDLoss(nn.Module):
-    """LSCD (formulas in the module docstring). Holds the learnable projection ``P`` (``self.projection``).
+    """LSCD (formulas in the module docstring). Holds the learnable projection ``P`` (``self.projection``) and its
+    EMA copy ``P'`` (``self.ema_projection``, no gradient, moved by :meth:`update_ema`), which maps the teacher.
 
     ``feature_dim``: channels of stage ``inter_stage`` (see :meth:`for_model`); ``text_dim``: the
     teacher's embedding dimension D. Weights and settings are plain attributes.
@@ -96,6 +101,7 @@ class LSCDLoss(nn.Module):
                  affinity_size: int = 16, ignore_index: int = -1):
         super().__init__()
         self.projection = nn.Linear(feature_dim, text_dim)
+        self.ema_projection = copy.deepcopy(self.projection).requires_grad_(False)
         self.temperature = temperature
         self.inter_weight = inter_weight
         self.intra_weight = intra_weight
@@ -111,19 +117,35 @@ class LSCDLoss(nn.Module):
         stage = int(options.get("inter_stage", -1))
         return cls(model.stage_channels[stage], text_dim, **options)
 
+    @torch.no_grad()
+    def update_ema(self, decay: float, step: int) -> None:
+        """One EMA step of ``P'`` towards ``P`` (after an optimizer step; ``step`` the global step, 0-based)."""
+        update_ema_teacher(self.ema_projection, self.projection, decay, step)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As :meth:`nn.Module.load_state_dict`; a state saved before ``P'`` existed starts ``P'`` from its ``P``."""
+        state = dict(state_dict)
+        if not any(key.startswith("ema_projection.") for key in state):
+            state.update({f"ema_{key}": value for key, value in state_dict.items() if key.startswith("projection.")})
+        return super().load_state_dict(state, strict, assign)
+
     # ------------------------------------------------------------------------------ pieces
-    def class_logits(self, features: Tensor, anchors: Tensor, spatial: bool = True) -> Tensor:
-        """``<n(P f), t_k> / tau``: ``(..., C, h, w) -> (..., K, h, w)`` (``spatial``) or ``(..., C) -> (..., K)``."""
+    def class_logits(self, features: Tensor, anchors: Tensor, spatial: bool = True,
+                     projection: nn.Module | None = None) -> Tensor:
+        """``<n(P f), t_k> / tau``: ``(..., C, h, w) -> (..., K, h, w)`` (``spatial``) or ``(..., C) -> (..., K)``;
+        ``projection`` replaces ``P`` (e.g. ``P'``)."""
         anchors = F.normalize(anchors.to(features.device, features.dtype), dim=-1)
         x = features.movedim(-3, -1) if spatial else features                     # (..., [h, w,] C)
-        z = F.normalize(self.projection(x), dim=-1)
+        z = F.normalize((self.projection if projection is None else projection)(x), dim=-1)
         logits = z @ anchors.t() / self.temperature                               # (..., [h, w,] K)
         return logits.movedim(-1, -3) if spatial else logits
 
     def teacher_log_probs(self, teacher_features: Tensor, anchors: Tensor) -> Tensor:
-        """The target ``log q`` from the teacher's fused features ``(B, C, h, w)`` (no gradient): ``(B, K, h, w)``."""
+        """The target ``log q`` from the teacher's fused features ``(B, C, h, w)`` through ``P'`` (no gradient):
+        ``(B, K, h, w)``."""
         with torch.no_grad():
-            return F.log_softmax(self.class_logits(teacher_features.detach(), anchors), dim=-3)
+            return F.log_softmax(self.class_logits(teacher_features.detach(), anchors,
+                                                   projection=self.ema_projection), dim=-3)
 
     @staticmethod
     def embedding_log_probs(embeddings: Tensor, anchors: Tensor, temperature: float) -> Tensor:

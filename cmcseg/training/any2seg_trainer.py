@@ -29,7 +29,9 @@ the batch composition:
   available modality, i.e. the full-modality representation. ``L_DiceCE`` is nnU-Net's Dice+CE,
   ``L_LSCD`` is :class:`~cmcseg.losses.language_distillation.LSCDLoss` with text anchors of the class
   names from the frozen language teacher (``--teacher minilm``, offline, or ``languagebind``,
-  whose image towers then give the inter-modal target), ``L_cons`` the softmax MSE between the
+  whose image towers then give the inter-modal target; otherwise the EMA teacher's features give it,
+  mapped to the text space by an EMA copy of LSCD's projection, moved with the teacher's decay
+  after each optimizer step and saved with it), ``L_cons`` the softmax MSE between the
   student's and the teacher's full-resolution class maps. LSCD belongs to the MiT network: its
   projection and token affinities work on 2D feature maps, and the U-Net trains without it
   (modality dropout, the full-modality EMA teacher and MFF are what make it any-subset).
@@ -238,7 +240,7 @@ class Any2SegTrainer(TrainerBase):
                                        inter_weight=self.lscd_inter_weight, intra_weight=self.lscd_intra_weight,
                                        align_weight=self.lscd_align_weight,
                                        affinity_size=self.lscd_affinity_size).to(self.device)
-        self.optimizer.add_param_group({"params": list(self.lscd.parameters())})
+        self.optimizer.add_param_group({"params": [p for p in self.lscd.parameters() if p.requires_grad]})
 
     def spatial_augmentation(self):
         """nnU-Net's rule for medical slices; upright small rotations and horizontal mirroring for scenes."""
@@ -358,8 +360,11 @@ class Any2SegTrainer(TrainerBase):
             ddp.average_gradients(self.lscd, self.dist)
 
     def on_after_optimizer_step(self) -> None:
-        """Move the EMA teacher towards the student."""
+        """Move the EMA teacher towards the student, and LSCD's EMA projection (the target's) towards its projection,
+        with the same decay."""
         self.ema_teacher.update(self.inference_network(), self.global_step)
+        if self.lscd is not None:
+            self.lscd.update_ema(self.ema_teacher.decay, self.global_step)
 
     # =================================================================================== prediction
     def inference_network(self) -> Any2SegNetwork:
@@ -408,15 +413,16 @@ class Any2SegTrainer(TrainerBase):
 
     # =================================================================================== state
     def extra_state(self) -> dict[str, Any]:
-        """The EMA teacher, the LSCD projection and the modality-dropout generator (a resumed run goes on drawing
-        where it stopped instead of repeating the first epoch's subsets)."""
+        """The EMA teacher, the LSCD projection and its EMA copy, and the modality-dropout generator (a resumed run
+        goes on drawing where it stopped instead of repeating the first epoch's subsets)."""
         state = {"ema_teacher": self.ema_teacher.model.state_dict(), "dropout_rng": self.dropout_generator.get_state()}
         if self.lscd is not None:
             state["lscd"] = self.lscd.state_dict()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the EMA teacher, the LSCD projection and the modality-dropout generator."""
+        """Restore the EMA teacher, the LSCD projection and its EMA copy (from the projection when the checkpoint
+        predates it), and the modality-dropout generator."""
         if "ema_teacher" in state:
             self.ema_teacher.model.load_state_dict(state["ema_teacher"])
         if "lscd" in state and self.lscd is not None:
