@@ -59,14 +59,34 @@ The issue's goal: (a) best on the mean over subsets and within 2 points of (b) o
 the report says whether this run meets it. Validation sets are small (3 scenes, 2 cardiac
 cases): differences of a few points are within the noise of one seed.
 
-Usage: python benchmarks/missing_modality.py [--budget-minutes 3] [--datasets deliver,mscmr]
-       [--arms any2seg,no-dropout,nnunet] [--clock wall|cpu] [--batch-size 8] [--backbone tiny]
+3D sections (``--datasets myops3d`` on ``../shared/data/myops_dev``, ``mscmr3d`` on the MSCMR phantom),
+configuration ``3d_fullres``, the plan's batch (myops3d: ``cmcseg plan --memory-gb 1.5``, patch forced to
+[4, 128, 128] for every arm as in semi_supervised_gain.py). Arms:
+
+(a) ``any2seg``: ``cmcseg train --trainer any2seg -c 3d_fullres``, i.e. Any2Seg's modality dropout, the
+    full-modality EMA teacher and MFF on nnU-Net's residual U-Net (the plan's topology with ``--features``
+    per stage and one block per stage); every subset through the trainer's own subset table;
+(b) ``nnunet``: nnU-Net on all modalities as input channels, missing ones zero-filled at test time;
+(c) ``nnunet-lge`` / ``nnunet-bssfp``: nnU-Net trained (and tested) with every other channel set to 0 in
+    every batch, i.e. a dedicated model of that one modality (constant-zero channels carry no information).
+
+With ``--match iterations`` (the issue's protocol for this section) the nnU-Net arms train as many
+iterations as (a) did in its budget (poly learning rate over those iterations), and every arm's seconds
+are reported; with ``--match wall`` every arm gets the budget. Cases: the fold's labeled training cases
+only (myops_dev's 25 unlabeled cases are left out, as nnU-Net cannot use them). The goals (3D): (a) >= (b)
++ 10 points on the mean over subsets; (a) within 1 point of (b) on the full set; (a) within 3 points of
+each (c) on its modality.
+
+Usage: python benchmarks/missing_modality.py [--budget-minutes 3] [--datasets deliver,mscmr,mscmr3d,myops3d]
+       [--arms any2seg,no-dropout,nnunet,nnunet-lge,nnunet-bssfp] [--match wall|iterations]
+       [--clock wall|cpu] [--batch-size 8] [--backbone tiny] [--myops-source DIR]
 Writes benchmarks/out/missing_modality.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -91,14 +111,23 @@ class BudgetSpent(Exception):
     """Raised inside the training loop when the arm's budget is used up."""
 
 FOLD = 0
-CONFIGURATION = "2d"
-ARMS = ("any2seg", "no-dropout", "nnunet")
-ARM_TITLES = {"any2seg": "(a) any2seg", "no-dropout": "(b) no-dropout", "nnunet": "(c) nnunet"}
-#: benchmark key -> phantom, cmcseg dataset folder, nnU-Net dataset id and name
+ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp")
+ARM_TITLES = {"any2seg": "(a) any2seg", "no-dropout": "(b) no-dropout", "nnunet": "(c) nnunet",
+              "nnunet-lge": "nnunet LGE only", "nnunet-bssfp": "nnunet bSSFP only"}
+#: arm -> the one modality a dedicated nnU-Net arm trains and tests on (the other channels are 0 throughout)
+DEDICATED = {"nnunet-lge": "LGE", "nnunet-bssfp": "bSSFP"}
+#: benchmark key -> data (a phantom, or the real myops_dev folder), cmcseg dataset folder and configuration,
+#: nnU-Net dataset id and name; 3D sections may force the patch (nnU-Net's Gaussian blur needs >= 4 slices)
 DATASETS = {
     "deliver": {"phantom": "DELIVER", "dataset": "Dataset505_DELIVER", "nnunet_id": 913,
-                "nnunet_name": "DELIVERaligned"},
-    "mscmr": {"phantom": "MSCMR", "dataset": "Dataset501_MSCMR", "nnunet_id": 914, "nnunet_name": "MSCMRaligned"},
+                "nnunet_name": "DELIVERaligned", "configuration": "2d"},
+    "mscmr": {"phantom": "MSCMR", "dataset": "Dataset501_MSCMR", "nnunet_id": 914, "nnunet_name": "MSCMRaligned",
+              "configuration": "2d"},
+    "mscmr3d": {"phantom": "MSCMR", "dataset": "Dataset501_MSCMR", "nnunet_id": 916,
+                "nnunet_name": "MSCMR3Daligned", "configuration": "3d_fullres", "memory_gb": 0.75},
+    "myops3d": {"source": "myops_dev", "dataset": "Dataset600_MYOPSDEV", "nnunet_id": 915,
+                "nnunet_name": "MYOPSDEValigned", "configuration": "3d_fullres", "memory_gb": 1.5,
+                "patch": [4, 128, 128]},
 }
 #: the issue's tolerance for (a) against (b) on the full set, in points (score x 100)
 FULL_SET_TOLERANCE = 2.0
@@ -115,6 +144,8 @@ class BudgetedTraining:
     budget_s: float = 180.0
     clock: str = "wall"
     batch_size: int | None = None
+    features: list[int] | None = None  # the 3D sections' U-Net: features per stage, one block per stage
+    patch: list[int] | None = None
     num_epochs = 1000  # nominal: the ramp-ups advance by num_epochs x the fraction of the budget used
     iterations_per_epoch = 25
     val_iterations = 0
@@ -122,11 +153,24 @@ class BudgetedTraining:
     _budget_t0: float | None = None
 
     def configure_plans(self, plans: dict) -> dict:
-        plans = super().configure_plans(plans)
+        plans = copy.deepcopy(super().configure_plans(plans))
+        config = plans["configurations"][self.configuration]
         if self.batch_size:
-            plans = copy.deepcopy(plans)
-            plans["configurations"][self.configuration]["batch_size"] = int(self.batch_size)
+            config["batch_size"] = int(self.batch_size)
+        if self.features:
+            config["architecture"] = small_architecture(config["architecture"], self.features)
+        if self.patch:
+            config["patch_size"] = list(self.patch)
         return plans
+
+    @property
+    def run_fraction(self) -> float:
+        return self.budget_used()
+
+    def select_cases(self):
+        """The fold's labeled training cases only, as the nnU-Net arms train on (myops_dev's 25 unlabeled cases
+        are left out)."""
+        return dataclasses.replace(super().select_cases(), unlabeled=[])
 
     def budget_used(self) -> float:
         if self._budget_t0 is None:
@@ -228,10 +272,12 @@ def worker_any2seg(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     cls = any2seg_trainer_classes()[spec["arm"]]
     cls.budget_s, cls.clock, cls.batch_size = float(spec["budget_s"]), spec["clock"], int(spec["batch_size"])
+    two_d = spec["configuration"] == "2d"
+    cls.features, cls.patch = (None, None) if two_d else (list(spec["features"]), spec.get("patch"))
     roots = WorkRoots(Path(spec["raw"]), Path(spec["preprocessed"]), Path(spec["results"]))
-    trainer = cls(TrainingRequest(spec["dataset"], FOLD, 1.0, configuration=CONFIGURATION, roots=roots,
+    trainer = cls(TrainingRequest(spec["dataset"], FOLD, 1.0, configuration=spec["configuration"], roots=roots,
                                   device=spec["device"], seed=spec["seed"], num_workers=spec["workers"],
-                                  backbone=spec["backbone"]))
+                                  backbone=spec["backbone"] if two_d else None))
     trainer.run()
     if list(trainer.cases.validation) != list(spec["validation"]) or list(trainer.cases.labeled) != spec["train"]:
         raise RuntimeError("the trainer's fold differs from the benchmark's")
@@ -284,8 +330,11 @@ def nnunet_normalised_cases(spec: dict, cm_folder: Path, out_folder: Path, patch
         write_case(out_folder, case_id, nn_data, np.asarray(seg[:]), np.asarray(fov[:]), props, patch_size)
 
 
-def train_nnunet_within_budget(trainer, budget_s: float, clock: str) -> dict:
-    """nnU-Net's train_step on its own data loader until the budget is spent (poly LR on the budget's fraction)."""
+def train_nnunet_within_budget(trainer, budget_s: float, clock: str, zeroed: list[slice] | None = None,
+                               iterations: int | None = None) -> dict:
+    """nnU-Net's train_step on its own data loader until the budget is spent (poly LR on the budget's fraction), or
+    for exactly ``iterations`` steps (poly LR on their fraction). ``zeroed`` input channels are set to 0 in every
+    batch: a dedicated model of the other modalities."""
     trainer.on_train_start()
     trainer.network.train()
     batch = next(trainer.dataloader_train)
@@ -293,11 +342,13 @@ def train_nnunet_within_budget(trainer, budget_s: float, clock: str) -> dict:
     steps = 0
     try:
         while True:
-            used = (budget_clock(clock) - t0) / budget_s
+            used = steps / iterations if iterations else (budget_clock(clock) - t0) / budget_s
             if used >= 1.0:
                 break
             for group in trainer.optimizer.param_groups:
                 group["lr"] = trainer.initial_lr * (1.0 - used) ** 0.9
+            for part in zeroed or []:
+                batch["data"][:, part] = 0.0
             trainer.train_step(batch)
             steps += 1
             batch = next(trainer.dataloader_train)
@@ -346,7 +397,8 @@ def worker_nnunet(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     pre = Path(spec["preprocessed"]) / spec["dataset"]
     cm_plans = read_json(pre / "plans.json")
-    cm_folder = pre / cm_plans["configurations"][CONFIGURATION]["data_identifier"]
+    configuration = spec["configuration"]
+    cm_folder = pre / cm_plans["configurations"][configuration]["data_identifier"]
     metric = subset_metric_for(cm_plans)
     labels = scored_classes(cm_plans, metric)
     patch = [int(p) for p in spec["patch_size"]]
@@ -355,8 +407,12 @@ def worker_nnunet(spec: dict) -> dict:
 
     plans = json.loads(Path(spec["nnunet_plans"]).read_text())
     dataset_json = json.loads(Path(spec["nnunet_dataset_json"]).read_text())
-    trainer = nd.build_trainer(plans, dataset_json, FOLD, spec["device"], configuration=CONFIGURATION)
-    timing = train_nnunet_within_budget(trainer, float(spec["budget_s"]), spec["clock"])
+    trainer = nd.build_trainer(plans, dataset_json, FOLD, spec["device"], configuration=configuration)
+    channels = modality_channels(spec["channels_per_modality"])
+    only = DEDICATED.get(spec["arm"])
+    zeroed = None if only is None else [c for m, c in enumerate(channels) if spec["modalities"][m] != only]
+    timing = train_nnunet_within_budget(trainer, float(spec["budget_s"]), spec["clock"], zeroed,
+                                        spec.get("iterations"))
 
     trainer.set_deep_supervision_enabled(False)
     network = trainer.network
@@ -366,30 +422,54 @@ def worker_nnunet(spec: dict) -> dict:
     def predict_all(x):  # nnU-Net's network sees the image channels only (no FOV masks)
         return torch.softmax(network(x[:, :n_images]).float(), dim=1)
 
-    channels = modality_channels(spec["channels_per_modality"])
     table = evaluate_subsets(lambda subset: zero_filled(predict_all, channels, subset), eval_folder,
                              spec["validation"], patch, labels, spec["modalities"], trainer.device, metric, 0.5, 1)
     result = {**table_result(table, spec["channels_per_modality"]), "metric": metric,
               "modalities": list(spec["modalities"]), **timing,
               "parameters": sum(p.numel() for p in network.parameters()), "batch_size": trainer.batch_size,
               "patch_size": list(trainer.configuration_manager.patch_size), "initial_lr": trainer.initial_lr}
-    result["full_set_nnunet_predictor"] = nnunet_predictor_full_set(trainer, spec, cm_folder, labels, metric)
+    if only is None:
+        result["full_set_nnunet_predictor"] = nnunet_predictor_full_set(trainer, spec, cm_folder, labels, metric)
+    else:
+        result["dedicated_to"] = only
     return result
 
 
 # ============================================================================================ orchestration
+def make_raw_dataset(d: dict, raw: Path, args) -> None:
+    """The section's raw dataset: a phantom of ``cmcseg synth``, or the real folder through ``cmcseg convert``."""
+    import subprocess
+
+    if "phantom" in d:
+        from cmcseg.phantoms import synthesize
+
+        synthesize(d["phantom"], raw / d["dataset"], cases=args.cases, seed=args.seed, size=args.size)
+        return
+    source = args.myops_source
+    if not source.is_dir():
+        raise SystemExit(f"{source} does not exist: pass --myops-source with the myops_dev folder")
+    proc = subprocess.run([str(nd.BIN / "cmcseg"), "convert", "--from", "myops", str(source), "-d", "MYOPSDEV",
+                           "--raw", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"cmcseg convert failed:\n{proc.stdout[-3000:]}")
+
+
 def prepare(key: str, work: Path, args) -> dict:
-    """Phantom, cmcseg plan (2d), the nnU-Net raw dataset of the aligned arrays, nnU-Net's plan and preprocessing."""
-    from cmcseg.phantoms import synthesize
+    """Data, cmcseg plan (the section's configuration), the nnU-Net raw dataset of the aligned arrays, nnU-Net's plan
+    and preprocessing. 3D sections: the plan's patch may be forced (``patch``) and its batch is kept."""
     from cmcseg.plans.plans import plan_channels_per_modality
     from cmcseg.plans.splits import labeled_subset, load_splits
 
     d = DATASETS[key]
+    configuration = d["configuration"]
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
     t0 = time.perf_counter()
-    synthesize(d["phantom"], raw / d["dataset"], cases=args.cases, seed=args.seed, size=args.size)
-    plans = nd.plan_with_cmcseg(d["dataset"], raw, pre, CONFIGURATION)
-    config = plans["configurations"][CONFIGURATION]
+    make_raw_dataset(d, raw, args)
+    extra = ["--memory-gb", str(d["memory_gb"])] if "memory_gb" in d else []
+    plans = nd.plan_with_cmcseg(d["dataset"], raw, pre, configuration, extra)
+    config = plans["configurations"][configuration]
+    patch = list(d.get("patch") or config["patch_size"])
+    batch = args.batch_size if configuration == "2d" else int(config["batch_size"])
     splits = load_splits(pre / d["dataset"] / "splits.json")
     train = labeled_subset(splits, FOLD, 1.0)
     validation = list(splits["folds"][FOLD]["val"])
@@ -397,50 +477,68 @@ def prepare(key: str, work: Path, args) -> dict:
 
     env = nd.nnunet_env(work, data_workers=args.workers, threads=args.threads)
     raw_folder = nd.write_aligned_raw(pre / d["dataset"], plans, train + validation, Path(env["nnUNet_raw"]),
-                                      d["nnunet_id"], d["nnunet_name"], configuration=CONFIGURATION)
-    native, nn_plan_s = nd.plan_and_preprocess(d["nnunet_id"], env, workers=2, configuration=CONFIGURATION)
+                                      d["nnunet_id"], d["nnunet_name"], configuration=configuration)
+    native, nn_plan_s = nd.plan_and_preprocess(d["nnunet_id"], env, workers=2, configuration=configuration)
     nd.write_splits(env, d["nnunet_id"], train, validation)
-    forced = nd.forced_plans(native, config["patch_size"], args.batch_size,
-                             small_architecture(config["architecture"], args.features), configuration=CONFIGURATION)
+    forced = nd.forced_plans(native, patch, batch, small_architecture(config["architecture"], args.features),
+                             configuration=configuration)
     plans_file = work / "nnunet_forced_plans.json"
     plans_file.write_text(json.dumps(forced, indent=1))
     nn_pre = nd.preprocessed_folder(env, d["nnunet_id"])
     return {
         "work": str(work), "raw": str(raw), "preprocessed": str(pre), "results": str(res), "env": env,
-        "dataset": d["dataset"], "nnunet_plans": str(plans_file), "nnunet_raw_dataset": str(raw_folder),
-        "nnunet_dataset_json": str(nn_pre / "dataset.json"),
-        "nnunet_preprocessed_data": str(nn_pre / native["configurations"][CONFIGURATION]["data_identifier"]),
+        "dataset": d["dataset"], "configuration": configuration, "nnunet_plans": str(plans_file),
+        "nnunet_raw_dataset": str(raw_folder), "nnunet_dataset_json": str(nn_pre / "dataset.json"),
+        "nnunet_preprocessed_data": str(nn_pre / native["configurations"][configuration]["data_identifier"]),
         "train": train, "validation": validation, "modalities": list(plans["modalities"]),
-        "channels_per_modality": channels_per_modality, "patch_size": config["patch_size"],
+        "channels_per_modality": channels_per_modality, "patch_size": patch, "batch_size": batch,
+        "features": list(args.features),
         "cmcseg_plan": {"patch_size": config["patch_size"], "batch_size": config["batch_size"],
                         "spacing": config["spacing"]},
-        "nnunet_native_plan": nd.configuration_summary(native, CONFIGURATION),
-        "nnunet_forced_plan": nd.configuration_summary(forced, CONFIGURATION),
-        "normalization_nnunet": native["configurations"][CONFIGURATION]["normalization_schemes"],
+        "nnunet_native_plan": nd.configuration_summary(native, configuration),
+        "nnunet_forced_plan": nd.configuration_summary(forced, configuration),
+        "normalization_nnunet": native["configurations"][configuration]["normalization_schemes"],
         "normalization_cmcseg": config["normalization_schemes"],
         "setup_s": time.perf_counter() - t0, "nnunet_plan_and_preprocess_s": nn_plan_s,
     }
 
 
-SPEC_KEYS = ("work", "raw", "preprocessed", "results", "dataset", "nnunet_plans", "nnunet_raw_dataset",
-             "nnunet_dataset_json", "nnunet_preprocessed_data", "train", "validation", "modalities",
-             "channels_per_modality", "patch_size")
+SPEC_KEYS = ("work", "raw", "preprocessed", "results", "dataset", "configuration", "nnunet_plans",
+             "nnunet_raw_dataset", "nnunet_dataset_json", "nnunet_preprocessed_data", "train", "validation",
+             "modalities", "channels_per_modality", "patch_size", "features")
 
 
-def run_arm(arm: str, setup: dict, args) -> dict:
-    """One arm on one dataset, in a process of its own."""
+def run_arm(arm: str, setup: dict, args, iterations: int | None = None) -> dict:
+    """One arm on one dataset, in a process of its own; ``iterations``: an nnU-Net arm trains that many."""
     spec = {**{k: setup[k] for k in SPEC_KEYS}, "arm": arm, "budget_s": args.budget_minutes * 60.0,
-            "clock": args.clock, "batch_size": args.batch_size, "backbone": args.backbone, "threads": args.threads,
+            "iterations": iterations,
+            "clock": args.clock, "batch_size": setup["batch_size"], "backbone": args.backbone,
+            "patch": setup["patch_size"], "threads": args.threads,
             "workers": args.workers, "device": args.device, "seed": args.seed}
     return nd.run_worker(Path(__file__).resolve(), arm, spec, Path(setup["work"]), setup["env"])
 
 
-def goal_check(arms: dict) -> dict:
-    """The issue's goal on this run: (a) best mean over subsets, (a) within 2 points of (b) on the full set."""
+def goal_check(arms: dict, configuration: str) -> dict:
+    """The issue's goal on this run. 2D sections: (a) best mean over subsets, (a) within 2 points of (b) on the full
+    set. 3D sections: (a) >= nnU-Net zero-filled + 10 points on the mean over subsets, (a) within 1 point of it on
+    the full set, and within 3 points of each dedicated nnU-Net on that one's modality."""
     out: dict = {}
     if "any2seg" not in arms:
         return out
     a = arms["any2seg"]
+    if configuration != "2d":
+        if "nnunet" in arms:
+            out["mean_over_subsets_any2seg_minus_nnunet_points"] = gain = \
+                100.0 * (a["mean_over_subsets"] - arms["nnunet"]["mean_over_subsets"])
+            out["any2seg_10_points_over_nnunet_zero_filled"] = gain >= 10.0
+            out["full_set_any2seg_minus_nnunet_points"] = full = 100.0 * (a["full_set"] - arms["nnunet"]["full_set"])
+            out["any2seg_within_1_point_of_nnunet_full_set"] = full >= -1.0
+        for arm, only in DEDICATED.items():
+            if arm in arms:
+                gap = 100.0 * (subset_score(a, only) - subset_score(arms[arm], only))
+                out[f"{only}_only_any2seg_minus_dedicated_points"] = gap
+                out[f"{only}_only_any2seg_within_3_points_of_dedicated"] = gap >= -3.0
+        return out
     others = {k: r["mean_over_subsets"] for k, r in arms.items() if k != "any2seg"}
     if others:
         out["any2seg_best_mean_over_subsets"] = all(a["mean_over_subsets"] > v for v in others.values())
@@ -451,9 +549,16 @@ def goal_check(arms: dict) -> dict:
     return out
 
 
+def subset_score(result: dict, subset: str) -> float:
+    """The mean score of one subset's row (by name, e.g. ``LGE``)."""
+    return float(next(r["mean"] for r in result["subsets"] if r["subset"] == subset))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-minutes", type=float, default=3.0, help="training time of every arm on every dataset")
+    ap.add_argument("--match", choices=("wall", "iterations"), default="wall",
+                    help="the nnU-Net arms train for the same budget (wall) or for as many iterations as (a)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="what the budget counts: wall seconds of training or CPU seconds of the training process")
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ",".join(DATASETS))
@@ -468,11 +573,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="data-augmentation processes per arm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--myops-source", type=Path, default=HERE.parent.parent / "shared" / "data" / "myops_dev",
+                    help="the myops_dev folder (section myops3d)")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     nd.add_worker_arguments(ap, ARMS)
     args = ap.parse_args()
     if args.worker:
-        nd.serve_worker(args.spec, args.result, worker_nnunet if args.worker == "nnunet" else worker_any2seg)
+        nd.serve_worker(args.spec, args.result,
+                        worker_nnunet if args.worker.startswith("nnunet") else worker_any2seg)
         return
 
     datasets = [k for k in args.datasets.split(",") if k]
@@ -493,12 +601,14 @@ def main() -> None:
             report["datasets"][key] = entry
             print(f"{key}: setup (synth, cmcseg plan, nnU-Net plan and preprocess) {setup['setup_s']:.0f} s",
                   flush=True)
-            for arm in arms:
-                r = entry["arms"][arm] = run_arm(arm, setup, args)
+            for arm in sorted(arms, key=lambda k: k != "any2seg"):  # (a) first: its iterations may set the others'
+                same = args.match == "iterations" and arm.startswith("nnunet") and "any2seg" in entry["arms"]
+                r = entry["arms"][arm] = run_arm(arm, setup, args,
+                                                 entry["arms"]["any2seg"]["iterations"] if same else None)
                 print(f"{key} {ARM_TITLES[arm]}: {r['iterations']} iterations, process {r['process_wall_s']:.0f} s, "
                       f"{r['metric']} mean over subsets {r['mean_over_subsets']:.4f}, full set {r['full_set']:.4f}",
                       flush=True)
-            entry["goal"] = goal_check(entry["arms"])
+            entry["goal"] = goal_check(entry["arms"], setup["configuration"])
     report["host"]["loadavg_end"], report["total_wall_s"] = loadavg(), time.perf_counter() - start
     print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -512,9 +622,11 @@ def _points(v) -> str:
 
 def print_report(report: dict) -> None:
     a = report["args"]
-    print(f"\nbudget {a['budget_minutes']} min ({a['clock']} clock) of training per arm and dataset, batch "
-          f"{a['batch_size']}, {a['threads']} thread(s), {a['workers']} data worker(s); (a)/(b) MiT {a['backbone']}, "
-          f"(c) ResidualEncoderUNet features {a['features']}; random init; load average "
+    print(f"\nbudget {a['budget_minutes']} min ({a['clock']} clock) of training per arm and dataset"
+          f"{'; nnU-Net arms: as many iterations as (a)' if a.get('match') == 'iterations' else ''}, batch "
+          f"{a['batch_size']} (2D; 3D: the plan's), {a['threads']} thread(s), {a['workers']} data worker(s); 2D "
+          f"(a)/(b) MiT {a['backbone']}, 3D (a) the residual U-Net, nnU-Net ResidualEncoderUNet, both with features "
+          f"{a['features']} and one block per stage; random init; load average "
           f"{report['host']['loadavg_start']} -> {report['host']['loadavg_end']} on {report['host']['cpus']} CPUs")
     for key, entry in report["datasets"].items():
         s, arms = entry["setup"], entry["arms"]
@@ -522,17 +634,25 @@ def print_report(report: dict) -> None:
             continue
         metric = next(iter(arms.values()))["metric"]
         name = "mIoU" if metric == "miou" else "Dice"
-        print(f"\n{DATASETS[key]['phantom']} phantom ({a['size']}), fold {FOLD}: {len(s['train'])} training, "
-              f"{len(s['validation'])} validation cases; patch {s['patch_size']}; {name} x 100 per modality subset")
+        d = DATASETS[key]
+        data = f"{d['phantom']} phantom ({a['size']})" if "phantom" in d else d["source"]
+        print(f"\n{data}, {d['configuration']}, fold {FOLD}: {len(s['train'])} training, {len(s['validation'])} "
+              f"validation cases ({', '.join(s['validation'])}); patch {s['patch_size']}, batch {s['batch_size']}; "
+              f"{name} x 100 per modality subset")
         width = max([len("mean over subsets")] + [len(r["subset"]) for r in next(iter(arms.values()))["subsets"]]) + 2
-        print(f"{'subset':<{width}}" + "".join(f"{ARM_TITLES[arm]:>17}" for arm in arms))
+        print(f"{'subset':<{width}}" + "".join(f"{ARM_TITLES[arm]:>19}" for arm in arms))
         n_rows = len(next(iter(arms.values()))["subsets"])
         for i in range(n_rows):
             subset = next(iter(arms.values()))["subsets"][i]["subset"]
-            print(f"{subset:<{width}}" + "".join(f"{_points(r['subsets'][i]['mean']):>17}" for r in arms.values()))
-        print(f"{'mean over subsets':<{width}}" + "".join(f"{_points(r['mean_over_subsets']):>17}"
+            print(f"{subset:<{width}}" + "".join(f"{_points(r['subsets'][i]['mean']):>19}" for r in arms.values()))
+        print(f"{'mean over subsets':<{width}}" + "".join(f"{_points(r['mean_over_subsets']):>19}"
                                                          for r in arms.values()))
-        print(f"{'full set':<{width}}" + "".join(f"{_points(r['full_set']):>17}" for r in arms.values()))
+        print(f"{'full set':<{width}}" + "".join(f"{_points(r['full_set']):>19}" for r in arms.values()))
+        classes = [k for k in next(iter(arms.values()))["subsets"][0] if k not in ("subset", "num_modalities", "mean")]
+        for arm, r in arms.items():
+            print(f"   {ARM_TITLES[arm]} per class over subsets: " + ", ".join(
+                f"{c} {_points(sum(row[c] or 0.0 for row in r['subsets']) / len(r['subsets'])).strip()}"
+                for c in classes))
         if "nnunet" in arms:
             print(f"(c) full set through nnU-Net's own nnUNetPredictor: "
                   f"{_points(arms['nnunet']['full_set_nnunet_predictor']).strip()}")
@@ -543,6 +663,9 @@ def print_report(report: dict) -> None:
                   f"process {r['process_wall_s']:4.0f} s, {r['parameters'] / 1e6:.3f} M parameters, batch "
                   f"{r['batch_size']}, peak RSS {r['peak_tree_rss_gb']:.1f} GB")
         g = entry.get("goal", {})
+        for k, v in g.items():
+            if d["configuration"] != "2d":
+                print(f"goal {k}: {v if isinstance(v, bool) else f'{v:+.1f}'}")
         if "any2seg_best_mean_over_subsets" in g:
             print(f"goal: (a) best on the mean over subsets: {'yes' if g['any2seg_best_mean_over_subsets'] else 'NO'}")
         if "full_set_any2seg_minus_no_dropout_points" in g:
