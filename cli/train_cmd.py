@@ -46,8 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "`cmcseg plan -pl PlainConvUNet`")
     p.add_argument("--trainer", default="cmc",
                    help="trainer: a registered name (cmc: 3D CMC, one network over all modalities; cmc_branches: the "
-                        "paper's network, a branch per modality, about M times the cost; any2seg: 2D, any subset of "
-                        "modalities, with -c 2d) "
+                        "paper's network, a branch per modality, about M times the cost; any2seg: any subset of the "
+                        "modalities, 3D (the residual U-Net) or 2D (SegFormer MiT)) "
                         "or module:ClassName for your own subclass (default cmc)")
     p.add_argument("--encoder", default=None,
                    help="encoder of the encoder registry: residual, plain, swinunetr, ... (default: the plan's "
