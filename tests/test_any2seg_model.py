@@ -125,6 +125,7 @@ def test_lscd_is_zero_when_student_equals_teacher(model: Any2SegModel) -> None:
     for present in (torch.ones(M, dtype=torch.bool), torch.tensor([False, True, False, True])):
         terms = loss(model(images, present), teacher(images), anchors)
         assert terms.inter.abs().item() < 1e-6 and terms.intra.abs().item() < 1e-6, terms
+        assert terms.correlation.abs().item() < 1e-6, terms
 
 
 def test_lscd_sends_gradient_into_the_backbone() -> None:
@@ -141,7 +142,7 @@ def test_lscd_sends_gradient_into_the_backbone() -> None:
     labels = torch.randint(0, K, (2, SIZE, SIZE))
     out = student(images, torch.tensor([True, True, False, True]))
     terms = loss(out, teacher(images), _anchors(), labels=labels)
-    for name in ("inter", "intra", "align"):
+    for name in ("inter", "correlation", "intra", "align"):
         student.zero_grad()
         value = getattr(terms, name)
         assert value.item() > 0, name

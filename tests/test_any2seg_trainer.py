@@ -272,6 +272,8 @@ def test_a_local_languagebind_teacher_gives_the_inter_modal_target(planned: Work
         losses = trainer.train_step(next(trainer.dataloader))
         assert len(targets) == 1 and targets[0].shape == (trainer.labeled_batch_size, 6)
         assert np.isfinite(losses["lscd_inter"]) and losses["lscd_inter"] > 0
+        assert trainer.lscd.correlation_weight == trainer.lscd_correlation_weight == 1.0
+        assert np.isfinite(losses["lscd_correlation"]) and losses["lscd_correlation"] >= 0   # logged like the others
     finally:
         trainer.close()
 

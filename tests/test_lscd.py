@@ -141,3 +141,43 @@ def test_the_teacher_target_comes_from_an_ema_copy_of_the_projection() -> None:
     old = {k: v for k, v in loss.state_dict().items() if not k.startswith("ema_")}   # saved before P' existed
     restored.load_state_dict(old)
     assert torch.equal(restored.ema_projection.weight, loss.projection.weight)
+
+
+# ------------------------------------------------------------------------------------------ modality correlation
+def test_the_modality_correlation_term_matches_the_teachers_structure_over_present_pairs_only() -> None:
+    from cmcseg.losses.language_distillation import LSCDLoss
+
+    generator = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    loss = LSCDLoss(feature_dim=6, text_dim=8, affinity_size=4)
+    anchors = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    student, teacher = _outputs(generator, present=present)
+    feats, teacher_feats = student.features[0], teacher.features[0]
+
+    same = torch.where(present[..., None, None, None], teacher_feats, torch.zeros(()))
+    assert loss.inter_modal_correlation(same, present, teacher_feats, teacher.present).abs().item() < 1e-6
+
+    value = loss.inter_modal_correlation(feats, present, teacher_feats, teacher.present)
+    value.backward()
+    assert value.item() > 0 and feats.grad[present].abs().sum() > 0
+    assert feats.grad[0, 2].abs().sum() == 0                                     # absent: no gradient
+    garbage = feats.detach().clone()
+    garbage[0, 2] = 1e3 * torch.randn(6, 4, 4, generator=generator)             # absent slot: changes nothing
+    assert torch.allclose(loss.inter_modal_correlation(garbage, present, teacher_feats, teacher.present), value,
+                          rtol=0, atol=1e-7)
+    single = torch.tensor([[True, False, False], [False, False, True]])         # one modality per row: no pairs
+    assert loss.inter_modal_correlation(feats, single, teacher_feats, teacher.present).item() == 0
+    teacher_missing = torch.tensor([[True, True, True], [True, True, False]])   # modality 2 of row 1 not in view
+    restricted = loss.inter_modal_correlation(feats, present, teacher_feats, teacher_missing)
+    garbage_teacher = teacher_feats.clone()
+    garbage_teacher[1, 2] = 1e3 * torch.randn(6, 4, 4, generator=generator)
+    assert torch.allclose(loss.inter_modal_correlation(feats, present, garbage_teacher, teacher_missing), restricted,
+                          rtol=0, atol=1e-7)
+
+    terms = loss(student, teacher, anchors)                                      # a weighted term of the total
+    assert torch.allclose(terms.correlation, value)
+    loss.correlation_weight = 0.0
+    without = loss(student, teacher, anchors)
+    assert without.correlation.item() == 0
+    assert torch.allclose(terms.total - without.total, value, atol=1e-6)

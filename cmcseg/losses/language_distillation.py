@@ -1,16 +1,17 @@
 """Language-guided semantic correlation distillation (LSCD) of Any2Seg, and the EMA visual teacher.
 
 Notation: ``f_{b,m}`` the student's features of modality ``m`` of sample ``b`` (present:
-``a_{b,m} = 1``), ``T`` the EMA teacher's fused features computed with ALL modalities present,
-``t_k`` the frozen, L2-normalised text anchor of class ``k`` (``K x D``), ``P`` a learnable
-linear projection from visual channels to the text space ``D``, ``P'`` its EMA copy (no
-gradient; ``P' <- a P' + (1 - a) P`` after each optimizer step, with the EMA teacher's decay and
-ramp), which maps the teacher's features so that the target does not move with the student's
-projection, ``n(.)`` L2 normalisation,
-``tau`` a temperature: 0.01 by default, CLIP's ``1 / logit_scale`` (CLIP and LanguageBind learn
-``logit_scale`` up to its cap of 100). Cosines in such a space span a narrow range (image-text
-cosines of all classes lie within about 0.1 of each other), so ``tau = 0.1`` would make every class
-distribution nearly uniform; the same fixed value serves both teachers.
+``a_{b,m} = 1``), ``T`` the EMA teacher's fused features computed with ALL modalities present
+and ``T_{b,m}`` its per-modality features (present there: ``a'_{b,m} = 1``), ``t_k`` the frozen,
+L2-normalised text anchor of class ``k`` (``K x D``), ``P`` a learnable linear projection from
+visual channels to the text space ``D``, ``P'`` its EMA copy (no gradient;
+``P' <- a P' + (1 - a) P`` after each optimizer step, with the EMA teacher's decay and ramp),
+which maps the teacher's features so that the target does not move with the student's
+projection, ``n(.)`` L2 normalisation, ``tau`` a temperature: 0.01 by default, CLIP's
+``1 / logit_scale`` (CLIP and LanguageBind learn ``logit_scale`` up to its cap of 100). Cosines
+in such a space span a narrow range (image-text cosines of all classes lie within about 0.1 of
+each other), so ``tau = 0.1`` would make every class distribution nearly uniform; the same fixed
+value serves both teachers.
 
 * **Inter-modal** (language-guided class distributions). Per token ``x`` (of stage
   ``inter_stage``, or of the pooled map when the target is global)::
@@ -23,6 +24,18 @@ distribution nearly uniform; the same fixed value serves both teachers.
   With a teacher that has image towers (LanguageBind), ``q_b`` may instead be given globally,
   ``q_b(k) = softmax_k(<e_b, t_k> / tau)`` with ``e_b`` its full-modality embedding; the student
   side is then pooled over tokens.
+
+* **Inter-modal correlation** (the M x M modality structure, in addition to the distributions).
+  Per sample, the present modalities' features of stage ``inter_stage``, pooled over tokens and
+  mapped to the text space: ``z_{b,m} = n(P mean_x f_{b,m}(x))`` (student) and
+  ``z'_{b,m} = n(P' mean_x T_{b,m}(x))`` (teacher, no gradient)::
+
+      C_b(m, m')  = <z_{b,m},  z_{b,m'}>            C'_b(m, m') = <z'_{b,m}, z'_{b,m'}>
+      L_corr = mean_{b, m != m': a_bm a_bm' a'_bm a'_bm' = 1} (C_b(m, m') - C'_b(m, m'))^2
+
+  Only pairs of modalities present in both count (a row with one modality has none). The cosines
+  are taken between the projected features, not the class distributions: at ``tau = 0.01`` those
+  are nearly one-hot, and their cosines (about 0 or 1) would carry almost no gradient.
 
 * **Intra-modal** (token affinity). Features of stage ``intra_stage``, average-pooled to at most
   ``affinity_size x affinity_size`` tokens (memory O(B M N^2) with N <= affinity_size^2)::
@@ -37,9 +50,9 @@ distribution nearly uniform; the same fixed value serves both teachers.
       L_align = CE( <n(P F_b(x)), t_k> / tau , y_b(x) )      F the student's fused features,
                                                                y the label at that token (nearest)
 
-  ``total = inter_weight L_inter + intra_weight L_intra + align_weight L_align``.
+  ``total = inter_weight L_inter + correlation_weight L_corr + intra_weight L_intra + align_weight L_align``.
 
-Both distillation terms are exactly zero when each present modality's features equal the
+The distillation terms are exactly zero when each present modality's features equal the
 teacher's (e.g. identical modalities and a freshly copied EMA teacher), and send gradient into
 the backbone otherwise.
 """
@@ -64,6 +77,7 @@ class LSCDTerms:
 
     inter: Tensor
     intra: Tensor
+    correlation: Tensor
     align: Tensor
     total: Tensor
 
@@ -97,8 +111,8 @@ class LSCDLoss(nn.Module):
     """
 
     def __init__(self, feature_dim: int, text_dim: int, temperature: float = 0.01, inter_weight: float = 1.0,
-                 intra_weight: float = 1.0, align_weight: float = 1.0, inter_stage: int = -1, intra_stage: int = -1,
-                 affinity_size: int = 16, ignore_index: int = -1):
+                 intra_weight: float = 1.0, align_weight: float = 1.0, correlation_weight: float = 1.0,
+                 inter_stage: int = -1, intra_stage: int = -1, affinity_size: int = 16, ignore_index: int = -1):
         super().__init__()
         self.projection = nn.Linear(feature_dim, text_dim)
         self.ema_projection = copy.deepcopy(self.projection).requires_grad_(False)
@@ -106,6 +120,7 @@ class LSCDLoss(nn.Module):
         self.inter_weight = inter_weight
         self.intra_weight = intra_weight
         self.align_weight = align_weight
+        self.correlation_weight = correlation_weight
         self.inter_stage = inter_stage
         self.intra_stage = intra_stage
         self.affinity_size = affinity_size
@@ -166,6 +181,30 @@ class LSCDLoss(nn.Module):
             kl = (log_q.exp() * (log_q - log_p)).sum(dim=-3).mean(dim=(-2, -1))   # (B, M)
         return _masked_mean(kl, present)
 
+    def modality_embeddings(self, features: Tensor, projection: nn.Module | None = None) -> Tensor:
+        """``z = n(P mean_x f)``: per-modality embeddings ``(B, M, D)`` in the text space of ``(B, M, C, h, w)``;
+        ``projection`` replaces ``P`` (e.g. ``P'``)."""
+        pooled = features.mean(dim=(-2, -1))
+        return F.normalize((self.projection if projection is None else projection)(pooled), dim=-1)
+
+    def inter_modal_correlation(self, features: Tensor, present: Tensor, teacher_features: Tensor,
+                                teacher_present: Tensor | None = None) -> Tensor:
+        """``L_corr`` for student features ``(B, M, C, h, w)`` and the teacher's per-modality ones (same shape).
+
+        Pairs ``m != m'`` absent from either side are masked out (``torch.where``: their values, whatever they
+        are, change neither the loss nor the gradient).
+        """
+        z = self.modality_embeddings(features)
+        student = z @ z.transpose(-1, -2)                                          # (B, M, M)
+        with torch.no_grad():
+            z_t = self.modality_embeddings(teacher_features.detach(), self.ema_projection)
+            target = z_t @ z_t.transpose(-1, -2)
+        mask = present.bool() if teacher_present is None else present.bool() & teacher_present.bool()
+        eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+        pairs = mask[:, :, None] & mask[:, None, :] & ~eye
+        squared = torch.where(pairs, (student - target) ** 2, torch.zeros_like(student))
+        return squared.sum() / pairs.sum().clamp_min(1)
+
     def intra_modal(self, features: Tensor, present: Tensor, teacher_features: Tensor) -> Tensor:
         """``L_intra`` for student features ``(B, M, C, h, w)`` and teacher fused features ``(B, C, h, w)``."""
         student = token_affinity(features, self.affinity_size)                    # (B, M, N, N)
@@ -187,7 +226,8 @@ class LSCDLoss(nn.Module):
                 teacher_embeddings: Tensor | None = None) -> LSCDTerms:
         """All LSCD terms of a batch.
 
-        ``teacher``: the EMA teacher's output with all modalities present. ``teacher_embeddings``
+        ``teacher``: the EMA teacher's output with all modalities present (its per-modality features give the
+        correlation target). ``teacher_embeddings``
         ``(B, D)``: a language-vision teacher's full-modality embedding; when given it is the
         inter-modal target instead of the EMA representation. ``labels`` ``(B, H, W)`` enable
         ``L_align`` (pass None for unlabeled batches).
@@ -200,13 +240,19 @@ class LSCDLoss(nn.Module):
         else:
             target = self.teacher_log_probs(teacher.fused[self.inter_stage], anchors)
         inter = self.inter_modal(feats, student.present, target, anchors)
+        if self.correlation_weight:
+            correlation = self.inter_modal_correlation(feats, student.present, teacher.features[self.inter_stage],
+                                                       teacher.present)
+        else:
+            correlation = inter.new_zeros(())
         intra = self.intra_modal(student.features[self.intra_stage], student.present, teacher.fused[self.intra_stage])
         if labels is not None and self.align_weight:
             align = self.text_alignment(student.fused[self.inter_stage], labels, anchors)
         else:
             align = inter.new_zeros(())
-        total = self.inter_weight * inter + self.intra_weight * intra + self.align_weight * align
-        return LSCDTerms(inter=inter, intra=intra, align=align, total=total)
+        total = (self.inter_weight * inter + self.correlation_weight * correlation + self.intra_weight * intra
+                 + self.align_weight * align)
+        return LSCDTerms(inter=inter, intra=intra, correlation=correlation, align=align, total=total)
 
 
 class EMATeacherModel(nn.Module):

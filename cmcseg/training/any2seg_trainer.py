@@ -22,14 +22,16 @@ the batch composition:
   and a long one follow the same curve)::
 
       L = w_seg L_DiceCE(student, y)                       labeled rows only (deep-supervised: U-Net)
-        + w_lscd(t) L_LSCD(student, EMA teacher, anchors)  all rows (inter + intra + text alignment; MiT)
+        + w_lscd(t) L_LSCD(student, EMA teacher, anchors)  all rows (MiT; see below)
         + w_cons(t) L_cons(student, EMA teacher)           all rows
 
   where the student sees the dropped subset and the EMA teacher (no gradient) sees every
   available modality, i.e. the full-modality representation. ``L_DiceCE`` is nnU-Net's Dice+CE,
-  ``L_LSCD`` is :class:`~cmcseg.losses.language_distillation.LSCDLoss` with text anchors of the class
+  ``L_LSCD`` is :class:`~cmcseg.losses.language_distillation.LSCDLoss` (inter-modal class distributions,
+  the M x M correlation of the present modalities matched to the teacher's, intra-modal token affinity,
+  text alignment; each logged as ``lscd_*``) with text anchors of the class
   names from the frozen language teacher (``--teacher minilm``, offline, or ``languagebind``,
-  whose image towers then give the inter-modal target; otherwise the EMA teacher's features give it,
+  whose image towers then give the class-distribution target; otherwise the EMA teacher's features give it,
   mapped to the text space by an EMA copy of LSCD's projection, moved with the teacher's decay
   after each optimizer step and saved with it), ``L_cons`` the softmax MSE between the
   student's and the teacher's full-resolution class maps. LSCD belongs to the MiT network: its
@@ -142,6 +144,7 @@ class Any2SegTrainer(TrainerBase):
     lscd_inter_weight: float = 1.0
     lscd_intra_weight: float = 1.0
     lscd_align_weight: float = 1.0
+    lscd_correlation_weight: float = 1.0  # the M x M modality-correlation term
     lscd_affinity_size: int = 16
     # ---- consistency of the dropped-subset student with the full-modality EMA teacher
     consistency_weight: float = 1.0
@@ -239,6 +242,7 @@ class Any2SegTrainer(TrainerBase):
         self.lscd = LSCDLoss.for_model(model, int(self.anchors.shape[1]), temperature=self.lscd_temperature,
                                        inter_weight=self.lscd_inter_weight, intra_weight=self.lscd_intra_weight,
                                        align_weight=self.lscd_align_weight,
+                                       correlation_weight=self.lscd_correlation_weight,
                                        affinity_size=self.lscd_affinity_size).to(self.device)
         self.optimizer.add_param_group({"params": [p for p in self.lscd.parameters() if p.requires_grad]})
 
@@ -351,7 +355,8 @@ class Any2SegTrainer(TrainerBase):
         if self.labels.ignore_label is not None:
             align_labels = torch.where(align_labels == self.labels.ignore_label, -1, align_labels)
         terms = self.lscd(student, teacher, self.anchors, labels=align_labels, teacher_embeddings=embeddings)
-        losses.update({"lscd_inter": terms.inter, "lscd_intra": terms.intra, "lscd_align": terms.align})
+        losses.update({"lscd_inter": terms.inter, "lscd_correlation": terms.correlation, "lscd_intra": terms.intra,
+                       "lscd_align": terms.align})
         return terms.total
 
     def on_after_backward(self) -> None:
