@@ -70,6 +70,9 @@ configuration ``3d_fullres``, the plan's batch (myops3d: ``cmcseg plan --memory-
 (c) ``nnunet-lge`` / ``nnunet-bssfp``: nnU-Net trained (and tested) with every other channel set to 0 in
     every batch, i.e. a dedicated model of that one modality (constant-zero channels carry no information).
 
+MFF ablations (any section): ``any2seg-mean`` (the plain mean of the present modalities' features instead
+of MFF) and ``any2seg-tau0.1`` (MFF at temperature 0.1 instead of 1).
+
 With ``--match iterations`` (the issue's protocol for this section) the nnU-Net arms train as many
 iterations as (a) did in its budget (poly learning rate over those iterations), and every arm's seconds
 are reported; with ``--match wall`` every arm gets the budget. Cases: the fold's labeled training cases
@@ -111,9 +114,10 @@ class BudgetSpent(Exception):
     """Raised inside the training loop when the arm's budget is used up."""
 
 FOLD = 0
-ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp")
+ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp", "any2seg-mean", "any2seg-tau0.1")
 ARM_TITLES = {"any2seg": "(a) any2seg", "no-dropout": "(b) no-dropout", "nnunet": "(c) nnunet",
-              "nnunet-lge": "nnunet LGE only", "nnunet-bssfp": "nnunet bSSFP only"}
+              "nnunet-lge": "nnunet LGE only", "nnunet-bssfp": "nnunet bSSFP only",
+              "any2seg-mean": "(a) mean fusion", "any2seg-tau0.1": "(a) MFF tau 0.1"}
 #: arm -> the one modality a dedicated nnU-Net arm trains and tests on (the other channels are 0 throughout)
 DEDICATED = {"nnunet-lge": "LGE", "nnunet-bssfp": "bSSFP"}
 #: benchmark key -> data (a phantom, or the real myops_dev folder), cmcseg dataset folder and configuration,
@@ -225,7 +229,18 @@ def any2seg_trainer_classes() -> dict:
 
         modality_dropout = 0.0
 
-    return {"any2seg": BudgetAny2SegTrainer, "no-dropout": BudgetAny2SegNoDropoutTrainer}
+    class BudgetAny2SegMeanTrainer(BudgetAny2SegTrainer):
+        """MFF ablation: the plain mean of the present modalities' features."""
+
+        fusion_mode = "mean"
+
+    class BudgetAny2SegSharpTrainer(BudgetAny2SegTrainer):
+        """MFF ablation: temperature 0.1 instead of 1 (similarity weights far from uniform)."""
+
+        fusion_temperature = 0.1
+
+    return {"any2seg": BudgetAny2SegTrainer, "no-dropout": BudgetAny2SegNoDropoutTrainer,
+            "any2seg-mean": BudgetAny2SegMeanTrainer, "any2seg-tau0.1": BudgetAny2SegSharpTrainer}
 
 
 # ============================================================================================ scoring
@@ -281,7 +296,7 @@ def worker_any2seg(spec: dict) -> dict:
     trainer.run()
     if list(trainer.cases.validation) != list(spec["validation"]) or list(trainer.cases.labeled) != spec["train"]:
         raise RuntimeError("the trainer's fold differs from the benchmark's")
-    if spec["arm"] == "any2seg":
+    if spec["arm"] != "no-dropout":
         table = trainer.run_subset_evaluation()  # evaluate_subsets with Any2Seg's subset mechanism
     else:
         network = trainer.inference_network()

@@ -19,6 +19,7 @@ from cmcseg.cli.main import main as cli_main
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import read_json
 from cmcseg.networks.any2seg import Any2SegProbabilities, Any2SegUNet, SubsetProbabilities
+from cmcseg.networks.any2seg_fusion import ModalityAgnosticFusion
 from cmcseg.paths import WorkRoots
 from cmcseg.plans.plans import plan_channels_per_modality, plan_configuration, plan_num_classes
 from cmcseg.training.any2seg_trainer import Any2SegTrainer
@@ -155,3 +156,18 @@ def test_3d_training_writes_the_subset_table_and_predict_writes_every_partial_ca
         source = sitk.ReadImage(str(images / f"{case}_{channel:04d}.nii.gz"))
         assert written.GetSize() == source.GetSize() and written.GetSpacing() == pytest.approx(source.GetSpacing())
         assert written.GetOrigin() == pytest.approx(source.GetOrigin())
+
+
+def test_mean_fusion_is_the_mean_of_the_present_modalities_only() -> None:
+    feats = torch.randn(3, 2, 4, 2, 5, 5)
+    present = torch.tensor([[True, False], [False, True], [True, True]])
+    garbage = feats.clone()
+    garbage[1, 0] = float("nan")
+    garbage[0, 1] = 1e9
+    fused = ModalityAgnosticFusion(mode="mean")(garbage, present)
+    assert torch.allclose(fused[0], (feats[0, 0] + feats[2, 0]) / 2)
+    assert torch.allclose(fused[1], (feats[1, 1] + feats[2, 1]) / 2)
+    # MFF at a very low temperature is not the mean: it weights by similarity and selects a modality
+    assert not torch.allclose(ModalityAgnosticFusion(temperature=0.01)(feats, present), fused)
+    with pytest.raises(ValueError, match="fusion mode"):
+        ModalityAgnosticFusion(mode="max")

@@ -148,7 +148,7 @@ class Any2SegNetwork(nn.Module):
     in_channels: int
 
     def __init__(self, num_classes: int, num_modalities: int, fusion_temperature: float = 1.0,
-                 modality_names: Sequence[str] | None = None) -> None:
+                 modality_names: Sequence[str] | None = None, fusion_mode: str = "mff") -> None:
         super().__init__()
         if num_modalities < 1 or num_classes < 1:
             raise ValueError("num_modalities and num_classes must be >= 1")
@@ -157,7 +157,7 @@ class Any2SegNetwork(nn.Module):
         self.num_classes = num_classes
         self.num_modalities = num_modalities
         self.modality_names = list(modality_names) if modality_names else [f"m{i}" for i in range(num_modalities)]
-        self.fusion = ModalityAgnosticFusion(temperature=fusion_temperature)
+        self.fusion = ModalityAgnosticFusion(temperature=fusion_temperature, mode=fusion_mode)
 
     # ------------------------------------------------------------------------------ the hooks
     @property
@@ -221,8 +221,8 @@ class Any2SegModel(Any2SegNetwork):
     def __init__(self, num_classes: int, num_modalities: int, variant: str = "mit_b0", in_channels: int = 3,
                  backbone_weights: Path | str | None = None, decoder_hidden_size: int | None = None,
                  fusion_temperature: float = 1.0, dropout: float = 0.1,
-                 modality_names: Sequence[str] | None = None):
-        super().__init__(num_classes, num_modalities, fusion_temperature, modality_names)
+                 modality_names: Sequence[str] | None = None, fusion_mode: str = "mff"):
+        super().__init__(num_classes, num_modalities, fusion_temperature, modality_names, fusion_mode)
         self.in_channels = in_channels
         self.backbone: MiTBackbone = build_mit_backbone(variant, in_channels, backbone_weights)
         head_config = mit_config(variant, in_channels, num_labels=num_classes)
@@ -268,8 +268,9 @@ class Any2SegUNet(Any2SegNetwork):
     def __init__(self, plan_config: Mapping[str, Any], channels_per_modality: Sequence[int], num_classes: int,
                  encoder: str = "residual", deep_supervision: bool = True, fusion_temperature: float = 1.0,
                  encoder_weights: Path | str | None = None, encoder_options: Mapping[str, Any] | None = None,
-                 modality_names: Sequence[str] | None = None, unsafe_allow_pickle: bool = False) -> None:
-        super().__init__(num_classes, len(channels_per_modality), fusion_temperature, modality_names)
+                 modality_names: Sequence[str] | None = None, unsafe_allow_pickle: bool = False,
+                 fusion_mode: str = "mff") -> None:
+        super().__init__(num_classes, len(channels_per_modality), fusion_temperature, modality_names, fusion_mode)
         self.channels_per_modality = [int(c) for c in channels_per_modality]
         self.in_channels = max(self.channels_per_modality) + 1
         self.encoder: ModalityEncoder = build_encoder(encoder, plan_config, self.in_channels, encoder_weights,

@@ -24,6 +24,11 @@ modalities; this implementation takes any ``M``.
 
 The argmax selection is not differentiable w.r.t. the choice, but the selected feature carries
 gradient to its modality's backbone pass, and ``F`` to all present modalities.
+
+``mode="mean"`` is the plain mean ``fbar`` of the present modalities (no similarity weights, no
+selection): the ablation baseline of MFF. With ``tau = 1`` the similarity weights of MFF are close to
+uniform (cosines lie in [-1, 1], so weights differ by at most a factor e^2), which is why the
+temperature is an attribute and the plain mean an option.
 """
 from __future__ import annotations
 
@@ -53,6 +58,14 @@ def _check_present(features: Tensor, present: Tensor | None) -> Tensor:
     return present
 
 
+def mean_fusion(features: Tensor, present: Tensor | None = None) -> Tensor:
+    """The mean of the present modalities' ``features (M, B, C, *spatial)`` -> ``(B, C, *spatial)``."""
+    present = _check_present(features, present)
+    mask = present.reshape(*present.shape, *([1] * (features.dim() - 2)))
+    feats = torch.where(mask, features, torch.zeros((), dtype=features.dtype, device=features.device))
+    return feats.sum(dim=0) / mask.sum(dim=0).clamp_min(1).to(features.dtype)
+
+
 def modality_agnostic_feature_fusion(features: Tensor, present: Tensor | None = None, temperature: float = 1.0,
                                      eps: float = 1e-6) -> Tensor:
     """Fuse ``features (M, B, C, *spatial)`` of M modalities into ``(B, C, *spatial)`` (formula: module docstring).
@@ -80,17 +93,27 @@ def modality_agnostic_feature_fusion(features: Tensor, present: Tensor | None = 
     return 0.5 * (fused + selected)
 
 
-class ModalityAgnosticFusion(nn.Module):
-    """Module form of :func:`modality_agnostic_feature_fusion`; parameter-free, ``temperature`` is an attribute."""
+#: the fusions :class:`ModalityAgnosticFusion` can run
+FUSION_MODES = ("mff", "mean")
 
-    def __init__(self, temperature: float = 1.0, eps: float = 1e-6):
+
+class ModalityAgnosticFusion(nn.Module):
+    """Module form of :func:`modality_agnostic_feature_fusion` (``mode="mff"``) or of :func:`mean_fusion`
+    (``mode="mean"``); parameter-free, ``temperature`` and ``mode`` are attributes."""
+
+    def __init__(self, temperature: float = 1.0, eps: float = 1e-6, mode: str = "mff"):
         super().__init__()
+        if mode not in FUSION_MODES:
+            raise ValueError(f"fusion mode must be one of {FUSION_MODES}, got {mode!r}")
         self.temperature = temperature
         self.eps = eps
+        self.mode = mode
 
     def forward(self, features: Tensor, present: Tensor | None = None) -> Tensor:
         """``(M, B, C, *spatial)`` features and an ``(M, B)`` presence mask -> ``(B, C, *spatial)``."""
+        if self.mode == "mean":
+            return mean_fusion(features, present)
         return modality_agnostic_feature_fusion(features, present, self.temperature, self.eps)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"mode={self.mode}, temperature={self.temperature}"

@@ -122,6 +122,7 @@ class Any2SegTrainer(TrainerBase):
     backbone_in_channels: int = 3
     decoder_hidden_size: int | None = None  # None: SegFormer's width for the variant
     fusion_temperature: float = 1.0
+    fusion_mode: str = "mff"  # or "mean": the plain mean of the present modalities (the MFF ablation)
     classifier_dropout: float = 0.1
     # ---- optimisation (SegFormer / Any2Seg): AdamW, poly decay
     initial_lr: float = 6e-5  # with pretrained backbone weights
@@ -276,6 +277,7 @@ class Any2SegTrainer(TrainerBase):
                 plan_configuration(plans, configuration), plan_channels_per_modality(plans), plan_num_classes(plans),
                 encoder=backbone, deep_supervision=deep_supervision,
                 fusion_temperature=float(options.get("fusion_temperature", 1.0)),
+                fusion_mode=str(options.get("fusion_mode", "mff")),
                 encoder_weights=options.get("encoder_weights"), encoder_options=options.get("encoder_options"),
                 modality_names=options.get("modality_names"),
                 unsafe_allow_pickle=bool(options.get("unsafe_allow_pickle", False)))
@@ -285,7 +287,8 @@ class Any2SegTrainer(TrainerBase):
             in_channels=int(options.get("in_channels", options.get("backbone_in_channels", 3))),
             backbone_weights=options.get("backbone_weights"), decoder_hidden_size=options.get("decoder_hidden_size"),
             fusion_temperature=float(options.get("fusion_temperature", 1.0)),
-            dropout=float(options.get("classifier_dropout", 0.1)), modality_names=options.get("modality_names"))
+            fusion_mode=str(options.get("fusion_mode", "mff")), dropout=float(options.get("classifier_dropout", 0.1)),
+            modality_names=options.get("modality_names"))
 
     def training_network_options(self) -> dict[str, Any]:
         """The local backbone (MiT) or encoder (U-Net) weights, the classifier dropout and the modality names."""
@@ -305,7 +308,8 @@ class Any2SegTrainer(TrainerBase):
         steer test-time mirroring."""
         return {"backbone": self.backbone_variant, "in_channels": self.backbone_in_channels,
                 "decoder_hidden_size": self.decoder_hidden_size, "fusion_temperature": self.fusion_temperature,
-                "encoder_options": dict(self.request.encoder_options), "deep_supervision": self.deep_supervision,
+                "fusion_mode": self.fusion_mode, "encoder_options": dict(self.request.encoder_options),
+                "deep_supervision": self.deep_supervision,
                 "mirror_axes": list(self.spatial_augmentation().mirror_axes)}
 
     # =================================================================================== losses
