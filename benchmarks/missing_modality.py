@@ -59,7 +59,9 @@ The issue's goal: (a) best on the mean over subsets and within 2 points of (b) o
 the report says whether this run meets it. Validation sets are small (3 scenes, 2 cardiac
 cases): differences of a few points are within the noise of one seed.
 
-3D sections (``--datasets myops3d`` on ``../shared/data/myops_dev``, ``mscmr3d`` on the MSCMR phantom),
+3D sections (``--datasets myops3d`` on ``../shared/data/myops_dev``, ``brats3d`` on ``../shared/data/brats2015``:
+6 cases, FLAIR and T1c, 3 subsets, classes necrosis, edema, non-enhancing, enhancing; ``mscmr3d`` on the
+MSCMR phantom),
 configuration ``3d_fullres``, the plan's batch (myops3d: ``cmcseg plan --memory-gb 1.5``, patch forced to
 [4, 128, 128] for every arm as in semi_supervised_gain.py). Arms:
 
@@ -114,12 +116,14 @@ class BudgetSpent(Exception):
     """Raised inside the training loop when the arm's budget is used up."""
 
 FOLD = 0
-ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp", "any2seg-mean", "any2seg-tau0.1")
+ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp", "nnunet-flair", "nnunet-t1c",
+        "any2seg-mean", "any2seg-tau0.1")
 ARM_TITLES = {"any2seg": "(a) any2seg", "no-dropout": "(b) no-dropout", "nnunet": "(c) nnunet",
               "nnunet-lge": "nnunet LGE only", "nnunet-bssfp": "nnunet bSSFP only",
+              "nnunet-flair": "nnunet FLAIR only", "nnunet-t1c": "nnunet T1c only",
               "any2seg-mean": "(a) mean fusion", "any2seg-tau0.1": "(a) MFF tau 0.1"}
 #: arm -> the one modality a dedicated nnU-Net arm trains and tests on (the other channels are 0 throughout)
-DEDICATED = {"nnunet-lge": "LGE", "nnunet-bssfp": "bSSFP"}
+DEDICATED = {"nnunet-lge": "LGE", "nnunet-bssfp": "bSSFP", "nnunet-flair": "FLAIR", "nnunet-t1c": "T1c"}
 #: benchmark key -> data (a phantom, or the real myops_dev folder), cmcseg dataset folder and configuration,
 #: nnU-Net dataset id and name; 3D sections may force the patch (nnU-Net's Gaussian blur needs >= 4 slices)
 DATASETS = {
@@ -132,7 +136,12 @@ DATASETS = {
     "myops3d": {"source": "myops_dev", "dataset": "Dataset600_MYOPSDEV", "nnunet_id": 915,
                 "nnunet_name": "MYOPSDEValigned", "configuration": "3d_fullres", "memory_gb": 1.5,
                 "patch": [4, 128, 128]},
+    "brats3d": {"source": "brats2015", "dataset": "Dataset507_BRATS2015", "nnunet_id": 917,
+                "nnunet_name": "BRATS2015aligned", "configuration": "3d_fullres", "memory_gb": 1.5},
 }
+#: ../shared/data/brats2015 (DeepMedic's example copy of BraTS 2015): per case folder, the files of each channel
+BRATS_FILES = {"FLAIR": "Flair_subtrMeanDivStd.nii.gz", "T1c": "T1c_subtrMeanDivStd.nii.gz"}
+BRATS_LABELS = {"background": 0, "necrosis": 1, "edema": 2, "non_enhancing": 3, "enhancing": 4}
 #: the issue's tolerance for (a) against (b) on the full set, in points (score x 100)
 FULL_SET_TOLERANCE = 2.0
 
@@ -460,6 +469,9 @@ def make_raw_dataset(d: dict, raw: Path, args) -> None:
 
         synthesize(d["phantom"], raw / d["dataset"], cases=args.cases, seed=args.seed, size=args.size)
         return
+    if d["source"] == "brats2015":
+        write_brats_raw(args.brats_source, raw / d["dataset"])
+        return
     source = args.myops_source
     if not source.is_dir():
         raise SystemExit(f"{source} does not exist: pass --myops-source with the myops_dev folder")
@@ -467,6 +479,33 @@ def make_raw_dataset(d: dict, raw: Path, args) -> None:
                            "--raw", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"cmcseg convert failed:\n{proc.stdout[-3000:]}")
+
+
+def write_brats_raw(source: Path, folder: Path) -> None:
+    """The BraTS 2015 copy as a raw dataset: FLAIR and T1c (co-registered, 1 mm), OTMultiClass as the label (stored as
+    float there, written as integers). The copy has no official layout of its own, so the benchmark writes it."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from cmcseg.dataset import image_file, label_file, write_dataset_json
+
+    if not source.is_dir():
+        raise SystemExit(f"{source} does not exist: pass --brats-source with the brats2015 folder")
+    cases = sorted(p for p in source.iterdir() if p.is_dir() and (p / "OTMultiClass.nii.gz").is_file())
+    for case in cases:
+        for c, name in enumerate(BRATS_FILES.values()):
+            target = image_file(folder, case.name, c)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.ReadImage(str(case / name), sitk.sitkFloat32), str(target))
+        label = sitk.ReadImage(str(case / "OTMultiClass.nii.gz"))
+        values = np.rint(sitk.GetArrayFromImage(label)).astype(np.uint8)
+        out = sitk.GetImageFromArray(values)
+        out.CopyInformation(label)
+        target = label_file(folder, case.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(out, str(target))
+    write_dataset_json(folder, name="BRATS2015", channel_names=list(BRATS_FILES), labels=BRATS_LABELS,
+                       num_training=len(cases), description="BraTS 2015 (DeepMedic example copy): FLAIR, T1c")
 
 
 def prepare(key: str, work: Path, args) -> dict:
@@ -590,6 +629,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--myops-source", type=Path, default=HERE.parent.parent / "shared" / "data" / "myops_dev",
                     help="the myops_dev folder (section myops3d)")
+    ap.add_argument("--brats-source", type=Path, default=HERE.parent.parent / "shared" / "data" / "brats2015",
+                    help="the brats2015 folder (section brats3d)")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     nd.add_worker_arguments(ap, ARMS)
     args = ap.parse_args()
