@@ -446,8 +446,11 @@ def worker_nnunet(spec: dict) -> dict:
     def predict_all(x):  # nnU-Net's network sees the image channels only (no FOV masks)
         return torch.softmax(network(x[:, :n_images]).float(), dim=1)
 
+    # a dedicated arm is scored on its own modality only (the other rows would be a model without its input)
+    subsets = None if only is None else [(list(spec["modalities"]).index(only),)]
     table = evaluate_subsets(lambda subset: zero_filled(predict_all, channels, subset), eval_folder,
-                             spec["validation"], patch, labels, spec["modalities"], trainer.device, metric, 0.5, 1)
+                             spec["validation"], patch, labels, spec["modalities"], trainer.device, metric, 0.5, 1,
+                             subsets=subsets)
     result = {**table_result(table, spec["channels_per_modality"]), "metric": metric,
               "modalities": list(spec["modalities"]), **timing,
               "parameters": sum(p.numel() for p in network.parameters()), "batch_size": trainer.batch_size,
@@ -662,7 +665,8 @@ def main() -> None:
                 r = entry["arms"][arm] = run_arm(arm, setup, args,
                                                  entry["arms"]["any2seg"]["iterations"] if same else None)
                 print(f"{key} {ARM_TITLES[arm]}: {r['iterations']} iterations, process {r['process_wall_s']:.0f} s, "
-                      f"{r['metric']} mean over subsets {r['mean_over_subsets']:.4f}, full set {r['full_set']:.4f}",
+                      f"{r['metric']} x 100 mean over subsets {_points(r['mean_over_subsets'])}, "
+                      f"full set {_points(r['full_set'])}",
                       flush=True)
             entry["goal"] = goal_check(entry["arms"], setup["configuration"])
     report["host"]["loadavg_end"], report["total_wall_s"] = loadavg(), time.perf_counter() - start
@@ -697,10 +701,10 @@ def print_report(report: dict) -> None:
               f"{name} x 100 per modality subset")
         width = max([len("mean over subsets")] + [len(r["subset"]) for r in next(iter(arms.values()))["subsets"]]) + 2
         print(f"{'subset':<{width}}" + "".join(f"{ARM_TITLES[arm]:>19}" for arm in arms))
-        n_rows = len(next(iter(arms.values()))["subsets"])
-        for i in range(n_rows):
-            subset = next(iter(arms.values()))["subsets"][i]["subset"]
-            print(f"{subset:<{width}}" + "".join(f"{_points(r['subsets'][i]['mean']):>19}" for r in arms.values()))
+        for subset in [row["subset"] for row in max((r["subsets"] for r in arms.values()), key=len)]:
+            print(f"{subset:<{width}}" + "".join(
+                f"{_points(next((row['mean'] for row in r['subsets'] if row['subset'] == subset), None)):>19}"
+                for r in arms.values()))
         print(f"{'mean over subsets':<{width}}" + "".join(f"{_points(r['mean_over_subsets']):>19}"
                                                          for r in arms.values()))
         print(f"{'full set':<{width}}" + "".join(f"{_points(r['full_set']):>19}" for r in arms.values()))

@@ -103,7 +103,7 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | Non
                      patch_size: Sequence[int], labels: LabelInfo, modality_names: Sequence[str],
                      device: torch.device, metric: str, step: float = 0.5, sw_batch_size: int = 1,
                      joint_predictor_for: Callable[[Sequence[tuple[int, ...]]], Predictor] | None = None,
-                     max_bytes: float = 2e9) -> pd.DataFrame:
+                     max_bytes: float = 2e9, subsets: Sequence[tuple[int, ...]] | None = None) -> pd.DataFrame:
     """The subset table: for each non-empty subset, every labeled case of ``case_ids`` predicted from it.
 
     ``predictor_for(subset)`` returns the probability function of the network restricted to
@@ -112,11 +112,11 @@ def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | Non
     :class:`~cmcseg.networks.any2seg.SubsetProbabilities`), so that one sliding window per case
     (per group of subsets whose probabilities fit in ``max_bytes``) scores them all. Returns one
     row per subset with columns ``subset``, ``num_modalities``, one per class, and ``mean`` (the
-    mean over classes that occur).
+    mean over classes that occur). ``subsets`` restricts the table to those (default: every one).
     """
     if (predictor_for is None) == (joint_predictor_for is None):
         raise ValueError("pass exactly one of predictor_for and joint_predictor_for")
-    subsets = non_empty_subsets(len(modality_names))
+    subsets = list(subsets) if subsets is not None else non_empty_subsets(len(modality_names))
     scores = {s: SubsetScores(labels, metric) for s in subsets}
     for case_id in case_ids:
         data, seg, fov, _ = load_case(folder, case_id)
