@@ -115,7 +115,7 @@ class TrainingRequest:
     freeze_encoder: float | None = None
     command: str = ""
     max_seconds: float | None = None
-    # ---- Any2Seg (2D) options; None: the trainer's default
+    # ---- Any2Seg options; None: the trainer's default
     backbone: str | None = None
     backbone_weights: Path | None = None
     teacher: str | None = None
