@@ -29,7 +29,8 @@ Iterations and seconds are reported for every arm. Every cmcseg arm uses the sam
 ResidualEncoderUNet topology with ``--features`` per stage and one block per stage; nnU-Net gets one such branch
 with the modalities as input channels.
 
-Ablations (``--arms``): ``cmc-no-pl`` (no pseudo-labels), ``cmc-cac`` (the restricted CAC on, weight 0.1),
+Ablations (``--arms``): ``cmc-no-bcp`` (no copy-paste, pseudo-label weight 0.3: the default before),
+``cmc-no-pl`` (no pseudo-labels), ``cmc-cac`` (the restricted CAC on, weight 0.1, without copy-paste),
 ``cmc-tau0.6`` / ``cmc-tau0.95`` (confidence threshold), ``cmc-drop`` (the strong view drops a modality),
 ``cmc-early`` (weight 1 from 10 % of the run, the schedule before), ``cmc-early-drop`` (and drop),
 ``cmc-early-drop-merge`` (and unlearned classes merged into background), ``branches`` / ``branches-sup`` (the
@@ -82,7 +83,7 @@ ARMS = {
     "cmc-early-drop": "(a) weight 1 from 10 %, drop 0.5",
     "cmc-early-drop-merge": "(a) w 1 from 10 %, drop, merge",
     "cmc-hold-bg": "(a) background held until learned",
-    "cmc-bcp": "(a) + bidirectional copy-paste",
+    "cmc-no-bcp": "(a) without copy-paste (the default before)",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -150,14 +151,14 @@ def arm_trainer_class(arm: str):
     overrides = {
         "cmc": {}, "full": {}, "supervised": {"unlabeled_weight": 0.0},
         "cmc-extra": {"extra_unlabeled": True},
-        "cmc-no-pl": {"pseudo_label_weight": 0.0}, "cmc-cac": {"cac_weight": 0.1},
+        "cmc-no-pl": {"pseudo_label_weight": 0.0}, "cmc-cac": {"cac_weight": 0.1, "copy_paste_box": 0.0},
         "cmc-tau0.6": {"pseudo_label_threshold": 0.6}, "cmc-tau0.95": {"pseudo_label_threshold": 0.95},
         "cmc-drop": {"strong_drop_modality": 0.5},
         "cmc-early": early,
         "cmc-early-drop": {**early, "strong_drop_modality": 0.5},
         "cmc-early-drop-merge": {**early, "strong_drop_modality": 0.5, "learned_reliability": 0.5},
         "cmc-hold-bg": {"background_pseudo_label_bar": 0.5},
-        "cmc-bcp": {"copy_paste_box": 2 / 3, "pseudo_label_weight": 0.5},
+        "cmc-no-bcp": {"copy_paste_box": 0.0, "pseudo_label_weight": 0.3},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

@@ -23,7 +23,10 @@ on top (``batch["labeled"]``). For paired datasets (every modality of a case on 
   with FOV and per-head, per-class reliability weights, and its confident argmax teaches every
   student head, which sees a strongly augmented copy (same spatial transform, per-modality
   intensity perturbations, one modality dropped with probability ``strong_drop_modality``), inside the
-  field of view of the student's own input;
+  field of view of the student's own input. By default (``copy_paste_box = 2/3``) each unlabeled row of
+  the student is first mixed with a labeled row by bidirectional copy-paste (BCP): a box of 2/3 of each
+  in-plane side from one inside the other, through every slice, both ways in turn; the labeled part
+  learns its label, the rest the pseudo-labels;
 * **CSC** (channel-wise semantic consistency, branches only) on the bottlenecks of all rows;
 * **CAC** (optional, weight 0 by default): each head's foreground probabilities against the
   fused teacher's, detached, inside the head's field of view, on unlabeled rows;
@@ -104,7 +107,9 @@ class CMCTrainer(TrainerBase):
     #: authors' code started at 70 %; at 10 % the pseudo-labels erased thin classes on real cardiac MRI)
     unlabeled_warmup: float = 0.3
     unlabeled_rampup: float = 0.2  # fraction of the run over which the terms rise (sigmoid) to full weight
-    pseudo_label_weight: float = 0.3  # the CMC authors' unlabeled weights peaked at 0.21; 1.0 hurt more (README)
+    #: the CMC authors' unlabeled weights peaked at 0.21 and 1.0 hurt; 0.5 with copy-paste (half of each mixed row is
+    #: labeled) beat the labels alone on five of five myops_dev folds (README)
+    pseudo_label_weight: float = 0.5
     #: confidence a fused teacher voxel needs to become a pseudo-label: one value, or one per class (background
     #: first), e.g. lower for thin classes
     pseudo_label_threshold: float | tuple[float, ...] = 0.8
@@ -133,8 +138,9 @@ class CMCTrainer(TrainerBase):
     strong_drop_modality: float = 0.0  # probability that a row of the strong view loses one of its modalities
     #: bidirectional copy-paste (BCP): each unlabeled row of the student is mixed with a labeled row, a box of this
     #: fraction of each in-plane side from one inside the other, both ways in turn; the labeled part learns its label,
-    #: the rest the teacher's confident pseudo-labels (:func:`cmcseg.training.augmentation.copy_paste`). 0: off
-    copy_paste_box: float = 0.0
+    #: the rest the teacher's confident pseudo-labels (:func:`cmcseg.training.augmentation.copy_paste`). 0: off.
+    #: On myops_dev at --labeled 0.2 it was +4.2 points of mean foreground Dice over the labels alone (five folds)
+    copy_paste_box: float = 2 / 3
     # ---- mean teacher (unpaired, or a single modality)
     mean_teacher_weight: float = 0.1
     student_noise_std: float = 0.1
