@@ -177,6 +177,13 @@ def check_readable(case: InputCase) -> None:
 
 
 # ============================================================================================ preprocessing
+def grid_channel(plans: Mapping, present: Sequence[int]) -> int:
+    """The modality whose grid a partial case is preprocessed on and written to: the reference when present, else
+    the first present one in the plan's order."""
+    reference = int(plans["reference_channel"])
+    return reference if reference in present else int(sorted(present)[0])
+
+
 def subset_plans(plans: Mapping, configuration: str, present: Sequence[int]) -> dict:
     """The plans restricted to the ``present`` modalities (their channels, schemes and intensity properties)."""
     plans = dict(plans)
@@ -191,8 +198,7 @@ def subset_plans(plans: Mapping, configuration: str, present: Sequence[int]) -> 
     plans["foreground_intensity_properties_per_channel"] = {str(new): props[str(old)] for new, old in enumerate(keep)
                                                             if str(old) in props}
     plans["channels_per_modality"] = {str(m): cpm[m] for m in sorted(present)}
-    if int(plans["reference_channel"]) not in present:
-        plans["reference_channel"] = int(sorted(present)[0])
+    plans["reference_channel"] = grid_channel(plans, present)
     plans["configurations"] = {**plans["configurations"], configuration: config}
     return plans
 
@@ -248,8 +254,7 @@ def prepare_case(case: InputCase, model: TrainedModel, dataset: Dataset) -> Prep
         if missing and not model.accepts_missing_modalities:
             raise missing_modality_error(case, missing, model, dataset.file_ending)
         if missing:
-            grid = int(model.plans["reference_channel"])
-            grid = grid if grid in case.images else sorted(case.images)[0]
+            grid = grid_channel(model.plans, sorted(case.images))
             log.info("case %s: %s absent; the %s model segments it from %s, written on the %s grid", case.case_id,
                      ", ".join(model.channel_names[c] for c in missing), model.trainer_name,
                      ", ".join(model.channel_names[c] for c in sorted(case.images)), model.channel_names[grid])
