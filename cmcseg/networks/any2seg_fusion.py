@@ -58,12 +58,18 @@ def _check_present(features: Tensor, present: Tensor | None) -> Tensor:
     return present
 
 
+def _masked_mean(features: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """``features (M, B, C, ...)`` with absent entries set to 0 (their values are never read), and the mean of the
+    present ones ``(B, C, ...)``."""
+    mask = present.reshape(*present.shape, *([1] * (features.dim() - 2)))       # (M, B, 1, ...)
+    feats = torch.where(mask, features, torch.zeros((), dtype=features.dtype, device=features.device))
+    count = mask.sum(dim=0).clamp_min(1).to(features.dtype)                      # (B, 1, ...)
+    return feats, feats.sum(dim=0) / count
+
+
 def mean_fusion(features: Tensor, present: Tensor | None = None) -> Tensor:
     """The mean of the present modalities' ``features (M, B, C, *spatial)`` -> ``(B, C, *spatial)``."""
-    present = _check_present(features, present)
-    mask = present.reshape(*present.shape, *([1] * (features.dim() - 2)))
-    feats = torch.where(mask, features, torch.zeros((), dtype=features.dtype, device=features.device))
-    return feats.sum(dim=0) / mask.sum(dim=0).clamp_min(1).to(features.dtype)
+    return _masked_mean(features, _check_present(features, present))[1]
 
 
 def modality_agnostic_feature_fusion(features: Tensor, present: Tensor | None = None, temperature: float = 1.0,
@@ -76,10 +82,7 @@ def modality_agnostic_feature_fusion(features: Tensor, present: Tensor | None = 
     if features.dim() < 3:
         raise ValueError(f"features must be (M, B, C, ...), got shape {tuple(features.shape)}")
     present = _check_present(features, present)
-    mask = present.reshape(*present.shape, *([1] * (features.dim() - 2)))       # (M, B, 1, ...)
-    feats = torch.where(mask, features, torch.zeros((), dtype=features.dtype, device=features.device))
-    count = mask.sum(dim=0).clamp_min(1).to(features.dtype)                      # (B, 1, ...)
-    mean = feats.sum(dim=0) / count                                              # (B, C, ...)
+    feats, mean = _masked_mean(features, present)                                # (M, B, C, ...), (B, C, ...)
 
     absent = ~present.reshape(*present.shape, *([1] * (features.dim() - 3)))     # (M, B, ...) without C
     sim = _cosine(feats, mean.unsqueeze(0), dim=2, eps=eps) / temperature       # (M, B, ...)
