@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
 from cmcseg.networks.any2seg_fusion import ModalityAgnosticFusion
-from cmcseg.networks.cmc import split_modalities
+from cmcseg.networks.cmc import as_scales, split_modalities
 from cmcseg.networks.encoders import ModalityEncoder, build_encoder
 from cmcseg.networks.mit import MiTBackbone, build_mit_backbone, match_channels, mit_config
 
@@ -96,11 +96,6 @@ def sample_modality_subsets(available: Tensor, drop_prob: float, generator: torc
         keep[accept] = bits[accept]
         todo &= ~accept
     return keep
-
-
-def full_resolution(logits: Tensor | Sequence[Tensor]) -> Tensor:
-    """The full-resolution logits of an output (the first scale when deep supervision gives a list)."""
-    return logits if isinstance(logits, Tensor) else logits[0]
 
 
 def non_empty_subsets(num_modalities: int) -> list[tuple[int, ...]]:
@@ -336,7 +331,7 @@ class Any2SegProbabilities(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         images = self.network.split_input(x, self.channels_per_modality)
-        return torch.softmax(full_resolution(self.network(images, self.presence(x)).logits).float(), dim=1)
+        return torch.softmax(as_scales(self.network(images, self.presence(x)).logits)[0].float(), dim=1)
 
 
 class SubsetProbabilities(Any2SegProbabilities):
@@ -364,6 +359,6 @@ class SubsetProbabilities(Any2SegProbabilities):
         out = []
         for allowed in self.subset_masks:
             fused = self.network.fuse(features, self.presence(x, allowed))
-            logits = full_resolution(self.network.decode(fused, images.shape[3:]))
+            logits = as_scales(self.network.decode(fused, images.shape[3:]))[0]
             out.append(torch.softmax(logits.float(), dim=1))
         return torch.cat(out, dim=1)

@@ -69,9 +69,9 @@ from cmcseg.networks.any2seg import (
     Any2SegUNet,
     SubsetProbabilities,
     fov_presence,
-    full_resolution,
     sample_modality_subsets,
 )
+from cmcseg.networks.cmc import as_scales
 from cmcseg.networks.encoders import ENCODERS
 from cmcseg.networks.language_teachers import DEFAULT_TEMPLATE, MEDICAL_TEMPLATE, build_teacher
 from cmcseg.plans.plans import (
@@ -321,7 +321,7 @@ class Any2SegTrainer(TrainerBase):
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         """Dice+CE on labeled rows of the dropped-subset student; LSCD and consistency with the EMA teacher."""
         x = batch["data"]
-        targets = list(batch["target"]) if isinstance(batch["target"], (list, tuple)) else [batch["target"]]
+        targets = as_scales(batch["target"])
         labeled = batch["labeled"].to(x.device).bool()
         images, available = self.split_batch(x)
         present = sample_modality_subsets(available, self.modality_dropout, self.dropout_generator).to(x.device)
@@ -329,32 +329,31 @@ class Any2SegTrainer(TrainerBase):
         with torch.no_grad():
             teacher = self.ema_teacher(images, available)
         losses: dict[str, Tensor] = {}
-        logits = full_resolution(student.logits)
+        scales = as_scales(student.logits)
+        logits = scales[0]
         if bool(labeled.any()):
-            scales = [student.logits] if isinstance(student.logits, Tensor) else list(student.logits)
             losses["segmentation"] = self.segmentation_loss([s[labeled] for s in scales],
                                                             [t[labeled] for t in targets[:len(scales)]])
         else:
             losses["segmentation"] = logits.sum() * 0.0
         step = self.run_fraction
         weights = {"consistency": self.consistency_ramp(step)}
-        losses["consistency"] = mean_teacher_consistency_loss(logits, full_resolution(teacher.logits))
+        losses["consistency"] = mean_teacher_consistency_loss(logits, as_scales(teacher.logits)[0])
         total = self.segmentation_weight * losses["segmentation"] + weights["consistency"] * losses["consistency"]
         if self.lscd is not None:
             weights["lscd"] = self.lscd_ramp(step)
-            total = total + weights["lscd"] * self.lscd_terms(batch, images, available, student, teacher, losses)
+            total = total + weights["lscd"] * self.lscd_terms(targets[0], images, available, student, teacher, losses)
         losses["modalities_per_row"] = present.float().sum(1).mean()
         return {"loss": total, **losses, **{f"{WEIGHT_PREFIX}{k}": torch.tensor(w) for k, w in weights.items()}}
 
-    def lscd_terms(self, batch: dict, images: Tensor, available: Tensor, student: Any, teacher: Any,
+    def lscd_terms(self, target: Tensor, images: Tensor, available: Tensor, student: Any, teacher: Any,
                    losses: dict[str, Tensor]) -> Tensor:
-        """The LSCD terms (added to ``losses``) and their weighted sum."""
+        """The LSCD terms (added to ``losses``) and their weighted sum; ``target`` is the full-resolution label."""
         assert self.lscd is not None
-        x = batch["data"]
-        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
         embeddings = None
         if self.teacher.has_image_encoder:
-            embeddings = self.teacher.full_modality_embedding(images, self.modality_names, available).to(x.device)
+            embeddings = self.teacher.full_modality_embedding(images, self.modality_names, available).to(
+                images.device)
         align_labels = target[:, 0].long()
         if self.labels.ignore_label is not None:
             align_labels = torch.where(align_labels == self.labels.ignore_label, -1, align_labels)
