@@ -297,7 +297,7 @@ def worker_any2seg(spec: dict) -> dict:
     cls = any2seg_trainer_classes()[spec["arm"]]
     cls.budget_s, cls.clock, cls.batch_size = float(spec["budget_s"]), spec["clock"], int(spec["batch_size"])
     two_d = spec["configuration"] == "2d"
-    cls.features, cls.patch = (None, None) if two_d else (list(spec["features"]), spec.get("patch"))
+    cls.features, cls.patch = (None, None) if two_d else (list(spec["features"]), list(spec["patch_size"]))
     roots = WorkRoots(Path(spec["raw"]), Path(spec["preprocessed"]), Path(spec["results"]))
     trainer = cls(TrainingRequest(spec["dataset"], FOLD, 1.0, configuration=spec["configuration"], roots=roots,
                                   device=spec["device"], seed=spec["seed"], num_workers=spec["workers"],
@@ -465,8 +465,6 @@ def worker_nnunet(spec: dict) -> dict:
 # ============================================================================================ orchestration
 def make_raw_dataset(d: dict, raw: Path, args) -> None:
     """The section's raw dataset: a phantom of ``cmcseg synth``, or the real folder through ``cmcseg convert``."""
-    import subprocess
-
     if "phantom" in d:
         from cmcseg.phantoms import synthesize
 
@@ -475,13 +473,8 @@ def make_raw_dataset(d: dict, raw: Path, args) -> None:
     if d["source"] == "brats2015":
         write_brats_raw(args.brats_source, raw / d["dataset"])
         return
-    source = args.myops_source
-    if not source.is_dir():
-        raise SystemExit(f"{source} does not exist: pass --myops-source with the myops_dev folder")
-    proc = subprocess.run([str(nd.BIN / "cmcseg"), "convert", "--from", "myops", str(source), "-d", "MYOPSDEV",
-                           "--raw", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"cmcseg convert failed:\n{proc.stdout[-3000:]}")
+    if nd.convert_myops(args.myops_source, raw, "--myops-source") != d["dataset"]:
+        raise SystemExit(f"cmcseg convert wrote another dataset id than {d['dataset']}")
 
 
 def write_brats_raw(source: Path, folder: Path) -> None:
@@ -570,7 +563,7 @@ def run_arm(arm: str, setup: dict, args, iterations: int | None = None) -> dict:
     spec = {**{k: setup[k] for k in SPEC_KEYS}, "arm": arm, "budget_s": args.budget_minutes * 60.0,
             "iterations": iterations,
             "clock": args.clock, "batch_size": setup["batch_size"], "backbone": args.backbone,
-            "patch": setup["patch_size"], "threads": args.threads,
+            "threads": args.threads,
             "workers": args.workers, "device": args.device, "seed": args.seed}
     return nd.run_worker(Path(__file__).resolve(), arm, spec, Path(setup["work"]), setup["env"])
 

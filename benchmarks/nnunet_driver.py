@@ -103,6 +103,18 @@ def write_aligned_raw(preprocessed_dataset: Path, plans: Mapping[str, Any], case
     return folder
 
 
+def convert_myops(source: Path, raw: Path, flag: str = "--source") -> str:
+    """``cmcseg convert --from myops SOURCE -d MYOPSDEV`` in a process of its own; returns the dataset folder's name.
+    ``flag`` is the benchmark's option that names the source, for the error."""
+    if not Path(source).is_dir():
+        raise SystemExit(f"{source} does not exist: pass {flag} with the myops_dev folder")
+    proc = subprocess.run([str(BIN / "cmcseg"), "convert", "--from", "myops", str(source), "-d", "MYOPSDEV",
+                           "--raw", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"cmcseg convert failed:\n{proc.stdout[-3000:]}")
+    return next(p.name for p in sorted(Path(raw).iterdir()) if p.name.endswith("_MYOPSDEV"))
+
+
 def plan_with_cmcseg(dataset: str, raw: Path, preprocessed: Path, configuration: str,
                      extra: Sequence[str] = ()) -> dict:
     """``cmcseg plan -d DATASET -c CONFIGURATION -np 2 [extra]`` in a process of its own; returns cmcseg's plans."""

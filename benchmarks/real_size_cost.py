@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -189,14 +188,7 @@ def prepare(work: Path, args) -> dict:
         dataset = "Dataset501_MSCMR"
         synthesize("MSCMR", raw / dataset, seed=0, size=args.size)
     else:
-        if not args.source.is_dir():
-            raise SystemExit(f"{args.source} does not exist: pass --source with the myops_dev folder")
-        proc = subprocess.run([str(nd.BIN / "cmcseg"), "convert", "--from", "myops", str(args.source), "-d",
-                               "MYOPSDEV", "--raw", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"cmcseg convert failed:\n{proc.stdout[-3000:]}")
-        dataset = next(p.name for p in sorted(raw.iterdir()) if p.name.endswith("_MYOPSDEV"))
+        dataset = nd.convert_myops(args.source, raw)
     env_ours = {"OMP_NUM_THREADS": str(args.threads), "PATH": str(nd.BIN)}
     ours_plan = run_measured([str(nd.BIN / "cmcseg"), "plan", "-d", dataset, "-c", *args.configurations, "-np", "2",
                               "-pl", args.planner, "--raw", str(raw), "--preprocessed", str(pre)],

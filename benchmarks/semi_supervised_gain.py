@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -281,16 +280,7 @@ def prepare(work: Path, args) -> dict:
         dataset = "Dataset501_MSCMR"
         synthesize("MSCMR", raw / dataset, cases=args.cases, seed=args.seed, size=args.size)
     else:
-        if not args.source.is_dir():
-            raise SystemExit(f"{args.source} does not exist: pass --source with the myops_dev folder")
-        dataset = "Dataset600_MYOPSDEV"
-        proc = subprocess.run([str(nd.BIN / "cmcseg"), "convert", "--from", "myops", str(args.source), "-d",
-                               "MYOPSDEV", "--raw", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"cmcseg convert failed:\n{proc.stdout[-3000:]}")
-        produced = sorted(p.name for p in raw.iterdir() if p.is_dir())
-        dataset = next(p for p in produced if p.endswith("_MYOPSDEV"))
+        dataset = nd.convert_myops(args.source, raw)
     memory = args.memory_gb if args.memory_gb is not None else (0.75 if args.data == "phantom" else 1.5)
     plans = nd.plan_with_cmcseg(dataset, raw, pre, "3d_fullres", ["--memory-gb", str(memory)])
     if args.patch is None and args.data == "myops_dev":
