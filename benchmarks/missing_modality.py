@@ -73,13 +73,16 @@ configuration ``3d_fullres``, the plan's batch (myops3d: ``cmcseg plan --memory-
     every batch, i.e. a dedicated model of that one modality (constant-zero channels carry no information).
 
 MFF ablations (any section): ``any2seg-mean`` (the plain mean of the present modalities' features instead
-of MFF) and ``any2seg-tau0.1`` (MFF at temperature 0.1 instead of 1).
+of MFF) and ``any2seg-tau0.1`` (MFF at temperature 0.1 instead of 1). Fusion-stage ablation:
+``any2seg-early`` (the present modalities as input channels of one encoder pass, absent ones zero, with the
+same modality dropout and EMA teacher).
 
 With ``--match iterations`` (the issue's protocol for this section) the nnU-Net arms train as many
 iterations as (a) did in its budget (poly learning rate over those iterations), and every arm's seconds
 are reported; with ``--match wall`` every arm gets the budget; ``--iterations N`` trains every arm (a) included
-exactly N steps, so that arms can run side by side (``--parallel K``: K arms at a time, one process each). Cases: the fold's labeled training cases
-only (myops_dev's 25 unlabeled cases are left out, as nnU-Net cannot use them). The goals (3D): (a) >= (b)
+exactly N steps, so that arms can run side by side (``--parallel K``: K arms at a time, one process each).
+Cases: the fold's labeled training cases only (myops_dev's 25 unlabeled cases are left out, as nnU-Net cannot
+use them). The goals (3D): (a) >= (b)
 + 10 points on the mean over subsets; (a) within 1 point of (b) on the full set; (a) within 3 points of
 each (c) on its modality.
 
@@ -119,11 +122,12 @@ class BudgetSpent(Exception):
 
 FOLD = 0
 ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp", "nnunet-flair", "nnunet-t1c",
-        "any2seg-mean", "any2seg-tau0.1")
+        "any2seg-mean", "any2seg-tau0.1", "any2seg-early")
 ARM_TITLES = {"any2seg": "(a) any2seg", "no-dropout": "(b) no-dropout", "nnunet": "(c) nnunet",
               "nnunet-lge": "nnunet LGE only", "nnunet-bssfp": "nnunet bSSFP only",
               "nnunet-flair": "nnunet FLAIR only", "nnunet-t1c": "nnunet T1c only",
-              "any2seg-mean": "(a) mean fusion", "any2seg-tau0.1": "(a) MFF tau 0.1"}
+              "any2seg-mean": "(a) mean fusion", "any2seg-tau0.1": "(a) MFF tau 0.1",
+              "any2seg-early": "(a) early fusion"}
 #: arm -> the one modality a dedicated nnU-Net arm trains and tests on (the other channels are 0 throughout)
 DEDICATED = {"nnunet-lge": "LGE", "nnunet-bssfp": "bSSFP", "nnunet-flair": "FLAIR", "nnunet-t1c": "T1c"}
 #: benchmark key -> data (a phantom, or the real myops_dev folder), cmcseg dataset folder and configuration,
@@ -253,8 +257,14 @@ def any2seg_trainer_classes() -> dict:
 
         fusion_temperature = 0.1
 
+    class BudgetAny2SegEarlyTrainer(BudgetAny2SegTrainer):
+        """Fusion-stage ablation: the present modalities as channels of one encoder pass (absent ones zero)."""
+
+        fusion_stage = "input"
+
     return {"any2seg": BudgetAny2SegTrainer, "no-dropout": BudgetAny2SegNoDropoutTrainer,
-            "any2seg-mean": BudgetAny2SegMeanTrainer, "any2seg-tau0.1": BudgetAny2SegSharpTrainer}
+            "any2seg-mean": BudgetAny2SegMeanTrainer, "any2seg-tau0.1": BudgetAny2SegSharpTrainer,
+            "any2seg-early": BudgetAny2SegEarlyTrainer}
 
 
 # ============================================================================================ scoring

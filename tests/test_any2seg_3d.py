@@ -115,6 +115,34 @@ def test_subset_probabilities_equal_each_subset_alone_in_3d(unet: Any2SegUNet) -
             assert torch.allclose(joint[:, 4 * i:4 * (i + 1)], alone, atol=1e-5)
 
 
+def test_early_fusion_is_one_encoder_pass_on_the_present_channels_and_their_fov_masks(tiny_plans: dict) -> None:
+    """fusion_stage="input": the output is encoder + decoder on the pipeline input with the absent modalities'
+    images and FOV masks set to 0, whatever the absent images hold; the subset scoring still matches."""
+    torch.manual_seed(0)
+    net = Any2SegUNet(plan_configuration(tiny_plans, "3d_fullres"), [1, 1, 1], 4, deep_supervision=False,
+                      fusion_stage="input").eval()
+    x = pipeline_input()
+    images = net.split_input(x, [1, 1, 1])
+    present = torch.tensor([[True, False, True], [False, True, False]])
+    expected_input = x.clone()
+    for row, mask in enumerate(present):
+        for m in torch.nonzero(~mask).flatten().tolist():
+            expected_input[row, m] = 0.0      # image channel
+            expected_input[row, 3 + m] = 0.0  # FOV mask
+    garbage = images.clone()
+    garbage[0, 1] = float("nan")
+    garbage[1, 2] = 1e6
+    with torch.no_grad():
+        out = net(images, present).logits
+        assert torch.allclose(out, net.decoder(net.encoder(expected_input)), atol=1e-5)
+        assert torch.allclose(out, net(garbage, present).logits)
+        joint = SubsetProbabilities(net, [1, 1, 1], [(1,), (0, 2)])(x)
+        for i, subset in enumerate([(1,), (0, 2)]):
+            assert torch.allclose(joint[:, 4 * i:4 * (i + 1)], Any2SegProbabilities(net, [1, 1, 1], subset)(x),
+                                  atol=1e-5)
+    assert net.encoder.in_channels == 6 and net.encoder.fov_channels == 3
+
+
 def test_a_mit_backbone_is_refused_for_a_3d_configuration(planned: WorkRoots, tmp_path: Path) -> None:
     roots = WorkRoots(planned.raw, planned.preprocessed, tmp_path / "results")
     trainer = TinyAny2Seg3DTrainer(TrainingRequest("MSCMR", 0, 1.0, roots=roots, configuration="3d_fullres",

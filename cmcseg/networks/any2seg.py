@@ -258,19 +258,33 @@ class Any2SegUNet(Any2SegNetwork):
     (:mod:`cmcseg.networks.encoders`: ``residual``, the plan's default, ``plain``, ``swinunetr``, ...),
     built from the plan and loaded from ``encoder_weights`` if given. With the instance norm of the
     plan, stacking the modalities in the batch changes nothing per image.
+
+    ``fusion_stage="input"`` is the early-fusion ablation: the present modalities' images and FOV masks
+    (absent ones zero) enter ONE encoder pass as channels, as in nnU-Net or a single-branch CMC, and
+    :meth:`fuse` is that pass; modality dropout and the EMA teacher train it as they train the late-fused
+    network. It costs one encoder pass per row instead of one per present modality, and it is not
+    permutation invariant (each modality keeps its channels).
     """
+
+    #: where the modalities meet: "features" (MFF on every skip, the paper's) or "input" (early fusion)
+    FUSION_STAGES = ("features", "input")
 
     def __init__(self, plan_config: Mapping[str, Any], channels_per_modality: Sequence[int], num_classes: int,
                  encoder: str = "residual", deep_supervision: bool = True, fusion_temperature: float = 1.0,
                  encoder_weights: Path | str | None = None, encoder_options: Mapping[str, Any] | None = None,
                  modality_names: Sequence[str] | None = None, unsafe_allow_pickle: bool = False,
-                 fusion_mode: str = "mff") -> None:
+                 fusion_mode: str = "mff", fusion_stage: str = "features") -> None:
         super().__init__(num_classes, len(channels_per_modality), fusion_temperature, modality_names, fusion_mode)
+        if fusion_stage not in self.FUSION_STAGES:
+            raise ValueError(f"fusion_stage {fusion_stage!r} is not one of {self.FUSION_STAGES}")
+        self.fusion_stage = fusion_stage
         self.channels_per_modality = [int(c) for c in channels_per_modality]
         self.in_channels = max(self.channels_per_modality) + 1
-        self.encoder: ModalityEncoder = build_encoder(encoder, plan_config, self.in_channels, encoder_weights,
-                                                      fov_channels=1, unsafe_allow_pickle=unsafe_allow_pickle,
-                                                      **dict(encoder_options or {}))
+        early = fusion_stage == "input"
+        m = len(self.channels_per_modality)
+        self.encoder: ModalityEncoder = build_encoder(
+            encoder, plan_config, self.in_channels * m if early else self.in_channels, encoder_weights,
+            fov_channels=m if early else 1, unsafe_allow_pickle=unsafe_allow_pickle, **dict(encoder_options or {}))
         self.decoder = self.encoder.build_decoder(num_classes, deep_supervision)
 
     @property
@@ -297,6 +311,26 @@ class Any2SegUNet(Any2SegNetwork):
 
     def decode(self, fused: Sequence[Tensor], size: Sequence[int]) -> Tensor | list[Tensor]:
         return self.decoder(list(fused))
+
+    def forward_modalities(self, images: Tensor, present: Tensor | Sequence[bool] | None = None
+                           ) -> tuple[list[Tensor], Tensor]:
+        """Late fusion: the base's per-modality features. Early fusion: the images themselves (one "stage"),
+        encoded in :meth:`fuse`."""
+        if self.fusion_stage == "features":
+            return super().forward_modalities(images, present)
+        images = self._check_images(images)
+        return [images], normalize_present(present, images.shape[0], images.shape[1], images.device)
+
+    def fuse(self, features: Sequence[Tensor], present: Tensor) -> list[Tensor]:
+        """Late fusion: MFF per stage. Early fusion: the present images' channels, then their FOV masks (absent
+        modalities zero, whatever their images hold), through the encoder once."""
+        if self.fusion_stage == "features":
+            return super().fuse(features, present)
+        images = features[0]
+        keep = present.view(*present.shape, *([1] * (images.dim() - 2)))
+        images = torch.where(keep, images, torch.zeros((), dtype=images.dtype, device=images.device))
+        c = self.in_channels - 1
+        return self.encode(torch.cat([images[:, :, :c].flatten(1, 2), images[:, :, c]], dim=1))
 
 
 class Any2SegProbabilities(nn.Module):

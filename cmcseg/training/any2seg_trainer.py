@@ -123,6 +123,7 @@ class Any2SegTrainer(TrainerBase):
     decoder_hidden_size: int | None = None  # None: SegFormer's width for the variant
     fusion_temperature: float = 1.0
     fusion_mode: str = "mff"  # or "mean": the plain mean of the present modalities (the MFF ablation)
+    fusion_stage: str = "features"  # U-Net: or "input", early fusion (the modalities as channels of one pass)
     classifier_dropout: float = 0.1
     # ---- optimisation (SegFormer / Any2Seg): AdamW, poly decay
     initial_lr: float = 6e-5  # with pretrained backbone weights
@@ -184,6 +185,10 @@ class Any2SegTrainer(TrainerBase):
             raise CmcsegError(f"--backbone {self.backbone_variant} is a 2D SegFormer backbone but configuration "
                               f"{self.configuration!r} has a {len(self.patch_size)}D patch. Fix: drop --backbone "
                               f"(3D configurations use the plan's residual encoder) or pass -c 2d.")
+        if not self.uses_unet and self.fusion_stage != "features":
+            raise CmcsegError(f"fusion_stage {self.fusion_stage!r} needs the U-Net network, not the MiT backbone "
+                              f"{self.backbone_variant}. Fix: pass --backbone residual or leave fusion_stage at "
+                              "'features'.")
         if self.uses_unet:
             self.deep_supervision = True
             self.initial_lr, self.weight_decay = self.unet_lr, self.unet_weight_decay
@@ -278,6 +283,7 @@ class Any2SegTrainer(TrainerBase):
                 encoder=backbone, deep_supervision=deep_supervision,
                 fusion_temperature=float(options.get("fusion_temperature", 1.0)),
                 fusion_mode=str(options.get("fusion_mode", "mff")),
+                fusion_stage=str(options.get("fusion_stage", "features")),
                 encoder_weights=options.get("encoder_weights"), encoder_options=options.get("encoder_options"),
                 modality_names=options.get("modality_names"),
                 unsafe_allow_pickle=bool(options.get("unsafe_allow_pickle", False)))
@@ -308,7 +314,8 @@ class Any2SegTrainer(TrainerBase):
         steer test-time mirroring."""
         return {"backbone": self.backbone_variant, "in_channels": self.backbone_in_channels,
                 "decoder_hidden_size": self.decoder_hidden_size, "fusion_temperature": self.fusion_temperature,
-                "fusion_mode": self.fusion_mode, "encoder_options": dict(self.request.encoder_options),
+                "fusion_mode": self.fusion_mode, "fusion_stage": self.fusion_stage,
+                "encoder_options": dict(self.request.encoder_options),
                 "deep_supervision": self.deep_supervision,
                 "mirror_axes": list(self.spatial_augmentation().mirror_axes)}
 
