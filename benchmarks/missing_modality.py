@@ -65,17 +65,18 @@ MSCMR phantom),
 configuration ``3d_fullres``, the plan's batch (myops3d: ``cmcseg plan --memory-gb 1.5``, patch forced to
 [4, 128, 128] for every arm as in semi_supervised_gain.py). Arms:
 
-(a) ``any2seg``: ``cmcseg train --trainer any2seg -c 3d_fullres``, i.e. Any2Seg's modality dropout, the
-    full-modality EMA teacher and MFF on nnU-Net's residual U-Net (the plan's topology with ``--features``
-    per stage and one block per stage); every subset through the trainer's own subset table;
+(a) ``any2seg``: ``cmcseg train --trainer any2seg -c 3d_fullres``, i.e. Any2Seg's modality dropout and the
+    full-modality EMA teacher on nnU-Net's residual U-Net (the plan's topology with ``--features`` per stage
+    and one block per stage), the present modalities fused at the input (the U-Net's default); every subset
+    through the trainer's own subset table;
 (b) ``nnunet``: nnU-Net on all modalities as input channels, missing ones zero-filled at test time;
 (c) ``nnunet-lge`` / ``nnunet-bssfp``: nnU-Net trained (and tested) with every other channel set to 0 in
     every batch, i.e. a dedicated model of that one modality (constant-zero channels carry no information).
 
-MFF ablations (any section): ``any2seg-mean`` (the plain mean of the present modalities' features instead
-of MFF) and ``any2seg-tau0.1`` (MFF at temperature 0.1 instead of 1). Fusion-stage ablation:
-``any2seg-early`` (the present modalities as input channels of one encoder pass, absent ones zero, with the
-same modality dropout and EMA teacher).
+In 3D, (a) is the U-Net's default early fusion (the present modalities as input channels of one encoder pass,
+absent ones zero, with modality dropout and the EMA teacher). Fusion ablations: ``any2seg-late`` (MFF on every
+stage, the paper's fusion, the 2D default), ``any2seg-mean`` (late, the plain mean of the present modalities'
+features instead of MFF) and ``any2seg-tau0.1`` (late, MFF at temperature 0.1 instead of 1).
 
 With ``--match iterations`` (the issue's protocol for this section) the nnU-Net arms train as many
 iterations as (a) did in its budget (poly learning rate over those iterations), and every arm's seconds
@@ -122,12 +123,12 @@ class BudgetSpent(Exception):
 
 FOLD = 0
 ARMS = ("any2seg", "no-dropout", "nnunet", "nnunet-lge", "nnunet-bssfp", "nnunet-flair", "nnunet-t1c",
-        "any2seg-mean", "any2seg-tau0.1", "any2seg-early")
+        "any2seg-late", "any2seg-mean", "any2seg-tau0.1")
 ARM_TITLES = {"any2seg": "(a) any2seg", "no-dropout": "(b) no-dropout", "nnunet": "(c) nnunet",
               "nnunet-lge": "nnunet LGE only", "nnunet-bssfp": "nnunet bSSFP only",
               "nnunet-flair": "nnunet FLAIR only", "nnunet-t1c": "nnunet T1c only",
               "any2seg-mean": "(a) mean fusion", "any2seg-tau0.1": "(a) MFF tau 0.1",
-              "any2seg-early": "(a) early fusion"}
+              "any2seg-late": "(a) late fusion (MFF)"}
 #: arm -> the one modality a dedicated nnU-Net arm trains and tests on (the other channels are 0 throughout)
 DEDICATED = {"nnunet-lge": "LGE", "nnunet-bssfp": "bSSFP", "nnunet-flair": "FLAIR", "nnunet-t1c": "T1c"}
 #: benchmark key -> data (a phantom, or the real myops_dev folder), cmcseg dataset folder and configuration,
@@ -247,24 +248,24 @@ def any2seg_trainer_classes() -> dict:
 
         modality_dropout = 0.0
 
-    class BudgetAny2SegMeanTrainer(BudgetAny2SegTrainer):
+    class BudgetAny2SegLateTrainer(BudgetAny2SegTrainer):
+        """Fusion-stage ablation: MFF on every stage (the paper's; the U-Net's default is early fusion)."""
+
+        fusion_stage = "features"
+
+    class BudgetAny2SegMeanTrainer(BudgetAny2SegLateTrainer):
         """MFF ablation: the plain mean of the present modalities' features."""
 
         fusion_mode = "mean"
 
-    class BudgetAny2SegSharpTrainer(BudgetAny2SegTrainer):
+    class BudgetAny2SegSharpTrainer(BudgetAny2SegLateTrainer):
         """MFF ablation: temperature 0.1 instead of 1 (similarity weights far from uniform)."""
 
         fusion_temperature = 0.1
 
-    class BudgetAny2SegEarlyTrainer(BudgetAny2SegTrainer):
-        """Fusion-stage ablation: the present modalities as channels of one encoder pass (absent ones zero)."""
-
-        fusion_stage = "input"
-
     return {"any2seg": BudgetAny2SegTrainer, "no-dropout": BudgetAny2SegNoDropoutTrainer,
-            "any2seg-mean": BudgetAny2SegMeanTrainer, "any2seg-tau0.1": BudgetAny2SegSharpTrainer,
-            "any2seg-early": BudgetAny2SegEarlyTrainer}
+            "any2seg-late": BudgetAny2SegLateTrainer, "any2seg-mean": BudgetAny2SegMeanTrainer,
+            "any2seg-tau0.1": BudgetAny2SegSharpTrainer}
 
 
 # ============================================================================================ scoring

@@ -166,6 +166,7 @@ def test_3d_training_writes_the_subset_table_and_predict_writes_every_partial_ca
     assert (fold / "validation" / "subsets.png").stat().st_size > 0
     init = load_checkpoint(fold / "checkpoint_final.pt")["init"]
     assert init["backbone"] == "residual" and init["deep_supervision"] is True
+    assert init["fusion_stage"] == "input"  # the U-Net's default: early fusion
 
     # cases with different modalities missing: each written on its reference grid, or the first present one's
     images = planned.raw / DATASET / "imagesTr"

@@ -123,7 +123,10 @@ class Any2SegTrainer(TrainerBase):
     decoder_hidden_size: int | None = None  # None: SegFormer's width for the variant
     fusion_temperature: float = 1.0
     fusion_mode: str = "mff"  # or "mean": the plain mean of the present modalities (the MFF ablation)
-    fusion_stage: str = "features"  # U-Net: or "input", early fusion (the modalities as channels of one pass)
+    #: where the modalities meet: None picks "input" for the U-Net (early fusion: the present modalities as
+    #: channels of one encoder pass, which learns real cardiac MRI where per-skip fusion stalls, see README) and
+    #: "features" (MFF on every stage, the paper's; the only choice of the MiT network)
+    fusion_stage: str | None = None
     classifier_dropout: float = 0.1
     # ---- optimisation (SegFormer / Any2Seg): AdamW, poly decay
     initial_lr: float = 6e-5  # with pretrained backbone weights
@@ -185,6 +188,8 @@ class Any2SegTrainer(TrainerBase):
             raise CmcsegError(f"--backbone {self.backbone_variant} is a 2D SegFormer backbone but configuration "
                               f"{self.configuration!r} has a {len(self.patch_size)}D patch. Fix: drop --backbone "
                               f"(3D configurations use the plan's residual encoder) or pass -c 2d.")
+        if self.fusion_stage is None:
+            self.fusion_stage = "input" if self.uses_unet else "features"
         if not self.uses_unet and self.fusion_stage != "features":
             raise CmcsegError(f"fusion_stage {self.fusion_stage!r} needs the U-Net network, not the MiT backbone "
                               f"{self.backbone_variant}. Fix: pass --backbone residual or leave fusion_stage at "
