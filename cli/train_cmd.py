@@ -73,7 +73,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     any2seg.add_argument("--backbone", default=None, metavar="NAME",
                          help="the encoder shared by the modalities: a SegFormer MiT backbone, mit_b0..mit_b5 (2D; "
                               "default of 2d configurations), or an encoder name (residual, the default of 3D "
-                              "configurations, plain, swinunetr, ...) for nnU-Net's U-Net with MFF on every skip")
+                              "configurations, plain, swinunetr, ...) for nnU-Net's U-Net (early fusion by default)")
     any2seg.add_argument("--backbone-weights", type=Path, default=None,
                          help="local MiT weights (a .pth/.safetensors file or a Hugging Face folder); "
                               "none: random init")

@@ -1,4 +1,5 @@
-"""The Any2Seg networks: one encoder shared by the modalities, MFF at every stage, one decoder.
+"""The Any2Seg networks: one encoder shared by the modalities, MFF at every stage, one decoder (the U-Net also
+fuses at the input, ``fusion_stage="input"``, see :class:`Any2SegUNet`).
 
 ``network(images (B, M, C, *spatial), present (B, M) or (M,))`` segments from any non-empty
 subset of the M modalities it was built for:

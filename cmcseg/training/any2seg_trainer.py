@@ -11,9 +11,10 @@ the batch composition:
   - ``mit_b0`` .. ``mit_b5`` (the default of 2D configurations, the paper's):
     :class:`~cmcseg.networks.any2seg.Any2SegModel`, a SegFormer MiT backbone and the all-MLP head;
   - a registered encoder name, ``residual`` (the plan's, the default of 3D configurations), ``plain``,
-    ``swinunetr``, ...: :class:`~cmcseg.networks.any2seg.Any2SegUNet`, nnU-Net's encoder, MFF on
-    each skip and nnU-Net's decoder with deep supervision, trained with nnU-Net's SGD and poly
-    schedule; ``--encoder-weights`` loads the encoder (e.g. from ``cmcseg pretrain``);
+    ``swinunetr``, ...: :class:`~cmcseg.networks.any2seg.Any2SegUNet`, nnU-Net's encoder and decoder
+    with deep supervision, trained with nnU-Net's SGD and poly schedule; ``--encoder-weights`` loads
+    the encoder (e.g. from ``cmcseg pretrain``). By default it fuses the present modalities at the
+    input (``fusion_stage``; MFF on each skip, the paper's late fusion, stalls on real cardiac MRI);
 * **modality dropout**: each row keeps, with probability ``modality_dropout``, a subset drawn
   uniformly from the non-empty subsets of its available modalities, else all of them
   (:func:`~cmcseg.networks.any2seg.sample_modality_subsets`); a modality whose field of view is
