@@ -313,6 +313,8 @@ def worker_any2seg(spec: dict) -> dict:
     cls = any2seg_trainer_classes()[spec["arm"]]
     cls.budget_s, cls.clock, cls.batch_size = float(spec["budget_s"]), spec["clock"], int(spec["batch_size"])
     cls.iterations = spec.get("iterations")
+    if spec.get("modality_dropout") is not None and spec["arm"] != "no-dropout":
+        cls.modality_dropout = float(spec["modality_dropout"])
     two_d = spec["configuration"] == "2d"
     cls.features, cls.patch = (None, None) if two_d else (list(spec["features"]), list(spec["patch_size"]))
     roots = WorkRoots(Path(spec["raw"]), Path(spec["preprocessed"]), Path(spec["results"]))
@@ -581,7 +583,8 @@ def run_arm(arm: str, setup: dict, args, iterations: int | None = None) -> dict:
             "iterations": iterations,
             "clock": args.clock, "batch_size": setup["batch_size"], "backbone": args.backbone,
             "threads": args.threads,
-            "workers": args.workers, "device": args.device, "seed": args.seed}
+            "workers": args.workers, "device": args.device, "seed": args.seed,
+            "modality_dropout": args.modality_dropout}
     return nd.run_worker(Path(__file__).resolve(), arm, spec, Path(setup["work"]), setup["env"])
 
 
@@ -628,6 +631,8 @@ def main() -> None:
                     help="the nnU-Net arms train for the same budget (wall) or for as many iterations as (a)")
     ap.add_argument("--iterations", type=int, default=None,
                     help="every arm trains exactly this many steps (the issue's protocol), instead of a budget")
+    ap.add_argument("--modality-dropout", type=float, default=None,
+                    help="modality dropout of the Any2Seg arms other than no-dropout (default: the trainer's, 0.5)")
     ap.add_argument("--parallel", type=int, default=1, help="arms trained at the same time (each in its process)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="what the budget counts: wall seconds of training or CPU seconds of the training process")
