@@ -73,8 +73,7 @@ configuration ``3d_fullres``, the plan's batch (myops3d: ``cmcseg plan --memory-
 (c) ``nnunet-lge`` / ``nnunet-bssfp``: nnU-Net trained (and tested) with every other channel set to 0 in
     every batch, i.e. a dedicated model of that one modality (constant-zero channels carry no information).
 
-In 3D, (a) is the U-Net's default early fusion (the present modalities as input channels of one encoder pass,
-absent ones zero, with modality dropout and the EMA teacher). Fusion ablations: ``any2seg-late`` (MFF on every
+Fusion ablations (any section; in 2D the MiT network is late-fused already): ``any2seg-late`` (MFF on every
 stage, the paper's fusion, the 2D default), ``any2seg-mean`` (late, the plain mean of the present modalities'
 features instead of MFF) and ``any2seg-tau0.1`` (late, MFF at temperature 0.1 instead of 1).
 

@@ -374,8 +374,9 @@ class SubsetProbabilities(Any2SegProbabilities):
 
     Equal to stacking :class:`Any2SegProbabilities` restricted to each subset, but the backbone
     runs once per modality (M passes instead of one per subset member: 4 instead of 32 for the
-    15 subsets of four modalities); only fusion and decoding are repeated per subset. One
-    sliding window over a case then scores every subset.
+    15 subsets of four modalities); only fusion and decoding are repeated per subset. With early
+    fusion (``Any2SegUNet(fusion_stage="input")``) the fusion is the encoder pass, so that runs once
+    per subset. One sliding window over a case then scores every subset.
     """
 
     subset_masks: Tensor  # buffer ``(S, M)``: one row of allowed modalities per subset
