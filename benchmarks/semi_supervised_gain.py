@@ -33,9 +33,9 @@ Ablations (``--arms``): ``cmc-no-bcp`` (no copy-paste, pseudo-label weight 0.3: 
 ``cmc-no-pl`` (no pseudo-labels), ``cmc-cac`` (the restricted CAC on, weight 0.1, without copy-paste),
 ``cmc-tau0.6`` / ``cmc-tau0.95`` (confidence threshold), ``cmc-drop`` (the strong view drops a modality),
 ``cmc-early`` (weight 1 from 10 % of the run, the schedule before), ``cmc-early-drop`` (and drop),
-``cmc-early-drop-merge`` (and unlearned classes merged into background), ``cmc-half`` (half as many unlabeled
-rows per step: a cheaper step, for the same-wall-clock comparison with nnU-Net), ``branches`` / ``branches-sup`` (the
-paper's network, a branch per modality, as (a) and (b)).
+``cmc-early-drop-merge`` (and unlearned classes merged into background), ``cmc-ratio1`` (one unlabeled row per
+labeled row, the default before), ``cmc-half`` (one unlabeled row per two labeled rows, pinned: the default now),
+``branches`` / ``branches-sup`` (the paper's network, a branch per modality, as (a) and (b)).
 
 Scoring: Dice per class of the argmax on the fold's validation cases in cmcseg's preprocessed space, with the same
 function for every arm (Gaussian sliding window, overlap 0.5, no mirroring); nnU-Net's own predictor for (c)/(e),
@@ -85,6 +85,7 @@ ARMS = {
     "cmc-hold-bg": "(a) background held until learned",
     "cmc-no-bcp": "(a) without copy-paste (the default before)",
     "cmc-half": "(a) one unlabeled row per two labeled",
+    "cmc-ratio1": "(a) one unlabeled row per labeled (before)",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -160,7 +161,7 @@ def arm_trainer_class(arm: str):
         "cmc-early-drop-merge": {**early, "strong_drop_modality": 0.5, "learned_reliability": 0.5},
         "cmc-hold-bg": {"background_pseudo_label_bar": 0.5},
         "cmc-no-bcp": {"copy_paste_box": 0.0, "pseudo_label_weight": 0.3},
-        "cmc-half": {"unlabeled_batch_ratio": 0.5},
+        "cmc-half": {"unlabeled_batch_ratio": 0.5}, "cmc-ratio1": {"unlabeled_batch_ratio": 1.0},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

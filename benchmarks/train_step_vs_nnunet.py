@@ -9,7 +9,7 @@ size, batch size and architecture (the same ``ResidualEncoderUNet`` arch_kwargs:
 network is exactly one cmcseg modality branch, with 3 input channels instead of 1 + FOV mask).
 
 * ours: ``CMCTrainer`` at ``--labeled 0.2`` (fold 0), its default network (one network over the 3 modalities;
-  ``M`` in the report is its branch count, 1), the plan's batch of labeled rows plus as many unlabeled rows,
+  ``M`` in the report is its branch count, 1), the plan's batch of labeled rows plus half as many unlabeled rows,
   supervised + pseudo-label (EMA teacher forward) losses from the first step (no warm-up), ``--workers`` data
   worker process(es);
 * nnU-Net: ``nnUNetTrainer`` built through its Python API on the fold's labeled training cases,

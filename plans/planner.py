@@ -299,9 +299,9 @@ def plan_experiment(
     ``memory_gb`` is the total memory budget (default: :func:`default_memory_gb`). Departure from
     nnU-Net: nnU-Net's patch/batch rule proposes, then, with ``fit_memory``, the estimate of what the
     default CMC trainer holds (:mod:`cmcseg.plans.memory`: its network with ``branches`` branches, the
-    labeled batch plus as many unlabeled rows, the EMA teacher, fp32 on a CPU) must fit ``memory_gb``
-    on ``memory_device`` (default: CUDA if available, else CPU); if it does not, nnU-Net's rule runs
-    again on a smaller budget until it does. ``fit_memory=False`` is nnU-Net's rule unchanged on
+    labeled batch plus ``DEFAULT_UNLABELED_RATIO`` unlabeled rows per labeled row, the EMA teacher, fp32 on a
+    CPU) must fit ``memory_gb`` on ``memory_device`` (default: CUDA if available, else CPU); if it does not,
+    nnU-Net's rule runs again on a smaller budget until it does. ``fit_memory=False`` is nnU-Net's rule unchanged on
     ``memory_gb / branches``. ``reference_channel`` defaults to the fingerprint's and must agree with
     it. ``topology`` picks the network family (see ``PLANNERS``). ``patch_multiple_of`` rounds every patch up
     to a multiple of it on each axis (:func:`patch_for_encoder`), for an encoder that needs one (a ViT's 16).
@@ -392,7 +392,7 @@ def patch_for_encoder(patch: Sequence[int], strides: Sequence[Sequence[int]], mu
 
 def configuration_estimate(context: Mapping[str, Any], name: str, cfg: Mapping[str, Any], device: str,
                            branches: int, counts: dict[str, ActivationCount] | None = None) -> MemoryEstimate:
-    """The training-step estimate of configuration ``cfg`` (default trainer: labeled batch + as many unlabeled
+    """The training-step estimate of configuration ``cfg`` (default trainer: labeled batch + its unlabeled
     rows, EMA teacher); ``counts`` memoises the activation counts by network and patch."""
     key = json.dumps([name, cfg["patch_size"], cfg["architecture"], branches], sort_keys=True, default=str)
     if counts is None or key not in counts:

@@ -248,7 +248,7 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
         assert all(v is None or 0.0 <= v <= 1.0 for v in per_class.values())  # None: class absent from both
     config = json.loads((folder / "training_config.json").read_text())
     assert config["labeled_ids"] == labeled_subset(load_splits(planned.preprocessed / DATASET / "splits.json"), 0, 0.5)
-    assert config["labeled_batch_size"] == 4 and config["unlabeled_batch_size"] == 4  # the plan's batch, ratio 1
+    assert config["labeled_batch_size"] == 4 and config["unlabeled_batch_size"] == 2  # the plan's batch, ratio 0.5
     assert len(config["plans_sha256"]) == 64
 
     final = torch.load(folder / "checkpoint_final.pt", weights_only=True)
@@ -354,7 +354,7 @@ def test_ddp_two_processes_keep_identical_parameters(planned, tmp_path):
         assert torch.equal(rank0[key], rank1[key]), f"ranks differ in {key}"
         assert torch.equal(rank0[key], final[key])
     config = json.loads((folder / "training_config.json").read_text())
-    assert config["world_size"] == 2 and config["labeled_batch_size"] == 2 and config["unlabeled_batch_size"] == 2
+    assert config["world_size"] == 2 and config["labeled_batch_size"] == 2 and config["unlabeled_batch_size"] == 1
     assert (folder / "validation" / "summary.json").is_file()
     assert "(2 processes)" in result.stdout
 

@@ -53,7 +53,7 @@ from cmcseg.plans.files import (
     TRAINING_CONFIG_FILE,
     plans_file_name,
 )
-from cmcseg.plans.memory import MemoryEstimate
+from cmcseg.plans.memory import DEFAULT_UNLABELED_RATIO, MemoryEstimate
 from cmcseg.plans.plans import Configuration, LabelInfo, load_plans, plan_configuration, plan_encoder, plans_hash
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.serialization import file_provenance
@@ -234,7 +234,7 @@ class TrainerBase:
     # ---- data
     num_workers: int = 1
     oversample_foreground_percent: float = 0.33
-    unlabeled_batch_ratio: float = 1.0  # unlabeled rows per labeled row, on top of the plan's labeled batch
+    unlabeled_batch_ratio: float = DEFAULT_UNLABELED_RATIO  # unlabeled rows per labeled row, on top of them
     min_labeled_batch_size: int = 1
     unlabeled_when_fully_labeled: bool = False
     deep_supervision: bool = True
