@@ -41,11 +41,11 @@ from cmcseg.image_io import write_json_atomic
 from cmcseg.plans.files import DEFAULT_PLANS
 from cmcseg.plans.fingerprint import SCHEMA_VERSION as FINGERPRINT_SCHEMA_VERSION
 from cmcseg.plans.memory import (
-    DEFAULT_UNLABELED_RATIO,
     ActivationCount,
     MemoryEstimate,
     estimate_step,
     plan_activation_count,
+    unlabeled_rows,
 )
 from cmcseg.plans.plans import SCHEMA_VERSION, input_channel_modalities
 
@@ -402,7 +402,7 @@ def configuration_estimate(context: Mapping[str, Any], name: str, cfg: Mapping[s
             counts = {}
         counts[key] = count
     batch = int(cfg["batch_size"])
-    return estimate_step(counts[key], batch, round(batch * DEFAULT_UNLABELED_RATIO), device)
+    return estimate_step(counts[key], batch, unlabeled_rows(batch), device)
 
 
 #: nnU-Net's smallest batch: its planner fits the patch at this batch before it raises the batch to fill the budget
