@@ -55,7 +55,7 @@ LOSS_MAPS_PER_CLASS = 6
 DEFAULT_UNLABELED_RATIO = 0.5
 
 
-def unlabeled_rows(labeled: int, ratio: float = DEFAULT_UNLABELED_RATIO) -> int:
+def unlabeled_rows_for(labeled: int, ratio: float = DEFAULT_UNLABELED_RATIO) -> int:
     """Unlabeled rows on top of ``labeled`` labeled rows: ``round(labeled * ratio)``, at least one (none at ratio 0).
 
     The one rule for the trainers' batch and the planner's estimate of it."""

@@ -45,7 +45,7 @@ from cmcseg.plans.memory import (
     MemoryEstimate,
     estimate_step,
     plan_activation_count,
-    unlabeled_rows,
+    unlabeled_rows_for,
 )
 from cmcseg.plans.plans import SCHEMA_VERSION, input_channel_modalities
 
@@ -402,7 +402,7 @@ def configuration_estimate(context: Mapping[str, Any], name: str, cfg: Mapping[s
             counts = {}
         counts[key] = count
     batch = int(cfg["batch_size"])
-    return estimate_step(counts[key], batch, unlabeled_rows(batch), device)
+    return estimate_step(counts[key], batch, unlabeled_rows_for(batch), device)
 
 
 #: nnU-Net's smallest batch: its planner fits the patch at this batch before it raises the batch to fill the budget

@@ -21,7 +21,7 @@ from cmcseg.plans.memory import (
     estimate_training_memory,
     meta_network,
     plan_memory_estimate,
-    unlabeled_rows,
+    unlabeled_rows_for,
 )
 from cmcseg.plans.planner import fit_to_budget, plan_experiment
 from cmcseg.training.cmc_trainer import CMCTrainer
@@ -98,7 +98,8 @@ def test_plans_fit_their_budget_and_say_so(planned) -> None:
         estimate = plans["memory_estimate_gb"]["3d_fullres"]
         assert estimate["total_gb"] <= budget and estimate["device"] == "cpu"
         # the recorded figure is what the estimate gives for the planned patch and batch
-        again = plan_memory_estimate(plans, "3d_fullres", cfg["batch_size"], unlabeled_rows(cfg["batch_size"]), "cpu")
+        batch = cfg["batch_size"]
+        again = plan_memory_estimate(plans, "3d_fullres", batch, unlabeled_rows_for(batch), "cpu")
         assert again.total_gb == pytest.approx(estimate["total_gb"], abs=1e-3)
         voxels.append(np.prod(cfg["patch_size"]) * cfg["batch_size"])
     assert voxels[0] < voxels[-1]

@@ -29,7 +29,7 @@ from cmcseg.errors import CmcsegError
 from cmcseg.evaluation import case_dice
 from cmcseg.losses import RampUp, class_thresholds
 from cmcseg.paths import WorkRoots
-from cmcseg.plans.memory import unlabeled_rows
+from cmcseg.plans.memory import unlabeled_rows_for
 from cmcseg.plans.plans import LabelInfo
 from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
@@ -159,8 +159,8 @@ def test_batch_composition_keeps_the_labeled_batch_and_adds_unlabeled_rows_on_to
     assert batch_composition(2, True, 0.0, 1) == (2, 0)
     # the planner budgets the rows the default trainer draws: 3 labeled + 2 unlabeled (round(1.5)), 2 + 1
     for labeled in (1, 2, 3, 4):
-        assert batch_composition(labeled, True, CMCTrainer.unlabeled_batch_ratio, 1)[1] == unlabeled_rows(labeled)
-    assert [unlabeled_rows(n) for n in (1, 2, 3, 4)] == [1, 1, 2, 2]
+        assert batch_composition(labeled, True, CMCTrainer.unlabeled_batch_ratio, 1)[1] == unlabeled_rows_for(labeled)
+    assert [unlabeled_rows_for(n) for n in (1, 2, 3, 4)] == [1, 1, 2, 2]
 
 
 def test_select_fold_cases_supervised_at_full_fraction():

@@ -53,7 +53,7 @@ from cmcseg.plans.files import (
     TRAINING_CONFIG_FILE,
     plans_file_name,
 )
-from cmcseg.plans.memory import DEFAULT_UNLABELED_RATIO, MemoryEstimate, unlabeled_rows
+from cmcseg.plans.memory import DEFAULT_UNLABELED_RATIO, MemoryEstimate, unlabeled_rows_for
 from cmcseg.plans.plans import Configuration, LabelInfo, load_plans, plan_configuration, plan_encoder, plans_hash
 from cmcseg.plans.splits import describe_labeled_subset, labeled_subset, load_splits, unlabeled_subset
 from cmcseg.serialization import file_provenance
@@ -199,7 +199,7 @@ def batch_composition(batch_size: int, has_unlabeled: bool, unlabeled_ratio: flo
     ``round(labeled * ratio)`` unlabeled rows (at least one) come on top.
     """
     labeled = max(batch_size, min_labeled)
-    return labeled, unlabeled_rows(labeled, unlabeled_ratio) if has_unlabeled else 0
+    return labeled, unlabeled_rows_for(labeled, unlabeled_ratio) if has_unlabeled else 0
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
