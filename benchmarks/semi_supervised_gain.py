@@ -86,6 +86,7 @@ ARMS = {
     "cmc-no-bcp": "(a) without copy-paste (the default before)",
     "cmc-half": "(a) one unlabeled row per two labeled",
     "cmc-ratio1": "(a) one unlabeled row per labeled (before)",
+    "cmc-alt": "(a) unlabeled objective every 2nd step",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -162,6 +163,7 @@ def arm_trainer_class(arm: str):
         "cmc-hold-bg": {"background_pseudo_label_bar": 0.5},
         "cmc-no-bcp": {"copy_paste_box": 0.0, "pseudo_label_weight": 0.3},
         "cmc-half": {"unlabeled_batch_ratio": 0.5}, "cmc-ratio1": {"unlabeled_batch_ratio": 1.0},
+        "cmc-alt": {"unlabeled_every": 2},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

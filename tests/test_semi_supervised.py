@@ -118,6 +118,18 @@ def test_unlabeled_weight_zero_switches_every_unlabeled_term_off() -> None:
     assert all(w == 0 for w in trainer.unlabeled_weights().values())
 
 
+def test_unlabeled_every_k_steps_keeps_the_mean_weight_of_every_step() -> None:
+    every = _trainer_at(10, 5, 9, 0)
+    each = _trainer_at(10, 5, 9, 0)
+    every.unlabeled_every = 3
+    weights = []
+    for step in range(6):
+        every.global_step = each.global_step = step
+        weights.append(every.unlabeled_weights()["pseudo_label"])
+        assert each.unlabeled_weights()["pseudo_label"] == pytest.approx(CMCTrainer.pseudo_label_weight)
+    assert weights == pytest.approx([3 * CMCTrainer.pseudo_label_weight, 0, 0] * 2)
+
+
 def test_reliability_weights_silence_an_unreliable_head_per_class() -> None:
     good = torch.tensor([0.1, 0.8, 0.1]).reshape(1, K, 1, 1, 1)
     bad = torch.tensor([0.1, 0.1, 0.8]).reshape(1, K, 1, 1, 1)

@@ -341,6 +341,35 @@ def test_unlabeled_losses_send_gradient_into_encoders(planned, tmp_path, term, t
 
 
 @pytest.mark.slow
+def test_unlabeled_every_second_step_runs_the_teacher_at_double_weight_then_the_labeled_rows_alone(planned, tmp_path):
+    """``unlabeled_every = 2``: a step with the unlabeled rows and the teacher at twice the weight, then one that runs
+    only the labeled rows (the cost of a supervised step) and no teacher."""
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.unlabeled_every = 2
+    trainer.initialize()
+    try:
+        trainer.ramps = {name: RampUp(1.0 if name == "pseudo_label" else 0.0, 0.0, "constant", "fraction")
+                         for name in trainer.ramps}
+        teacher_rows: list[int] = []
+        real_teacher = trainer.teacher_prediction
+        trainer.teacher_prediction = lambda x: (teacher_rows.append(len(x)), real_teacher(x))[1]  # type: ignore
+        student_rows: list[int] = []
+        trainer.network.register_forward_pre_hook(lambda _m, args: student_rows.append(len(args[0])))
+        batch = next(trainer.dataloader)
+        labeled = int(batch["labeled"].sum())
+        assert 0 < labeled < len(batch["labeled"])
+        outputs = []
+        for step in (0, 1, 2):
+            trainer.global_step = step
+            outputs.append(trainer.train_step(copy.deepcopy(batch)))
+        assert [o["weight/pseudo_label"] for o in outputs] == [2.0, 0.0, 2.0]
+        assert teacher_rows == [len(batch["labeled"]) - labeled] * 2
+        assert student_rows == [len(batch["labeled"]), labeled, len(batch["labeled"])]
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_keep_identical_parameters(planned, tmp_path):
     roots = fresh_roots(planned, tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
