@@ -34,7 +34,7 @@ from cmcseg.plans.plans import LabelInfo
 from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
 from cmcseg.training.cmc_trainer import CMCTrainer
-from cmcseg.training.progress import MetricsHistory, loss_metrics, plot_progress, progress_figure
+from cmcseg.training.progress import MetricsHistory, epoch_means, loss_metrics, plot_progress, progress_figure
 from cmcseg.training.registry import TRAINERS, get_trainer_class
 from cmcseg.training.trainer import TrainingRequest, batch_composition, select_fold_cases
 
@@ -365,6 +365,11 @@ def test_unlabeled_every_second_step_runs_the_teacher_at_double_weight_then_the_
         assert [o["weight/pseudo_label"] for o in outputs] == [2.0, 0.0, 2.0]
         assert teacher_rows == [len(batch["labeled"]) - labeled] * 2
         assert student_rows == [len(batch["labeled"]), labeled, len(batch["labeled"])]
+        means = epoch_means(outputs)  # the epoch's log: a weight over every step, a diagnostic over its own steps
+        assert means["weight/pseudo_label"] == pytest.approx(4 / 3)
+        assert "pseudo_label_kept" not in outputs[1]
+        assert means["pseudo_label_kept"] == pytest.approx((outputs[0]["pseudo_label_kept"]
+                                                            + outputs[2]["pseudo_label_kept"]) / 2)
     finally:
         trainer.close()
 

@@ -108,9 +108,14 @@ class MetricsHistory:
 
 
 def epoch_means(outputs: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Mean of each key over one epoch's train-step outputs."""
-    keys = list(outputs[0]) if outputs else []
-    return {k: float(sum(o[k] for o in outputs) / len(outputs)) for k in keys}
+    """Mean of each key over the train-step outputs of one epoch that have it: a diagnostic of the unlabeled
+    objective exists only on the steps that run it (``unlabeled_every``), loss terms and weights on every step."""
+    keys = list(dict.fromkeys(k for o in outputs for k in o))
+    means = {}
+    for k in keys:
+        values = [o[k] for o in outputs if k in o]
+        means[k] = float(sum(values) / len(values))
+    return means
 
 
 def loss_metrics(means: Mapping[str, float]) -> dict[str, float]:
