@@ -10,8 +10,9 @@ network is exactly one cmcseg modality branch, with 3 input channels instead of 
 
 * ours: ``CMCTrainer`` at ``--labeled 0.2`` (fold 0), its default network (one network over the 3 modalities;
   ``M`` in the report is its branch count, 1), the plan's batch of labeled rows plus half as many unlabeled rows,
-  supervised + pseudo-label (EMA teacher forward) losses from the first step (no warm-up), ``--workers`` data
-  worker process(es);
+  supervised + pseudo-label (EMA teacher forward) losses from the first step (no warm-up) on every
+  ``unlabeled_every``-th step (``--unlabeled-every``; the steps between run the labeled rows alone), ``--workers``
+  data worker process(es);
 * nnU-Net: ``nnUNetTrainer`` built through its Python API on the fold's labeled training cases,
   ``nnUNet_n_proc_DA = --workers``.
 
@@ -171,6 +172,7 @@ def worker_ours(spec: dict) -> dict:
 
         unlabeled_warmup = 0.0
         amp_dtype = AMP_DTYPES[spec["amp"]]
+        unlabeled_every = int(spec.get("unlabeled_every") or CMCTrainer.unlabeled_every)
 
     trainer = SteadyStateCMCTrainer(TrainingRequest(DATASET, FOLD, LABELED, roots=roots, device=spec["device"],
                                                     num_epochs=1, iterations_per_epoch=n, val_iterations=0,
@@ -215,6 +217,7 @@ def worker_ours(spec: dict) -> dict:
             "peak_gpu_gb": _gpu_peak(spec["device"]),
             "parameters": sum(p.numel() for p in net.parameters()),
             "batch": {"labeled": trainer.labeled_batch_size, "unlabeled": trainer.unlabeled_batch_size},
+            "unlabeled_every": int(trainer.unlabeled_every),
             "patch_size": trainer.patch_size, "input_channels": int(sum(e.in_channels for e in net.encoders))}
 
 
@@ -298,7 +301,7 @@ def prepare(work: Path, args) -> dict:
 def run_worker(kind: str, setup: dict, device: str, args, work: Path) -> dict:
     spec = {k: setup[k] for k in ("raw", "preprocessed", "results", "nnunet_plans", "nnunet_dataset_json")}
     spec.update(device=device, warmup=args.warmup, iters=args.iters, threads=args.threads, workers=args.workers,
-                amp=args.amp, compile=args.compile == "on")
+                amp=args.amp, compile=args.compile == "on", unlabeled_every=args.unlabeled_every)
     return nd.run_worker(Path(__file__).resolve(), kind, spec, work, setup["env"])
 
 
@@ -325,6 +328,7 @@ def summarize_runs(runs: list[dict]) -> dict:
         "patch_size": runs[0]["patch_size"], "input_channels": runs[0]["input_channels"],
         "init_s": [r["init_s"] for r in runs], "peak_tree_rss_gb": max(r["peak_tree_rss_gb"] for r in runs),
         "peak_gpu_gb": max((r.get("peak_gpu_gb") or 0.0) for r in runs) or None,
+        "unlabeled_every": runs[0].get("unlabeled_every", 1),
     }
 
 
@@ -344,6 +348,8 @@ def main() -> None:
                     help="mixed precision of both trainers on CUDA (off on CPU): fp16 (their default) or bf16")
     ap.add_argument("--compile", choices=("off", "on"), default="off",
                     help="torch.compile both networks (CUDA; nnU-Net's own nnUNet_compile switch)")
+    ap.add_argument("--unlabeled-every", type=int, default=None,
+                    help="ours: the unlabeled objective on every k-th step (default: CMCTrainer's)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name (variants side by side)")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     nd.add_worker_arguments(ap, ("ours", "nnunet"))
@@ -404,7 +410,7 @@ def print_report(report: dict) -> None:
         o, n = d["ours"], d["nnunet"]
         print(f"\n[{device}] iterations timed: ours {o['iterations_timed']}, nnU-Net {n['iterations_timed']} "
               f"({report['args']['rounds']} process(es) each, {report['args']['warmup']} warm-up iterations skipped "
-              "in each)")
+              f"in each); ours runs the unlabeled objective every {o.get('unlabeled_every', 1)} step(s)")
         print(f"{'':<26}{'s/it':>8}{'median':>8}{'min':>7}{'max':>7}{'cpu s/it':>9}{'data wait':>11}"
               f"{'params M':>10}  batch")
         for name, r in ((f"ours (CMCTrainer, M={o['branches']})", o), ("nnU-Net (nnUNetTrainer)", n)):
