@@ -374,6 +374,14 @@ def test_unlabeled_every_second_step_runs_the_teacher_at_double_weight_then_the_
         trainer.close()
 
 
+def test_unlabeled_every_that_is_not_a_step_count_is_a_clear_error(planned, tmp_path):
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.unlabeled_every = 0
+    with pytest.raises(CmcsegError, match="unlabeled_every is 0.*Fix: set it to a whole number >= 1"):
+        trainer.initialize()
+    trainer.close()
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_keep_identical_parameters(planned, tmp_path):
     roots = fresh_roots(planned, tmp_path)

@@ -227,6 +227,9 @@ class CMCTrainer(TrainerBase):
         if self.copy_paste_box > 0 and self.cac_weight > 0:
             raise CmcsegError(f"{type(self).__name__}: copy_paste_box and cac_weight cannot both be on (the agreement "
                               "target is the teacher's view of the unmixed rows). Fix: set one of them to 0.")
+        if int(self.unlabeled_every) != self.unlabeled_every or self.unlabeled_every < 1:
+            raise CmcsegError(f"{type(self).__name__}: unlabeled_every is {self.unlabeled_every!r}; it counts steps "
+                              "(the unlabeled objective runs on every k-th one). Fix: set it to a whole number >= 1.")
         # labeled voxels outside a head's field of view, and unconfident pseudo-label voxels, get this target
         self.ignore_value = self.labels.ignore_label if self.labels.ignore_label is not None \
             else self.labels.num_classes
@@ -292,7 +295,7 @@ class CMCTrainer(TrainerBase):
         t = self.run_fraction
         if not self.cross_modality:
             return {"mean_teacher": self.unlabeled_weight * self.ramps["mean_teacher"](t)}
-        every = max(1, int(self.unlabeled_every))
+        every = int(self.unlabeled_every)
         scale = float(every) if self.global_step % every == 0 else 0.0
         return {name: scale * self.unlabeled_weight * self.ramps[name](t) for name in ("pseudo_label", "csc", "cac")}
 
