@@ -35,6 +35,15 @@ DRIVER = ("import re, sys\nfrom cmcseg.cli.main import main\nrc = main(sys.argv[
           "print('PEAK_KB', re.search(r'VmHWM:\\s*(\\d+)', status).group(1))\nsys.exit(rc)")
 
 
+#: glibc serves every block above 128 kB from its own mapping and unmaps it when freed, so the peak RSS is the
+#: peak of live memory, which is what the estimate counts, and the same on every run. With glibc's default
+#: (a threshold that rises with each freed block) freed tensors stay in the heap, fragmented: the same two
+#: steps then peaked anywhere from 1.43 to 1.57 GB against a live peak of 1.28 GB, and a CI run failed at
+#: random. That retention is real for a user on a CPU; it is measured and reported separately
+#: (benchmarks/real_size_cost.py), not hidden in this test's margin.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def two_layer_network() -> nn.Module:
     return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.LeakyReLU())
 
@@ -134,7 +143,7 @@ class LargePatchMemoryTrainer(MemoryTrainer):
 def _train_peak(roots, trainer: str, tmp_path: Path) -> tuple[float, dict]:
     """(peak RSS in GB, recorded estimate) of two training iterations of ``trainer`` in a fresh process."""
     flags = ["--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "--results", str(tmp_path / trainer)]
-    env = {"PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **LIVE_MEMORY_ENV}
     result = subprocess.run(
         [sys.executable, "-c", DRIVER, "train", "-d", "MSCMR", "-f", "0", "--labeled", "0.5", "--trainer",
          f"test_memory:{trainer}", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu", *flags],
@@ -161,9 +170,9 @@ def own_phantom(tmp_path_factory):
 
 @pytest.mark.slow
 def test_measured_training_peak_stays_within_the_estimate(own_phantom, tmp_path) -> None:
-    """A large and a small patch: the large run's peak RSS is within its estimate, and the estimate predicts how
-    much more memory the large patch takes (so an estimate that forgot the unlabeled rows or the backward pass, or
-    counted them twice, fails)."""
+    """A large and a small patch: the large run's peak of live memory is within its estimate, and the estimate
+    predicts how much more memory the large patch takes (so an estimate that forgot the unlabeled rows or the
+    backward pass, or counted them twice, fails). Measured: 0.55 GB more for 0.62 GB estimated."""
     torch.manual_seed(0)
     small_peak, small = _train_peak(own_phantom, "MemoryTrainer", tmp_path)
     large_peak, large = _train_peak(own_phantom, "LargePatchMemoryTrainer", tmp_path)
