@@ -35,8 +35,8 @@ Ablations (``--arms``): ``cmc-no-bcp`` (no copy-paste, pseudo-label weight 0.3: 
 ``cmc-early`` (weight 1 from 10 % of the run, the schedule before), ``cmc-early-drop`` (and drop),
 ``cmc-early-drop-merge`` (and unlearned classes merged into background), ``cmc-ratio1`` (one unlabeled row per
 labeled row, the default before), ``cmc-half`` (one unlabeled row per two labeled rows, pinned: the default now),
-``cmc-alt`` / ``cmc-alt-long`` (the unlabeled objective every second step at twice the weight; two names so that a
-run at more iterations, the same compute as (a), keeps its own results folder),
+``cmc-every-step`` (the unlabeled objective on every step, ``unlabeled_every = 1``: the default before; (a) runs it
+every second step at twice the weight),
 ``branches`` / ``branches-sup`` (the paper's network, a branch per modality, as (a) and (b)).
 
 Scoring: Dice per class of the argmax on the fold's validation cases in cmcseg's preprocessed space, with the same
@@ -88,8 +88,7 @@ ARMS = {
     "cmc-no-bcp": "(a) without copy-paste (the default before)",
     "cmc-half": "(a) one unlabeled row per two labeled",
     "cmc-ratio1": "(a) one unlabeled row per labeled (before)",
-    "cmc-alt": "(a) unlabeled objective every 2nd step",
-    "cmc-alt-long": "(a) every 2nd step, own iterations",
+    "cmc-every-step": "(a) unlabeled objective every step",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -166,7 +165,7 @@ def arm_trainer_class(arm: str):
         "cmc-hold-bg": {"background_pseudo_label_bar": 0.5},
         "cmc-no-bcp": {"copy_paste_box": 0.0, "pseudo_label_weight": 0.3},
         "cmc-half": {"unlabeled_batch_ratio": 0.5}, "cmc-ratio1": {"unlabeled_batch_ratio": 1.0},
-        "cmc-alt": {"unlabeled_every": 2}, "cmc-alt-long": {"unlabeled_every": 2},
+        "cmc-every-step": {"unlabeled_every": 1},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

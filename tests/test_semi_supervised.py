@@ -106,6 +106,7 @@ def test_ramps_follow_the_run_fraction_not_the_epoch_count() -> None:
     warm = _trainer_at(1000, 250, 50, 0)  # 5 % of the run: inside the 10 % warm-up
     assert all(w == 0 for w in warm.unlabeled_weights().values())
     done = _trainer_at(10, 5, 9, 5)
+    done.unlabeled_every = 1  # the ramp alone, not the every-k-th-step scale
     assert done.unlabeled_weights()["pseudo_label"] == pytest.approx(CMCTrainer.pseudo_label_weight)
     ramp = RampUp(1.0, 0.2, "linear", "fraction", start=0.1)
     assert (ramp(0.05), ramp(0.2), ramp(0.3), ramp(0.9)) == pytest.approx((0.0, 0.5, 1.0, 1.0))
@@ -121,7 +122,7 @@ def test_unlabeled_weight_zero_switches_every_unlabeled_term_off() -> None:
 def test_unlabeled_every_k_steps_keeps_the_mean_weight_of_every_step() -> None:
     every = _trainer_at(10, 5, 9, 0)
     each = _trainer_at(10, 5, 9, 0)
-    every.unlabeled_every = 3
+    every.unlabeled_every, each.unlabeled_every = 3, 1
     weights = []
     for step in range(6):
         every.global_step = each.global_step = step
