@@ -118,6 +118,9 @@ class MemoryTrainer(CMCTrainer):
     """CMCTrainer on a small network whose activations dominate the process (patch set by subclasses)."""
 
     num_workers = 0
+    #: the second of the two steps (past the warm-up) runs the unlabeled rows and the teacher, the peak the planner
+    #: makes room for (at the default k = 2 that step would train the labeled rows alone)
+    unlabeled_every = 1
     memory_patch = [8, 32, 32]
     val_iterations = 0
 
