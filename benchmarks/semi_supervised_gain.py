@@ -91,6 +91,8 @@ ARMS = {
     "cmc-half": "(a) one unlabeled row per two labeled",
     "cmc-ratio1": "(a) one unlabeled row per labeled (before)",
     "cmc-every-step": "(a) unlabeled objective every step",
+    "cmc-thin-tau": "(a) RV/edema/scar threshold 0.6 (myops)",
+    "cmc-flex": "(a) thresholds fall with reliability, floor 0.5",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -168,6 +170,9 @@ def arm_trainer_class(arm: str):
         "cmc-no-bcp": {"copy_paste_box": 0.0, "pseudo_label_weight": 0.3},
         "cmc-half": {"unlabeled_batch_ratio": 0.5}, "cmc-ratio1": {"unlabeled_batch_ratio": 1.0},
         "cmc-every-step": {"unlabeled_every": 1},
+        # myops_dev's classes (background, myocardium, LV, RV, edema, scar): RV, edema and scar at 0.6
+        "cmc-thin-tau": {"pseudo_label_threshold": (0.8, 0.8, 0.8, 0.6, 0.6, 0.6), "validate_each_modality": False},
+        "cmc-flex": {"adaptive_threshold_floor": 0.5, "validate_each_modality": False},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

@@ -10,6 +10,7 @@ from cmcseg.losses import (
     PseudoLabelLoss,
     RampUp,
     SupervisedDiceCELoss,
+    adaptive_thresholds,
     class_thresholds,
     confident_pseudo_labels,
     masked_agreement_loss,
@@ -37,6 +38,21 @@ def test_confident_pseudo_labels_keep_only_voxels_above_their_class_threshold() 
     assert keep.flatten().tolist() == [True, False, True]
     with pytest.raises(ValueError, match="one per class"):
         class_thresholds([0.9, 0.9], K)
+
+
+def test_adaptive_thresholds_fall_with_a_class_reliability_relative_to_the_best_class() -> None:
+    base = class_thresholds(0.8, 4)
+    reliability = torch.tensor([0.99, 0.9, 0.45, 0.09])  # background, best class, half the best, a tenth
+    lowered = adaptive_thresholds(base, reliability, 0.5)
+    # background keeps its own; the best class keeps 0.8; half the best: 0.8 * 0.5 / 1.5 < 0.5, so the floor
+    torch.testing.assert_close(lowered, torch.tensor([0.8, 0.8, 0.5, 0.5]))
+    torch.testing.assert_close(adaptive_thresholds(base, reliability, 0.2),
+                               torch.tensor([0.8, 0.8, 0.8 / 3, 0.8 * (0.1 / 1.9)]).clamp_min(0.2))
+    assert torch.equal(adaptive_thresholds(base, reliability, 0.0), base), "floor 0 is off"
+    # every class as reliable as the best (e.g. at the start, every reliability at its floor): nothing moves
+    assert torch.equal(adaptive_thresholds(base, torch.full((4,), 0.05), 0.5), base)
+    # a per-class threshold below the floor is never raised
+    assert adaptive_thresholds(class_thresholds([0.8, 0.8, 0.4, 0.8], 4), reliability, 0.5)[2] == pytest.approx(0.4)
 
 
 def test_pseudo_label_loss_ignores_voxels_outside_fov_and_below_threshold() -> None:

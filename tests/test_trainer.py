@@ -374,6 +374,37 @@ def test_unlabeled_every_second_step_runs_the_teacher_at_double_weight_then_the_
         trainer.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("floor, kept", [(0.0, 0.0), (0.5, 1.0)])
+def test_a_class_learned_least_gets_a_lower_threshold_with_an_adaptive_floor(planned, tmp_path, floor, kept):
+    """The teacher calls every unlabeled voxel the class learned least, at 0.6: below the fixed 0.8, so nothing is
+    kept; with ``adaptive_threshold_floor = 0.5`` that class's threshold falls to 0.5 and every voxel is kept."""
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.unlabeled_every = 1
+    trainer.adaptive_threshold_floor = floor
+    trainer.copy_paste_box = 0.0  # no labeled content pasted in: the pseudo-label loss sees the kept voxels alone
+    trainer.initialize()
+    try:
+        trainer.ramps = {name: RampUp(1.0 if name == "pseudo_label" else 0.0, 0.0, "constant", "fraction")
+                         for name in trainer.ramps}
+        network = trainer.inference_network()
+        K = trainer.labels.num_classes
+        network.head_reliability.fill_(0.9)
+        network.head_reliability[:, K - 1] = 0.1  # the last class: a ninth of the best class's reliability
+
+        def teacher(x: torch.Tensor) -> torch.Tensor:
+            fused = torch.full((len(x), K, *x.shape[2:]), 0.4 / (K - 1))
+            fused[:, K - 1] = 0.6
+            return fused
+
+        trainer.teacher_prediction = teacher  # type: ignore[method-assign]
+        output = trainer.train_step(next(trainer.dataloader))
+        assert float(output["pseudo_label_kept"]) == pytest.approx(kept)
+        assert (float(output["pseudo_label"]) > 0) == (kept > 0)
+    finally:
+        trainer.close()
+
+
 def test_unlabeled_every_that_is_not_a_step_count_is_a_clear_error(planned, tmp_path):
     trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
     trainer.unlabeled_every = 0

@@ -23,7 +23,13 @@ from cmcseg.losses.mean_teacher import (
     mean_teacher_consistency_loss,
     update_ema_teacher,
 )
-from cmcseg.losses.pseudo_label import PseudoLabelLoss, class_thresholds, confident_pseudo_labels, hold_background
+from cmcseg.losses.pseudo_label import (
+    PseudoLabelLoss,
+    adaptive_thresholds,
+    class_thresholds,
+    confident_pseudo_labels,
+    hold_background,
+)
 from cmcseg.losses.rampup import RampUp, linear_rampup, sigmoid_rampup
 from cmcseg.losses.supervised import (
     DeepSupervisedDiceCELoss,
@@ -42,6 +48,7 @@ __all__ = [
     "RampUp",
     "SupervisedDiceCELoss",
     "channel_semantic_consistency_loss",
+    "adaptive_thresholds",
     "class_thresholds",
     "confident_pseudo_labels",
     "hold_background",

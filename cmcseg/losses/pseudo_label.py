@@ -57,6 +57,21 @@ def confident_pseudo_labels(probabilities: Tensor, thresholds: Tensor, ignore_va
     return torch.where(keep, label, torch.full_like(label, ignore_value)), keep
 
 
+def adaptive_thresholds(thresholds: Tensor, reliability: Tensor, floor: float) -> Tensor:
+    """Per-class thresholds lowered for the classes the network has learned least (FlexMatch's curriculum, Zhang et
+    al., NeurIPS 2021, with the labeled rows' EMA Dice as the learning effect): ``beta_k = r_k / max_j r_j`` over
+    the foreground classes, ``tau_k = max(floor, tau_k * beta_k / (2 - beta_k))``, never above ``tau_k``;
+    background keeps its own. ``floor`` 0 turns it off. A hard class rarely reaches a fixed confidence, so a fixed
+    threshold lets the unlabeled rows teach the easy classes alone, and the easy classes on the hard class's voxels."""
+    if floor <= 0:
+        return thresholds
+    r = reliability.to(thresholds.device).float().clamp_min(0.0)
+    beta = r / r[1:].max().clamp_min(1e-6)
+    beta[0] = 1.0
+    lowered = thresholds * beta / (2.0 - beta)
+    return torch.minimum(thresholds, lowered.clamp_min(float(floor)))
+
+
 class PseudoLabelLoss(DeepSupervisedDiceCELoss):
     """CE + foreground soft Dice of each student head against the fused teacher's confident hard labels.
 

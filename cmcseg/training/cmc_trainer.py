@@ -68,6 +68,7 @@ from cmcseg.losses import (
     PseudoLabelLoss,
     RampUp,
     SupervisedDiceCELoss,
+    adaptive_thresholds,
     class_thresholds,
     confident_pseudo_labels,
     create_ema_teacher,
@@ -119,6 +120,9 @@ class CMCTrainer(TrainerBase):
     #: confidence a fused teacher voxel needs to become a pseudo-label: one value, or one per class (background
     #: first), e.g. lower for thin classes
     pseudo_label_threshold: float | tuple[float, ...] = 0.8
+    #: > 0: each foreground class's threshold falls with its reliability relative to the best class's, down to this
+    #: floor (:func:`cmcseg.losses.pseudo_label.adaptive_thresholds`); 0: the thresholds stay fixed
+    adaptive_threshold_floor: float = 0.0
     #: a head learns pseudo-labels only of the classes it has learned: reliability (EMA Dice on labeled rows) at
     #: least this; the others are merged into background for it (:mod:`cmcseg.losses.pseudo_label`). 0: every class
     learned_reliability: float = 0.0
@@ -321,8 +325,12 @@ class CMCTrainer(TrainerBase):
         diagnostics: dict[str, Tensor] = {}
         if teach:
             fused = self.teacher_prediction(x[unlabeled])
-            pseudo, keep = confident_pseudo_labels(fused, self.pseudo_label_thresholds, self.ignore_value)
-            pseudo, background = hold_background(pseudo, network.head_reliability.max(0).values,
+            reliability = network.head_reliability.max(0).values
+            thresholds = adaptive_thresholds(self.pseudo_label_thresholds, reliability, self.adaptive_threshold_floor)
+            pseudo, keep = confident_pseudo_labels(fused, thresholds, self.ignore_value)
+            if self.adaptive_threshold_floor > 0:
+                diagnostics["pseudo_label_threshold_min"] = thresholds[1:].min()
+            pseudo, background = hold_background(pseudo, reliability,
                                                  self.background_pseudo_label_bar, self.ignore_value)
             diagnostics["pseudo_label_background"] = x.new_tensor(float(background))
             diagnostics["pseudo_label_kept"] = keep.float().mean()
