@@ -447,7 +447,7 @@ def nanmean(values: Sequence[float]) -> float:
 
 def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -> dict[str, float]:
     """Dice per foreground class of the argmax of ``(K, *)`` probabilities against a ``(1, *)`` label map."""
-    prediction = probabilities.argmax(0, keepdim=True)[None]
+    prediction = probabilities.max(0, keepdim=True).indices[None]  # the argmax; argmax(0) is slower on CPU
     target = torch.from_numpy(np.asarray(reference).astype(np.int64))[None]
     dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
                         num_classes=labels.num_classes, ignore_index=labels.ignore_label)[0]
@@ -458,7 +458,7 @@ def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -
 
 def patch_counts(probabilities: Tensor, target: Tensor, labels: LabelInfo) -> np.ndarray:
     """``(3, n_foreground)`` TP, FP, FN summed over a batch, from probabilities and a ``(B, 1, *)`` label map."""
-    prediction = probabilities.argmax(1, keepdim=True)
+    prediction = probabilities.max(1, keepdim=True).indices  # the argmax; argmax(1) is slower on CPU
     target = target.to(prediction.device).long()
     mask = None
     if labels.ignore_label is not None:

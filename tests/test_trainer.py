@@ -405,6 +405,36 @@ def test_a_class_learned_least_gets_a_lower_threshold_with_an_adaptive_floor(pla
         trainer.close()
 
 
+@pytest.mark.slow
+def test_reliability_is_each_head_dice_per_class_on_the_labeled_rows_inside_its_fov(planned, tmp_path):
+    """A known prediction against a known label map: the first update sets ``head_reliability`` to the Dice per
+    class of the labeled row inside the head's field of view. The unlabeled row and the voxel out of view count for
+    nothing, a class never found gets the floor, a class never seen keeps 1."""
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.initialize()
+    try:
+        network = trainer.inference_network()
+        K, M = trainer.labels.num_classes, network.n_branches
+        assert K >= 4
+        target = torch.zeros(2, 1, 1, 2, 4, dtype=torch.long)
+        target[0, 0, 0, 0] = torch.tensor([1, 1, 2, 2])
+        target[0, 0, 0, 1] = torch.tensor([3, 0, 0, 0])
+        predicted = torch.zeros(2, 1, 2, 4, dtype=torch.long)
+        predicted[0, 0, 0] = torch.tensor([1, 2, 2, 2])
+        predicted[0, 0, 1] = torch.tensor([0, 0, 0, 1])  # this 1 lies out of view
+        predicted[1] = 1  # the unlabeled row, all wrong
+        logits = torch.nn.functional.one_hot(predicted, K).permute(0, 4, 1, 2, 3).float() * 5.0
+        fov = torch.ones(2, M, 1, 2, 4)
+        fov[:, :, 0, 1, 3] = 0
+        trainer.update_reliability([[logits]] * M, target, torch.tensor([True, False]), fov)
+        # 2 TP / (2 TP + FP + FN): background 2, 1, 0; class 1: 1, 0, 1; class 2: 2, 1, 0; class 3: 0, 0, 1
+        expected = torch.tensor([0.8, 2 / 3, 0.8, trainer.reliability_floor] + [1.0] * (K - 4))
+        for m in range(M):
+            torch.testing.assert_close(network.head_reliability[m].float(), expected)
+    finally:
+        trainer.close()
+
+
 def test_unlabeled_every_that_is_not_a_step_count_is_a_clear_error(planned, tmp_path):
     trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
     trainer.unlabeled_every = 0

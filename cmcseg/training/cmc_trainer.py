@@ -412,7 +412,7 @@ class CMCTrainer(TrainerBase):
         per_head = []
         for m, scales in enumerate(heads):
             reference = self.head_targets(target[labeled], head_fov[labeled], m).long().flatten()
-            prediction = scales[0][labeled].argmax(1).flatten()
+            prediction = scales[0][labeled].max(1).indices.flatten()  # argmax(1): the same, 6x slower on CPU
             valid = (reference >= 0) & (reference < k)
             reference, prediction = reference[valid], prediction[valid]
             predicted = torch.bincount(prediction, minlength=k)
