@@ -38,7 +38,9 @@ Ablations (``--arms``): ``cmc-no-bcp`` (no copy-paste, pseudo-label weight 0.3: 
 ``cmc-early-drop-merge`` (and unlearned classes merged into background), ``cmc-ratio1`` (one unlabeled row per
 labeled row, the default before), ``cmc-half`` (one unlabeled row per two labeled rows, pinned: the default now),
 ``cmc-every-step`` (the unlabeled objective on every step, ``unlabeled_every = 1``: the default before; (a) runs it
-every second step at twice the weight),
+every second step at twice the weight), ``cmc-thin-tau`` (thresholds 0.6 for RV, edema and scar: myops_dev's
+classes only), ``cmc-flex`` (thresholds that fall with a class's reliability, floor 0.5; both score each head
+alone no more, to save validation time),
 ``branches`` / ``branches-sup`` (the paper's network, a branch per modality, as (a) and (b)).
 
 Scoring: Dice per class of the argmax on the fold's validation cases in cmcseg's preprocessed space, with the same
