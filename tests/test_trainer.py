@@ -409,7 +409,8 @@ def test_a_class_learned_least_gets_a_lower_threshold_with_an_adaptive_floor(pla
 def test_reliability_is_each_head_dice_per_class_on_the_labeled_rows_inside_its_fov(planned, tmp_path):
     """A known prediction against a known label map: the first update sets ``head_reliability`` to the Dice per
     class of the labeled row inside the head's field of view. The unlabeled row and the voxel out of view count for
-    nothing, a class never found gets the floor, a class never seen keeps 1."""
+    nothing, and a class present but never found gets the floor. (The phantom's 4 classes are all present here;
+    a dataset with more would see the rest keep 1.)"""
     trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
     trainer.initialize()
     try:
