@@ -39,8 +39,9 @@ Ablations (``--arms``): ``cmc-no-bcp`` (no copy-paste, pseudo-label weight 0.3: 
 labeled row, the default before), ``cmc-half`` (one unlabeled row per two labeled rows, pinned: the default now),
 ``cmc-every-step`` (the unlabeled objective on every step, ``unlabeled_every = 1``: the default before; (a) runs it
 every second step at twice the weight), ``cmc-thin-tau`` (thresholds 0.6 for RV, edema and scar: myops_dev's
-classes only), ``cmc-flex`` (thresholds that fall with a class's reliability, floor 0.5; both score each head
-alone no more, to save validation time),
+classes only), ``cmc-flex`` (thresholds that fall with a class's reliability, floor 0.5), ``cmc-sets`` (a
+pseudo-label stands for every class that is at least 20 % of the labeled voxels predicted as it; the three score
+each head alone no more, to save validation time),
 ``branches`` / ``branches-sup`` (the paper's network, a branch per modality, as (a) and (b)).
 
 Scoring: Dice per class of the argmax on the fold's validation cases in cmcseg's preprocessed space, with the same
@@ -95,6 +96,7 @@ ARMS = {
     "cmc-every-step": "(a) unlabeled objective every step",
     "cmc-thin-tau": "(a) RV/edema/scar threshold 0.6 (myops)",
     "cmc-flex": "(a) thresholds fall with reliability, floor 0.5",
+    "cmc-sets": "(a) set-valued pseudo-labels from the confusion, share 0.2",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -175,6 +177,7 @@ def arm_trainer_class(arm: str):
         # myops_dev's classes (background, myocardium, LV, RV, edema, scar): RV, edema and scar at 0.6
         "cmc-thin-tau": {"pseudo_label_threshold": (0.8, 0.8, 0.8, 0.6, 0.6, 0.6), "validate_each_modality": False},
         "cmc-flex": {"adaptive_threshold_floor": 0.5, "validate_each_modality": False},
+        "cmc-sets": {"confusion_share": 0.2, "validate_each_modality": False},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

@@ -13,6 +13,7 @@ from cmcseg.losses import (
     adaptive_thresholds,
     class_thresholds,
     confident_pseudo_labels,
+    confusion_candidates,
     masked_agreement_loss,
 )
 from cmcseg.losses.pseudo_label import hold_background, merge_unlearned
@@ -200,7 +201,8 @@ def test_copy_paste_mixes_inputs_and_targets_with_the_same_box_through_every_sli
     torch.manual_seed(0)
     labeled_x, unlabeled_x = torch.ones(1, 3, 4, 9, 12), torch.full((3, 3, 4, 9, 12), 2.0)
     labeled_y, pseudo = torch.ones(1, 1, 4, 9, 12, dtype=torch.long), torch.full((3, 1, 4, 9, 12), 2)
-    mixed_x, mixed_y = copy_paste(labeled_x, labeled_y, unlabeled_x, pseudo, 2 / 3, [True, False, True])
+    mixed_x, mixed_y, pasted = copy_paste(labeled_x, labeled_y, unlabeled_x, pseudo, 2 / 3, [True, False, True])
+    assert torch.equal(pasted, mixed_y == 1), "the mask says where the labeled row's content went"
     assert mixed_x.shape == unlabeled_x.shape and mixed_y.shape == pseudo.shape and mixed_y.dtype == pseudo.dtype
     assert torch.equal(mixed_x[:, :1].long(), mixed_y), "input and target come from the same row, voxel by voxel"
     assert torch.equal(mixed_x, mixed_x[:, :1].expand_as(mixed_x)), "every channel is mixed the same way"
@@ -209,6 +211,7 @@ def test_copy_paste_mixes_inputs_and_targets_with_the_same_box_through_every_sli
     assert torch.equal(mixed_y[:, :, :1].expand_as(mixed_y), mixed_y), "the same box through every slice"
     unchanged = copy_paste(labeled_x[:0], labeled_y[:0], unlabeled_x, pseudo, 2 / 3, [True] * 3)
     assert unchanged[0] is unlabeled_x and unchanged[1] is pseudo, "no labeled row: nothing to mix"
+    assert not unchanged[2].any()
 
 
 @pytest.mark.parametrize("n_labeled, forced", [(1, 1), (2, 1), (3, 1), (4, 1), (12, 4)])
@@ -268,6 +271,45 @@ def test_unlearned_classes_merge_into_background_and_their_labels_are_ignored() 
     assert float(torch.softmax(step, 1)[:, :2].sum(1).mean()) > float(probabilities[:, :2].sum(1).mean())
     everything = PseudoLabelLoss(IGNORE)([student], background, learned=torch.ones(1, K, dtype=torch.bool))
     assert float(everything) == pytest.approx(float(plain))
+
+
+def test_confusion_candidates_list_the_classes_a_prediction_stands_for() -> None:
+    """confusion[true, predicted]: of the 95 voxels predicted 2, 30 are class 1 (32 %) and 5 background (5 %). At a
+    share of 0.2 a 2 stands for {1, 2}, at 0.04 for {0, 1, 2}; 0 and 1 always stand for themselves alone."""
+    confusion = torch.tensor([[100.0, 0.0, 5.0], [0.0, 50.0, 30.0], [0.0, 0.0, 60.0]])
+    expected = torch.tensor([[True, False, False], [False, True, False], [False, True, True]])
+    assert torch.equal(confusion_candidates(confusion, 0.2), expected)
+    assert torch.equal(confusion_candidates(confusion, 0.0), torch.eye(K, dtype=torch.bool)), "0 is off"
+    low = expected.clone()
+    low[2, 0] = True
+    assert torch.equal(confusion_candidates(confusion, 0.04), low)
+    assert torch.equal(confusion_candidates(torch.zeros(K, K), 0.2), torch.eye(K, dtype=torch.bool)), \
+        "a class never predicted stands for itself"
+
+
+def test_a_set_valued_pseudo_label_does_not_teach_one_candidate_over_another() -> None:
+    """A student sure of class 1 on voxels the teacher calls 2, where 2 stands for {1, 2}: their CE is ~0 and they
+    leave the Dice term, so the gradient does not push class 1 down there; a hard label does. Pasted (labeled)
+    voxels keep their hard label, and identity candidates give the plain loss exactly."""
+    student = torch.full((1, K, 1, 2, 4), -8.0)
+    student[:, 1] = 8.0  # class 1, confidently, everywhere
+    student.requires_grad_(True)
+    pseudo = torch.full((1, 1, 1, 2, 4), 2)
+    candidates = torch.tensor([[True, False, False], [False, True, False], [False, True, True]])
+    plain = PseudoLabelLoss(IGNORE)([student], pseudo)
+    identity = PseudoLabelLoss(IGNORE)([student], pseudo, candidates=torch.eye(K, dtype=torch.bool))
+    assert float(identity.detach()) == pytest.approx(float(plain.detach()))
+    sets = PseudoLabelLoss(IGNORE)([student], pseudo, candidates=candidates)
+    assert float(sets.detach()) < float(plain.detach()) - 10.0, "the CE of '1 or 2' for a sure 1 is about 0, not 16"
+    sets.backward()
+    assert student.grad is not None and float(student.grad.abs().max()) < 1e-3
+    pasted = torch.zeros(1, 1, 1, 2, 4, dtype=torch.bool)
+    pasted[..., 0, :] = True  # the first row of voxels holds a labeled row's true 2s
+    student.grad = None
+    mixed = PseudoLabelLoss(IGNORE)([student], pseudo, candidates=candidates, from_teacher=~pasted)
+    mixed.backward()
+    assert float(mixed.detach()) > 5.0, "a true label is not a set: the pasted 2s still cost a confident 1"
+    assert float(student.grad[0, 1, 0, 0].abs().min()) > 1e-3 and float(student.grad[0, 1, 0, 1].abs().max()) < 1e-3
 
 
 def test_background_pseudo_labels_wait_until_every_foreground_class_is_learned() -> None:

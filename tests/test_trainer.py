@@ -432,6 +432,10 @@ def test_reliability_is_each_head_dice_per_class_on_the_labeled_rows_inside_its_
         expected = torch.tensor([0.8, 2 / 3, 0.8, trainer.reliability_floor] + [1.0] * (K - 4))
         for m in range(M):
             torch.testing.assert_close(network.head_reliability[m].float(), expected)
+        confusion = torch.zeros(K, K, dtype=torch.float64)  # [true, predicted] of the 7 labeled voxels in view
+        for true, guess in ((1, 1), (1, 2), (2, 2), (2, 2), (3, 0), (0, 0), (0, 0)):
+            confusion[true, guess] += 1
+        torch.testing.assert_close(trainer.confusion_counts, confusion.expand(M, K, K))
     finally:
         trainer.close()
 
@@ -440,6 +444,49 @@ def test_unlabeled_every_that_is_not_a_step_count_is_a_clear_error(planned, tmp_
     trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
     trainer.unlabeled_every = 0
     with pytest.raises(CmcsegError, match="unlabeled_every is 0.*Fix: set it to a whole number >= 1"):
+        trainer.initialize()
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_a_train_step_makes_set_valued_pseudo_labels_from_the_labeled_rows_confusion(planned, tmp_path):
+    """The labeled rows' confusion says half the voxels predicted as the last class are the one before it: with
+    ``confusion_share = 0.3`` the last class stands for both (mean candidates per class (K + 1) / K), and a teacher
+    that calls every unlabeled voxel the last class teaches less than with hard labels (the student, still near
+    uniform, already puts mass on both)."""
+    outputs = {}
+    for share in (0.0, 0.3):
+        trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path / str(share))))
+        trainer.unlabeled_every = 1
+        trainer.confusion_share = share
+        trainer.initialize()
+        try:
+            trainer.ramps = {name: RampUp(1.0 if name == "pseudo_label" else 0.0, 0.0, "constant", "fraction")
+                             for name in trainer.ramps}
+            K = trainer.labels.num_classes
+            confusion = torch.eye(K, dtype=torch.float64) * 100
+            confusion[K - 2, K - 1] = 100.0  # [true, predicted]
+            trainer.confusion_counts = confusion.expand(trainer.inference_network().n_branches, K, K).clone()
+
+            def teacher(x: torch.Tensor, k: int = K) -> torch.Tensor:
+                fused = torch.full((len(x), k, *x.shape[2:]), 0.1 / (k - 1))
+                fused[:, k - 1] = 0.9
+                return fused
+
+            trainer.teacher_prediction = teacher  # type: ignore[method-assign]
+            torch.manual_seed(0)
+            outputs[share] = trainer.train_step(next(trainer.dataloader))
+        finally:
+            trainer.close()
+    assert "pseudo_label_candidates" not in outputs[0.0]
+    assert float(outputs[0.3]["pseudo_label_candidates"]) == pytest.approx((K + 1) / K)
+    assert 0 < float(outputs[0.3]["pseudo_label"]) < float(outputs[0.0]["pseudo_label"])
+
+
+def test_set_valued_pseudo_labels_and_merged_classes_together_are_a_clear_error(planned, tmp_path):
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.confusion_share, trainer.learned_reliability = 0.2, 0.5
+    with pytest.raises(CmcsegError, match="confusion_share and learned_reliability.*Fix: set one of them to 0"):
         trainer.initialize()
     trainer.close()
 

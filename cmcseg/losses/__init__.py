@@ -28,6 +28,7 @@ from cmcseg.losses.pseudo_label import (
     adaptive_thresholds,
     class_thresholds,
     confident_pseudo_labels,
+    confusion_candidates,
     hold_background,
 )
 from cmcseg.losses.rampup import RampUp, linear_rampup, sigmoid_rampup
@@ -51,6 +52,7 @@ __all__ = [
     "adaptive_thresholds",
     "class_thresholds",
     "confident_pseudo_labels",
+    "confusion_candidates",
     "hold_background",
     "create_ema_teacher",
     "cross_modality_agreement_loss",

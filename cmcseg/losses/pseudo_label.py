@@ -17,6 +17,12 @@ plain CE on those labels teaches the student that the class does not exist befor
 it (on real cardiac MRI the RV and scar never appeared). Merged, such a voxel only says "not one of the learned
 classes", which is true.
 
+Where the labeled rows show that a predicted class often stands for another (``confusion_candidates``: on real
+cardiac MRI, most voxels called scar near the labeled edema are edema), a pseudo-label of that class becomes a set of
+candidates: its CE is the marginal ``-log sum_{j in S(y_hat)} p(j)`` and it leaves the Dice term. The voxel still
+says "one of these, none of the others", and the labeled rows alone decide between the candidates; a hard label
+would teach the student the teacher's confusion.
+
 The teacher is a detached target, so the good head (e.g. LGE, on the label grid) is never
 pulled towards a weak one; the fused target already carries the strong heads' votes. Hard
 labels reward confidence, unlike the symmetric soft-Dice agreement this replaces, which two
@@ -72,6 +78,27 @@ def adaptive_thresholds(thresholds: Tensor, reliability: Tensor, floor: float) -
     return torch.minimum(thresholds, lowered.clamp_min(float(floor)))
 
 
+def confusion_candidates(confusion: Tensor, share: float) -> Tensor:
+    """``(K, K)`` bool, row ``k``: the classes a prediction of ``k`` stands for. ``confusion[j, k]`` counts voxels of
+    true class ``j`` predicted ``k`` (labeled rows); class ``j`` is a candidate of ``k`` when it is ``k`` or makes
+    up at least ``share`` of the voxels predicted ``k``. ``share`` 0 (off), or a class never predicted: ``k`` alone."""
+    k = confusion.shape[-1]
+    identity = torch.eye(k, dtype=torch.bool, device=confusion.device)
+    if share <= 0:
+        return identity
+    counts = confusion.double()
+    of_prediction = counts / counts.sum(0, keepdim=True).clamp_min(1e-12)  # [true j, predicted k]
+    return identity | (of_prediction >= share).T
+
+
+def candidate_cross_entropy(logits: Tensor, allowed: Tensor, valid: Tensor) -> Tensor:
+    """Mean over ``valid`` voxels (``(B, 1, *)``) of ``-log sum_j p(j)`` over the ``allowed`` classes (``(B, K, *)``
+    bool, at least one per valid voxel): the CE of a set-valued label, plain CE where the set is one class."""
+    log_p = torch.log_softmax(logits.float(), 1).masked_fill(~allowed, float("-inf"))
+    nll = -torch.logsumexp(log_p, 1, keepdim=True)
+    return nll[valid].mean()
+
+
 class PseudoLabelLoss(DeepSupervisedDiceCELoss):
     """CE + foreground soft Dice of each student head against the fused teacher's confident hard labels.
 
@@ -83,14 +110,20 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
 
     def __init__(self, ignore_value: int, batch_dice: bool = False) -> None:
         super().__init__(batch_dice=batch_dice, ignore_label=int(ignore_value))
+        self.dice_only = DeepSupervisedDiceCELoss(batch_dice=batch_dice, ignore_label=int(ignore_value), weight_ce=0.0)
 
     def forward(self, head_logits: Sequence[Tensor], pseudo_labels: Tensor,  # type: ignore[override]
-                head_fov: Tensor | None = None, learned: Tensor | None = None) -> Tensor:
+                head_fov: Tensor | None = None, learned: Tensor | None = None, candidates: Tensor | None = None,
+                from_teacher: Tensor | None = None) -> Tensor:
         """``head_logits``: M full-resolution ``(B, K, *)`` logits; ``pseudo_labels``: ``(B, 1, *)`` from
         :func:`confident_pseudo_labels`; ``head_fov``: ``(B, M, *)`` masks (None: every voxel in view);
         ``learned``: ``(M, K)`` bool, the classes each head has learned (None: all); the others are merged into
-        background (see the module docstring)."""
+        background (see the module docstring). ``candidates``: ``(K, K)`` bool from :func:`confusion_candidates`
+        (None: every label is one class); it applies to the voxels whose label is the teacher's, ``from_teacher``
+        ``(B, 1, *)`` bool (None: all; copy-paste puts true labels beside them)."""
         ignore = int(self.ignore_label)  # type: ignore[arg-type]
+        if candidates is not None and learned is not None and not bool(learned[:, 1:].all()):
+            raise ValueError("candidate sets and merged unlearned classes cannot be combined; use one of the two")
         losses = []
         for m, logits in enumerate(head_logits):
             target = pseudo_labels if head_fov is None else ignore_outside_fov(pseudo_labels, head_fov[:, m:m + 1],
@@ -98,10 +131,30 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
             if learned is not None and not bool(learned[m, 1:].all()):
                 logits, target = merge_unlearned(logits, target, learned[m], ignore)
             if bool((target != ignore).any()):
-                losses.append(super().forward([logits], [target]))
+                losses.append(self.candidate_loss(logits, target, candidates, from_teacher))
         if not losses:
             return torch.stack([logits.sum() * 0.0 for logits in head_logits]).sum()
         return torch.stack(losses).mean()
+
+    def candidate_loss(self, logits: Tensor, target: Tensor, candidates: Tensor | None,
+                       from_teacher: Tensor | None) -> Tensor:
+        """Dice+CE of one head; the teacher's labels with several candidates count in the CE as their set and not
+        in the Dice term."""
+        ignore = int(self.ignore_label)  # type: ignore[arg-type]
+        valid = target != ignore
+        k = logits.shape[1]
+        label = torch.where(valid, target, torch.zeros_like(target)).long().clamp(0, k - 1)
+        several = (candidates.sum(1) > 1) if candidates is not None else None
+        ambiguous = valid & several.to(target.device)[label] if several is not None else None
+        if ambiguous is not None and from_teacher is not None:
+            ambiguous = ambiguous & from_teacher.to(ambiguous.device)
+        if ambiguous is None or not bool(ambiguous.any()):
+            return super().forward([logits], [target])
+        assert candidates is not None
+        one_hot = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, label, True)
+        allowed = one_hot | (candidates.to(logits.device)[label.squeeze(1)].movedim(-1, 1) & ambiguous)
+        dice_target = torch.where(ambiguous, torch.full_like(target, ignore), target)
+        return self.dice_only([logits], [dice_target]) + candidate_cross_entropy(logits, allowed, valid)
 
 
 def hold_background(pseudo_labels: Tensor, reliability: Tensor, bar: float, ignore_value: int) -> tuple[Tensor, bool]:

@@ -243,7 +243,7 @@ class StrongIntensityAugmentation:
 
 
 def copy_paste(labeled_x: torch.Tensor, labeled_y: torch.Tensor, unlabeled_x: torch.Tensor, pseudo: torch.Tensor,
-               box: float, inward: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+               box: float, inward: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bidirectional copy-paste (BCP; Bai et al., CVPR 2023) of unlabeled rows with labeled rows.
 
     Row ``j`` of the result mixes unlabeled row ``j`` with labeled row ``j % L``: a box of ``box`` times each
@@ -254,10 +254,11 @@ def copy_paste(labeled_x: torch.Tensor, labeled_y: torch.Tensor, unlabeled_x: to
     reverse, which narrows the gap between what the labeled and the unlabeled rows teach.
 
     ``labeled_x``: ``(L, C, *)``; ``labeled_y``: ``(L, 1, *)``; ``unlabeled_x``: ``(U, C, *)``; ``pseudo``:
-    ``(U, 1, *)``. Returns the mixed inputs ``(U, C, *)`` and targets ``(U, 1, *)``.
+    ``(U, 1, *)``. Returns the mixed inputs ``(U, C, *)``, targets ``(U, 1, *)`` and where the labeled row's content
+    went (``(U, 1, *)`` bool).
     """
     if len(labeled_x) == 0 or not 0 < box < 1:
-        return unlabeled_x, pseudo
+        return unlabeled_x, pseudo, torch.zeros_like(pseudo, dtype=torch.bool)
     h, w = unlabeled_x.shape[-2:]
     bh, bw = max(1, round(box * h)), max(1, round(box * w))
     inside = torch.zeros((len(unlabeled_x), 1, *unlabeled_x.shape[2:]), dtype=torch.bool, device=unlabeled_x.device)
@@ -268,7 +269,7 @@ def copy_paste(labeled_x: torch.Tensor, labeled_y: torch.Tensor, unlabeled_x: to
     rows = torch.arange(len(unlabeled_x), device=labeled_x.device) % len(labeled_x)
     mixed_x = torch.where(from_labeled, labeled_x[rows].to(unlabeled_x.dtype), unlabeled_x)
     mixed_y = torch.where(from_labeled, labeled_y[rows].to(pseudo.dtype), pseudo)
-    return mixed_x, mixed_y
+    return mixed_x, mixed_y, from_labeled
 
 
 class MaskedImageView:

@@ -26,7 +26,8 @@ on top (``batch["labeled"]``). For paired datasets (every modality of a case on 
   field of view of the student's own input. By default (``copy_paste_box = 2/3``) each unlabeled row of
   the student is first mixed with a labeled row by bidirectional copy-paste (BCP): a box of 2/3 of each
   in-plane side from one inside the other, through every slice, both ways in turn; the labeled part
-  learns its label, the rest the pseudo-labels;
+  learns its label, the rest the pseudo-labels. With ``confusion_share`` > 0 a pseudo-label of a class the labeled
+  rows show to be confused with others stands for all of them (set-valued CE, no Dice; off by default);
 * **CSC** (channel-wise semantic consistency, branches only) on the bottlenecks of all rows;
 * **CAC** (optional, weight 0 by default): each head's foreground probabilities against the
   fused teacher's, detached, inside the head's field of view, on unlabeled rows;
@@ -71,6 +72,7 @@ from cmcseg.losses import (
     adaptive_thresholds,
     class_thresholds,
     confident_pseudo_labels,
+    confusion_candidates,
     create_ema_teacher,
     hold_background,
     ignore_outside_fov,
@@ -129,6 +131,10 @@ class CMCTrainer(TrainerBase):
     #: background pseudo-labels count only once every foreground class's reliability (best head) reaches this; until
     #: then the unlabeled rows teach the foreground classes the teacher is sure of (0: always teach background)
     background_pseudo_label_bar: float = 0.0
+    #: > 0: a pseudo-label of class k stands for every class that makes up at least this share of the labeled rows'
+    #: voxels predicted k (EMA confusion); its CE is that set's marginal and it leaves the Dice term
+    #: (:func:`cmcseg.losses.pseudo_label.confusion_candidates`). 0: hard labels
+    confusion_share: float = 0.0
     csc_weight: float = 0.1
     #: the final validation also scores each modality alone (``per_head``): M more network passes per window
     validate_each_modality: bool = True
@@ -233,6 +239,9 @@ class CMCTrainer(TrainerBase):
         if self.copy_paste_box > 0 and self.cac_weight > 0:
             raise CmcsegError(f"{type(self).__name__}: copy_paste_box and cac_weight cannot both be on (the agreement "
                               "target is the teacher's view of the unmixed rows). Fix: set one of them to 0.")
+        if self.confusion_share > 0 and self.learned_reliability > 0:
+            raise CmcsegError(f"{type(self).__name__}: confusion_share and learned_reliability cannot both be on (one "
+                              "makes set-valued pseudo-labels, the other merges classes). Fix: set one of them to 0.")
         if int(self.unlabeled_every) != self.unlabeled_every or self.unlabeled_every < 1:
             raise CmcsegError(f"{type(self).__name__}: unlabeled_every is {self.unlabeled_every!r}; it counts steps "
                               "(the unlabeled objective runs on every k-th one). Fix: set it to a whole number >= 1.")
@@ -255,6 +264,9 @@ class CMCTrainer(TrainerBase):
             self.teacher = create_ema_teacher(student)
             self.teacher.set_deep_supervision(False)  # the teacher's targets are full resolution only
         self.reliability_counts = torch.zeros(3, student.n_branches, self.labels.num_classes, dtype=torch.float64)
+        k = self.labels.num_classes
+        #: EMA over steps of each head's [true, predicted] voxel counts on the labeled rows, inside its FOV
+        self.confusion_counts = torch.zeros(student.n_branches, k, k, dtype=torch.float64)
 
     def build_ramps(self) -> dict[str, RampUp]:
         """One ramp per unlabeled term: 0 during ``unlabeled_warmup``, then a sigmoid over ``unlabeled_rampup``,
@@ -334,11 +346,16 @@ class CMCTrainer(TrainerBase):
                                                  self.background_pseudo_label_bar, self.ignore_value)
             diagnostics["pseudo_label_background"] = x.new_tensor(float(background))
             diagnostics["pseudo_label_kept"] = keep.float().mean()
+            candidates = None  # what each pseudo-label stands for, from the labeled rows' confusion so far
+            if self.confusion_share > 0:
+                candidates = confusion_candidates(self.confusion_counts.sum(0), self.confusion_share)
+                diagnostics["pseudo_label_candidates"] = candidates.sum(1).double().mean()
             student_rows = x[unlabeled]
+            pasted = torch.zeros_like(pseudo, dtype=torch.bool)
             if self.copy_paste_box > 0:
                 inward = [(j + self.global_step) % 2 == 0 for j in range(len(student_rows))]
-                student_rows, pseudo = copy_paste(x[labeled], targets[0][labeled], student_rows, pseudo,
-                                                  self.copy_paste_box, inward)
+                student_rows, pseudo, pasted = copy_paste(x[labeled], targets[0][labeled], student_rows, pseudo,
+                                                          self.copy_paste_box, inward)
             student_input = x.clone()
             student_input[unlabeled] = self.strong_view(student_rows, self.channel_modalities, self.num_modalities)
         output = self.network(student_input)
@@ -355,7 +372,8 @@ class CMCTrainer(TrainerBase):
             student_fov = network.head_fov(student_input[unlabeled])
             if weights["pseudo_label"] > 0:
                 learned = network.head_reliability >= self.learned_reliability
-                losses["pseudo_label"] = self.pseudo_label_loss(student_logits, pseudo, student_fov, learned)
+                losses["pseudo_label"] = self.pseudo_label_loss(student_logits, pseudo, student_fov, learned,
+                                                                candidates, ~pasted)
                 diagnostics["pseudo_label_classes"] = learned[:, 1:].float().sum(1).mean()
             if weights["cac"] > 0:
                 losses["cac"] = masked_agreement_loss([torch.softmax(z.float(), 1) for z in student_logits], fused,
@@ -404,7 +422,7 @@ class CMCTrainer(TrainerBase):
 
     @torch.no_grad()
     def update_reliability(self, heads: list[list[Tensor]], target: Tensor, labeled: Tensor, head_fov: Tensor) -> None:
-        """Fold this batch's TP/FP/FN of each head (labeled rows, inside its FOV) into the EMA counts, and set the
+        """Fold this batch's confusion of each head (labeled rows, inside its FOV) into the EMA counts, and set the
         network's ``head_reliability`` to the resulting Dice per head and class (classes never seen keep 1)."""
         if not bool(labeled.any()):
             return
@@ -414,16 +432,16 @@ class CMCTrainer(TrainerBase):
             reference = self.head_targets(target[labeled], head_fov[labeled], m).long().flatten()
             prediction = scales[0][labeled].max(1).indices.flatten()  # argmax(1): the same, 6x slower on CPU
             valid = (reference >= 0) & (reference < k)
-            reference, prediction = reference[valid], prediction[valid]
-            predicted = torch.bincount(prediction, minlength=k)
-            actual = torch.bincount(reference, minlength=k)
-            tp = torch.bincount(reference[prediction == reference], minlength=k)
-            per_head.append(torch.stack([tp, predicted - tp, actual - tp]))
-        counts = torch.stack(per_head, dim=1).double().cpu()  # (3, heads, K), one transfer per step
+            pairs = reference[valid] * k + prediction[valid]
+            per_head.append(torch.bincount(pairs, minlength=k * k).reshape(k, k))  # [true, predicted]
+        confusion = torch.stack(per_head).double().cpu()  # (heads, K, K), one transfer per step
         if self.dist.enabled:  # every rank keeps the same counts, so the ranks' networks stay identical
-            counts = torch.from_numpy(ddp.sum_over_ranks(counts.numpy(), self.dist, self.device))
+            confusion = torch.from_numpy(ddp.sum_over_ranks(confusion.numpy(), self.dist, self.device))
+        tp = torch.diagonal(confusion, dim1=1, dim2=2)
+        counts = torch.stack([tp, confusion.sum(1) - tp, confusion.sum(2) - tp])  # (3, heads, K): TP, FP, FN
         momentum = self.reliability_momentum if self.reliability_counts.any() else 0.0
         self.reliability_counts = momentum * self.reliability_counts + (1 - momentum) * counts
+        self.confusion_counts = momentum * self.confusion_counts + (1 - momentum) * confusion
         tp, fp, fn = self.reliability_counts
         denominator = 2 * tp + fp + fn
         dice = torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1e-12), torch.ones_like(tp))
@@ -519,18 +537,21 @@ class CMCTrainer(TrainerBase):
 
     # =================================================================================== state
     def extra_state(self) -> dict[str, Any]:
-        """The EMA teacher's weights and the reliability counts."""
-        state: dict[str, Any] = {"reliability_counts": self.reliability_counts.clone()}
+        """The EMA teacher's weights, the reliability and the confusion counts."""
+        state: dict[str, Any] = {"reliability_counts": self.reliability_counts.clone(),
+                                 "confusion_counts": self.confusion_counts.clone()}
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the EMA teacher and the reliability counts."""
+        """Restore the EMA teacher, the reliability and the confusion counts."""
         if "teacher" in state and self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         if "reliability_counts" in state:
             self.reliability_counts = torch.as_tensor(state["reliability_counts"], dtype=torch.float64)
+        if "confusion_counts" in state:
+            self.confusion_counts = torch.as_tensor(state["confusion_counts"], dtype=torch.float64)
 
 
 class CMCBranchesTrainer(CMCTrainer):
