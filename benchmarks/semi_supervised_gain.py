@@ -40,7 +40,8 @@ labeled row, the default before), ``cmc-half`` (one unlabeled row per two labele
 ``cmc-every-step`` (the unlabeled objective on every step, ``unlabeled_every = 1``: the default before; (a) runs it
 every second step at twice the weight), ``cmc-thin-tau`` (thresholds 0.6 for RV, edema and scar: myops_dev's
 classes only), ``cmc-flex`` (thresholds that fall with a class's reliability, floor 0.5), ``cmc-sets`` (a
-pseudo-label stands for every class that is at least 20 % of the labeled voxels predicted as it; the three score
+pseudo-label stands for every class that is at least 20 % of the labeled voxels predicted as it), ``cmc-edema-scar``
+(an edema or scar pseudo-label stands for both: myops_dev's classes only; the four score
 each head alone no more, to save validation time),
 ``branches`` / ``branches-sup`` (the paper's network, a branch per modality, as (a) and (b)).
 
@@ -97,6 +98,7 @@ ARMS = {
     "cmc-thin-tau": "(a) RV/edema/scar threshold 0.6 (myops)",
     "cmc-flex": "(a) thresholds fall with reliability, floor 0.5",
     "cmc-sets": "(a) set-valued pseudo-labels from the confusion, share 0.2",
+    "cmc-edema-scar": "(a) edema and scar pseudo-labels as {edema, scar} (myops)",
     "cmc-pretrained": "(a) from a pretrained encoder",
     "branches": "(a) with a branch per modality",
     "branches-sup": "(b) with a branch per modality",
@@ -178,6 +180,8 @@ def arm_trainer_class(arm: str):
         "cmc-thin-tau": {"pseudo_label_threshold": (0.8, 0.8, 0.8, 0.6, 0.6, 0.6), "validate_each_modality": False},
         "cmc-flex": {"adaptive_threshold_floor": 0.5, "validate_each_modality": False},
         "cmc-sets": {"confusion_share": 0.2, "validate_each_modality": False},
+        # myops_dev's classes: edema (4) and scar (5) stand for each other
+        "cmc-edema-scar": {"confusable_classes": ((4, 5),), "validate_each_modality": False},
         "cmc-pretrained": {},  # (a) with --encoder-weights from benchmarks/pretrain_gain.py
         "branches": {"single_branch": False},
         "branches-sup": {"single_branch": False, "unlabeled_weight": 0.0},

@@ -14,6 +14,7 @@ from cmcseg.losses import (
     class_thresholds,
     confident_pseudo_labels,
     confusion_candidates,
+    grouped_candidates,
     masked_agreement_loss,
 )
 from cmcseg.losses.pseudo_label import hold_background, merge_unlearned
@@ -285,6 +286,15 @@ def test_confusion_candidates_list_the_classes_a_prediction_stands_for() -> None
     assert torch.equal(confusion_candidates(confusion, 0.04), low)
     assert torch.equal(confusion_candidates(torch.zeros(K, K), 0.2), torch.eye(K, dtype=torch.bool)), \
         "a class never predicted stands for itself"
+
+
+def test_grouped_candidates_join_the_classes_of_each_group() -> None:
+    expected = torch.eye(4, dtype=torch.bool)
+    expected[2, 3] = expected[3, 2] = True
+    assert torch.equal(grouped_candidates([(2, 3)], 4), expected)
+    assert torch.equal(grouped_candidates([], 4), torch.eye(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must lie in 0..3"):
+        grouped_candidates([(2, 4)], 4)
 
 
 def test_a_set_valued_pseudo_label_does_not_teach_one_candidate_over_another() -> None:

@@ -449,23 +449,26 @@ def test_unlabeled_every_that_is_not_a_step_count_is_a_clear_error(planned, tmp_
 
 
 @pytest.mark.slow
-def test_a_train_step_makes_set_valued_pseudo_labels_from_the_labeled_rows_confusion(planned, tmp_path):
-    """The labeled rows' confusion says half the voxels predicted as the last class are the one before it: with
-    ``confusion_share = 0.3`` the last class stands for both (mean candidates per class (K + 1) / K), and a teacher
-    that calls every unlabeled voxel the last class teaches less than with hard labels (the student, still near
-    uniform, already puts mass on both)."""
+def test_a_train_step_makes_set_valued_pseudo_labels_from_the_confusion_or_from_groups(planned, tmp_path):
+    """The labeled rows' confusion says half the voxels predicted as the last class (3 of the phantom's 4) are class
+    2: with ``confusion_share = 0.3`` a 3 stands for {2, 3} (mean candidates per class 5 / 4); with
+    ``confusable_classes = ((2, 3),)`` a 2 or a 3 stands for both (6 / 4). A teacher that calls every unlabeled voxel
+    3 then teaches less than with hard labels (the student, still near uniform, already puts mass on both)."""
     outputs = {}
-    for share in (0.0, 0.3):
-        trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path / str(share))))
+    for name, attributes in (("hard", {}), ("share", {"confusion_share": 0.3}),
+                             ("groups", {"confusable_classes": ((2, 3),)})):
+        trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path / name)))
         trainer.unlabeled_every = 1
-        trainer.confusion_share = share
+        for key, value in attributes.items():
+            setattr(trainer, key, value)
         trainer.initialize()
         try:
-            trainer.ramps = {name: RampUp(1.0 if name == "pseudo_label" else 0.0, 0.0, "constant", "fraction")
-                             for name in trainer.ramps}
+            trainer.ramps = {key: RampUp(1.0 if key == "pseudo_label" else 0.0, 0.0, "constant", "fraction")
+                             for key in trainer.ramps}
             K = trainer.labels.num_classes
+            assert K == 4
             confusion = torch.eye(K, dtype=torch.float64) * 100
-            confusion[K - 2, K - 1] = 100.0  # [true, predicted]
+            confusion[2, 3] = 100.0  # [true, predicted]
             trainer.confusion_counts = confusion.expand(trainer.inference_network().n_branches, K, K).clone()
 
             def teacher(x: torch.Tensor, k: int = K) -> torch.Tensor:
@@ -475,18 +478,28 @@ def test_a_train_step_makes_set_valued_pseudo_labels_from_the_labeled_rows_confu
 
             trainer.teacher_prediction = teacher  # type: ignore[method-assign]
             torch.manual_seed(0)
-            outputs[share] = trainer.train_step(next(trainer.dataloader))
+            outputs[name] = trainer.train_step(next(trainer.dataloader))
         finally:
             trainer.close()
-    assert "pseudo_label_candidates" not in outputs[0.0]
-    assert float(outputs[0.3]["pseudo_label_candidates"]) == pytest.approx((K + 1) / K)
-    assert 0 < float(outputs[0.3]["pseudo_label"]) < float(outputs[0.0]["pseudo_label"])
+    assert "pseudo_label_candidates" not in outputs["hard"]
+    assert float(outputs["share"]["pseudo_label_candidates"]) == pytest.approx(5 / 4)
+    assert float(outputs["groups"]["pseudo_label_candidates"]) == pytest.approx(6 / 4)
+    for name in ("share", "groups"):
+        assert 0 < float(outputs[name]["pseudo_label"]) < float(outputs["hard"]["pseudo_label"])
 
 
 def test_set_valued_pseudo_labels_and_merged_classes_together_are_a_clear_error(planned, tmp_path):
     trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
     trainer.confusion_share, trainer.learned_reliability = 0.2, 0.5
-    with pytest.raises(CmcsegError, match="confusion_share and learned_reliability.*Fix: set one of them to 0"):
+    with pytest.raises(CmcsegError, match="and learned_reliability, cannot both be on.*Fix: set learned_reliab"):
+        trainer.initialize()
+    trainer.close()
+
+
+def test_confusable_classes_outside_the_foreground_are_a_clear_error(planned, tmp_path):
+    trainer = TinyCMCTrainer(request(fresh_roots(planned, tmp_path)))
+    trainer.confusable_classes = ((1, 9),)
+    with pytest.raises(CmcsegError, match=r"confusable_classes \(\(1, 9\),\) names a class outside.*Fix: give"):
         trainer.initialize()
     trainer.close()
 

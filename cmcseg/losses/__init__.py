@@ -29,6 +29,7 @@ from cmcseg.losses.pseudo_label import (
     class_thresholds,
     confident_pseudo_labels,
     confusion_candidates,
+    grouped_candidates,
     hold_background,
 )
 from cmcseg.losses.rampup import RampUp, linear_rampup, sigmoid_rampup
@@ -53,6 +54,7 @@ __all__ = [
     "class_thresholds",
     "confident_pseudo_labels",
     "confusion_candidates",
+    "grouped_candidates",
     "hold_background",
     "create_ema_teacher",
     "cross_modality_agreement_loss",

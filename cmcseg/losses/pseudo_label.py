@@ -91,6 +91,19 @@ def confusion_candidates(confusion: Tensor, share: float) -> Tensor:
     return identity | (of_prediction >= share).T
 
 
+def grouped_candidates(groups: Sequence[Sequence[int]], num_classes: int) -> Tensor:
+    """``(K, K)`` bool: each class stands for itself and for every class it shares a group with (classes the user
+    knows to be confusable, e.g. nested pathologies)."""
+    candidates = torch.eye(num_classes, dtype=torch.bool)
+    for group in groups:
+        members = [int(c) for c in group]
+        if any(not 0 <= c < num_classes for c in members):
+            raise ValueError(f"confusable classes {members}: every class must lie in 0..{num_classes - 1}")
+        index = torch.tensor(members, dtype=torch.long)
+        candidates[index.unsqueeze(1), index.unsqueeze(0)] = True
+    return candidates
+
+
 def candidate_cross_entropy(logits: Tensor, allowed: Tensor, valid: Tensor) -> Tensor:
     """Mean over ``valid`` voxels (``(B, 1, *)``) of ``-log sum_j p(j)`` over the ``allowed`` classes (``(B, K, *)``
     bool, at least one per valid voxel): the CE of a set-valued label, plain CE where the set is one class."""

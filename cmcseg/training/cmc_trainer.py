@@ -74,6 +74,7 @@ from cmcseg.losses import (
     confident_pseudo_labels,
     confusion_candidates,
     create_ema_teacher,
+    grouped_candidates,
     hold_background,
     ignore_outside_fov,
     masked_agreement_loss,
@@ -136,6 +137,9 @@ class CMCTrainer(TrainerBase):
     #: (:func:`cmcseg.losses.pseudo_label.confusion_candidates`). 0: hard labels. At 0.2 it was level with hard labels
     #: on myops_dev (+0.2, five folds): the labeled rows, which the network fits, hide the confusion (README)
     confusion_share: float = 0.0
+    #: groups of class indices a pseudo-label may confuse, known in advance (e.g. ``((4, 5),)``: MyoPS's edema and
+    #: scar): a pseudo-label of a group's class stands for the whole group, as with ``confusion_share``
+    confusable_classes: tuple[tuple[int, ...], ...] = ()
     csc_weight: float = 0.1
     #: the final validation also scores each modality alone (``per_head``): M more network passes per window
     validate_each_modality: bool = True
@@ -240,9 +244,16 @@ class CMCTrainer(TrainerBase):
         if self.copy_paste_box > 0 and self.cac_weight > 0:
             raise CmcsegError(f"{type(self).__name__}: copy_paste_box and cac_weight cannot both be on (the agreement "
                               "target is the teacher's view of the unmixed rows). Fix: set one of them to 0.")
-        if self.confusion_share > 0 and self.learned_reliability > 0:
-            raise CmcsegError(f"{type(self).__name__}: confusion_share and learned_reliability cannot both be on (one "
-                              "makes set-valued pseudo-labels, the other merges classes). Fix: set one of them to 0.")
+        if (self.confusion_share > 0 or self.confusable_classes) and self.learned_reliability > 0:
+            raise CmcsegError(f"{type(self).__name__}: confusion_share or confusable_classes, and learned_reliability, "
+                              "cannot both be on (one makes set-valued pseudo-labels, the other merges classes). Fix: "
+                              "set learned_reliability to 0, or drop the set-valued labels.")
+        k = self.labels.num_classes
+        if any(not 0 < int(c) < k for group in self.confusable_classes for c in group):
+            raise CmcsegError(f"{type(self).__name__}: confusable_classes {self.confusable_classes!r} names a class "
+                              f"outside the foreground classes 1..{k - 1} of this dataset ({self.labels.names}). "
+                              "Fix: give groups of foreground class indices, e.g. ((4, 5),).")
+        self.fixed_candidates = grouped_candidates(self.confusable_classes, k)
         if int(self.unlabeled_every) != self.unlabeled_every or self.unlabeled_every < 1:
             raise CmcsegError(f"{type(self).__name__}: unlabeled_every is {self.unlabeled_every!r}; it counts steps "
                               "(the unlabeled objective runs on every k-th one). Fix: set it to a whole number >= 1.")
@@ -348,8 +359,9 @@ class CMCTrainer(TrainerBase):
             diagnostics["pseudo_label_background"] = x.new_tensor(float(background))
             diagnostics["pseudo_label_kept"] = keep.float().mean()
             candidates = None  # what each pseudo-label stands for, from the labeled rows' confusion so far
-            if self.confusion_share > 0:
-                candidates = confusion_candidates(self.confusion_counts.sum(0), self.confusion_share)
+            if self.confusion_share > 0 or self.confusable_classes:
+                candidates = self.fixed_candidates | confusion_candidates(self.confusion_counts.sum(0),
+                                                                          self.confusion_share)
                 diagnostics["pseudo_label_candidates"] = candidates.sum(1).double().mean()
             student_rows = x[unlabeled]
             pasted = torch.zeros_like(pseudo, dtype=torch.bool)
