@@ -132,8 +132,8 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
         :func:`confident_pseudo_labels`; ``head_fov``: ``(B, M, *)`` masks (None: every voxel in view);
         ``learned``: ``(M, K)`` bool, the classes each head has learned (None: all); the others are merged into
         background (see the module docstring). ``candidates``: ``(K, K)`` bool from :func:`confusion_candidates`
-        (None: every label is one class); it applies to the voxels whose label is the teacher's, ``from_teacher``
-        ``(B, 1, *)`` bool (None: all; copy-paste puts true labels beside them)."""
+        or :func:`grouped_candidates` (None: every label is one class); it applies to the voxels whose label is the
+        teacher's, ``from_teacher`` ``(B, 1, *)`` bool (None: all; copy-paste puts true labels beside them)."""
         ignore = int(self.ignore_label)  # type: ignore[arg-type]
         if candidates is not None and learned is not None and not bool(learned[:, 1:].all()):
             raise ValueError("candidate sets and merged unlearned classes cannot be combined; use one of the two")

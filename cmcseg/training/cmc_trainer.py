@@ -27,7 +27,8 @@ on top (``batch["labeled"]``). For paired datasets (every modality of a case on 
   the student is first mixed with a labeled row by bidirectional copy-paste (BCP): a box of 2/3 of each
   in-plane side from one inside the other, through every slice, both ways in turn; the labeled part
   learns its label, the rest the pseudo-labels. With ``confusion_share`` > 0 a pseudo-label of a class the labeled
-  rows show to be confused with others stands for all of them (set-valued CE, no Dice; off by default);
+  rows show to be confused with others stands for all of them, and with ``confusable_classes`` one of a group of
+  classes stands for the group (set-valued CE, no Dice; both off by default);
 * **CSC** (channel-wise semantic consistency, branches only) on the bottlenecks of all rows;
 * **CAC** (optional, weight 0 by default): each head's foreground probabilities against the
   fused teacher's, detached, inside the head's field of view, on unlabeled rows;
@@ -275,8 +276,7 @@ class CMCTrainer(TrainerBase):
         if self.cases.unlabeled or not self.cross_modality:
             self.teacher = create_ema_teacher(student)
             self.teacher.set_deep_supervision(False)  # the teacher's targets are full resolution only
-        self.reliability_counts = torch.zeros(3, student.n_branches, self.labels.num_classes, dtype=torch.float64)
-        k = self.labels.num_classes
+        self.reliability_counts = torch.zeros(3, student.n_branches, k, dtype=torch.float64)
         #: EMA over steps of each head's [true, predicted] voxel counts on the labeled rows, inside its FOV
         self.confusion_counts = torch.zeros(student.n_branches, k, k, dtype=torch.float64)
 
