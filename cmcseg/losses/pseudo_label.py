@@ -153,17 +153,18 @@ class PseudoLabelLoss(DeepSupervisedDiceCELoss):
                        from_teacher: Tensor | None) -> Tensor:
         """Dice+CE of one head; the teacher's labels with several candidates count in the CE as their set and not
         in the Dice term."""
-        ignore = int(self.ignore_label)  # type: ignore[arg-type]
-        valid = target != ignore
-        k = logits.shape[1]
-        label = torch.where(valid, target, torch.zeros_like(target)).long().clamp(0, k - 1)
-        several = (candidates.sum(1) > 1) if candidates is not None else None
-        ambiguous = valid & several.to(target.device)[label] if several is not None else None
-        if ambiguous is not None and from_teacher is not None:
-            ambiguous = ambiguous & from_teacher.to(ambiguous.device)
-        if ambiguous is None or not bool(ambiguous.any()):
+        several = candidates.sum(1) > 1 if candidates is not None else None
+        if several is None or not bool(several.any()):  # hard labels: nothing to look up per voxel
             return super().forward([logits], [target])
         assert candidates is not None
+        ignore = int(self.ignore_label)  # type: ignore[arg-type]
+        valid = target != ignore
+        label = torch.where(valid, target, torch.zeros_like(target)).long().clamp(0, logits.shape[1] - 1)
+        ambiguous = valid & several.to(target.device)[label]
+        if from_teacher is not None:
+            ambiguous = ambiguous & from_teacher.to(ambiguous.device)
+        if not bool(ambiguous.any()):
+            return super().forward([logits], [target])
         one_hot = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, label, True)
         allowed = one_hot | (candidates.to(logits.device)[label.squeeze(1)].movedim(-1, 1) & ambiguous)
         dice_target = torch.where(ambiguous, torch.full_like(target, ignore), target)
