@@ -1,8 +1,10 @@
-"""Measuring a command the way a user experiences it: wall time and peak RSS of its whole process tree.
+"""Measuring a command the way a user experiences it: wall time and peak memory of its whole process tree.
 
 Linux only (reads /proc). Both cmcseg and nnU-Net start worker processes, so the peak of the
-summed RSS of the tree is the fair memory figure; the peak of the main process alone is
-reported too.
+tree's summed memory is the fair figure. Two sums are kept: RSS, which counts a page shared by
+forked workers once per process (an upper bound), and PSS, which splits a shared page among the
+processes that map it (what the tree really holds). The peak RSS of the main process alone is
+reported too. Every figure is in GB of 2**30 bytes, the unit of the planner's memory estimate.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+GB = 2 ** 30  # the planner's GB (cmcseg.plans.memory.GB)
 
 
 def loadavg() -> list[float]:
@@ -31,6 +34,7 @@ class Measurement:
     wall_s: float
     peak_tree_rss_gb: float
     peak_main_rss_gb: float
+    peak_tree_pss_gb: float
     returncode: int
     output_tail: str
 
@@ -44,6 +48,18 @@ def _rss_bytes(pid: int) -> int:
             return int(f.read().split()[1]) * _PAGE
     except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
         return 0
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: the process's private pages plus its share of the pages it shares."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+        pass
+    return 0
 
 
 def _children(pid: int) -> list[int]:
@@ -68,11 +84,11 @@ def _tree(pid: int) -> list[int]:
 
 def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None,
                  interval: float = 0.05) -> Measurement:
-    """Run ``cmd`` to completion, sampling the RSS of its process tree every ``interval`` seconds."""
+    """Run ``cmd`` to completion, sampling the RSS and PSS of its process tree every ``interval`` seconds."""
     start = time.perf_counter()
     proc = subprocess.Popen(list(cmd), env=dict(env) if env else None, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"tree": 0, "main": 0}
+    peak = {"tree": 0, "main": 0, "pss": 0}
     done = threading.Event()
 
     def poll() -> None:
@@ -80,6 +96,7 @@ def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: 
             pids = _tree(proc.pid)
             peak["tree"] = max(peak["tree"], sum(_rss_bytes(p) for p in pids))
             peak["main"] = max(peak["main"], _rss_bytes(proc.pid))
+            peak["pss"] = max(peak["pss"], sum(_pss_bytes(p) for p in pids))
             time.sleep(interval)
 
     t = threading.Thread(target=poll, daemon=True)
@@ -88,4 +105,5 @@ def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: 
     wall = time.perf_counter() - start
     done.set()
     t.join()
-    return Measurement(" ".join(cmd), wall, peak["tree"] / 1e9, peak["main"] / 1e9, proc.returncode, out[-3000:])
+    return Measurement(" ".join(cmd), wall, peak["tree"] / GB, peak["main"] / GB, peak["pss"] / GB, proc.returncode,
+                       out[-3000:])

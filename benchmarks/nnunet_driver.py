@@ -235,8 +235,8 @@ def serve_worker(spec_file: Path, result_file: Path, function) -> None:
 
 def run_worker(script: Path, worker: str, spec: Mapping[str, Any], work: Path, env: Mapping[str, str]) -> dict:
     """Parent side: ``script --worker WORKER`` on ``spec`` in a measured process of its own (``env``); its result
-    plus process wall time, peak RSS of the process tree and of the main process, and the load averages before
-    and after."""
+    plus process wall time, peak RSS of the process tree and of the main process, the tree's peak PSS, and the load
+    averages before and after."""
     from measure import loadavg, run_measured
 
     spec_file, result_file = Path(work) / f"spec_{worker}.json", Path(work) / f"result_{worker}.json"
@@ -249,4 +249,4 @@ def run_worker(script: Path, worker: str, spec: Mapping[str, Any], work: Path, e
         raise SystemExit(f"worker {worker} of {Path(script).name} failed ({m.returncode}):\n{m.output_tail}")
     return {**json.loads(result_file.read_text()), "process_wall_s": m.wall_s,
             "peak_tree_rss_gb": m.peak_tree_rss_gb, "peak_main_rss_gb": m.peak_main_rss_gb,
-            "loadavg_before": before, "loadavg_after": loadavg()}
+            "peak_tree_pss_gb": m.peak_tree_pss_gb, "loadavg_before": before, "loadavg_after": loadavg()}

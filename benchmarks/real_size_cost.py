@@ -331,7 +331,8 @@ def print_report(report: dict) -> None:
             notes.append(f"{tag}: cmcseg patch {ours['patch_size']} batch {ours['batch']}, "
                          f"{ours['parameters'] / 1e6:.1f}M parameters; estimate {est['total_gb']:.2f} GB, budget "
                          f"{ours['budget_gb']} GB, measured main {ours['peak_main_rss_gb']:.2f} GB, tree "
-                         f"{ours['peak_tree_rss_gb']:.2f} GB")
+                         f"{ours['peak_tree_rss_gb']:.2f} GB RSS, {ours.get('peak_tree_pss_gb', float('nan')):.2f} GB "
+                         "PSS")
         first = row["cmcseg"][next(iter(row["cmcseg"]))]
         rows.append((f"{name}: checkpoint final MB", first["checkpoint_final_mb"], nn["checkpoint_mb"]))
         rows.append((f"{name}: checkpoint latest MB", first["checkpoint_latest_mb"], nn["checkpoint_mb"]))
