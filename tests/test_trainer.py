@@ -49,6 +49,7 @@ class TinyCMCTrainer(CMCTrainer):
     num_workers = 0
     tiny_features = [4, 8, 8, 8]
     tiny_patch = [8, 24, 24]
+    validate_each_modality = True  # the end-to-end tests check the per-modality scores too
 
     def configure_plans(self, plans: dict) -> dict:
         plans = copy.deepcopy(plans)
@@ -642,3 +643,20 @@ def test_encoder_options_and_the_weights_source_travel_in_the_checkpoint(tmp_pat
         "file": "enc.pt", "bytes": 10, "sha256": "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"}
     with pytest.raises(CmcsegError, match="--encoder-lr-scale"):
         TinyCMCTrainer(TrainingRequest("MSCMR", 0, 0.2, encoder_lr_scale=0.0))
+
+
+def test_each_modality_is_scored_alone_only_where_the_network_learned_to_read_one() -> None:
+    """The default single network trained without modality drops skips the per-modality validation (M more passes per
+    window for scores near zero); branch heads, modality drops and an explicit setting keep it."""
+    from types import SimpleNamespace
+
+    def scores(**attributes) -> bool:
+        defaults = {"validate_each_modality": None, "single_branch": True, "strong_drop_modality": 0.0}
+        return CMCTrainer.scores_each_modality(SimpleNamespace(**{**defaults, **attributes}))  # type: ignore[arg-type]
+
+    assert CMCTrainer.validate_each_modality is None
+    assert not scores()
+    assert scores(single_branch=False)
+    assert scores(strong_drop_modality=0.5)
+    assert scores(validate_each_modality=True)
+    assert not scores(single_branch=False, validate_each_modality=False)

@@ -142,8 +142,9 @@ class CMCTrainer(TrainerBase):
     #: scar): a pseudo-label of a group's class stands for the whole group, as with ``confusion_share``
     confusable_classes: tuple[tuple[int, ...], ...] = ()
     csc_weight: float = 0.1
-    #: the final validation also scores each modality alone (``per_head``): M more network passes per window
-    validate_each_modality: bool = True
+    #: the final validation also scores each modality alone (``per_head``). None: where that score means something,
+    #: i.e. for branch heads or a single network trained with modality drops (:meth:`scores_each_modality`)
+    validate_each_modality: bool | None = None
     csc_temperature: float = 0.1
     cac_weight: float = 0.0  # the restricted agreement term (foreground, detached fused target, FOV-masked)
     ema_alpha: float = 0.99
@@ -529,7 +530,12 @@ class CMCTrainer(TrainerBase):
         """The fused probabilities followed by each modality's own (a branch network's heads; a single branch run on
         each modality alone), for the per-modality Dice of the validation summary; None with one modality."""
         network = self.inference_network()
-        if self.num_modalities < 2 or not self.validate_each_modality:
+        if self.num_modalities < 2:
+            return None
+        if not self.scores_each_modality():
+            log.info("final validation scores the fused prediction only: this single network never trained on one "
+                     "modality alone (strong_drop_modality 0). Set validate_each_modality = True to score each "
+                     "modality alone anyway (M more passes per window)")
             return None
 
         def predict_all(x: Tensor) -> Tensor:
@@ -538,6 +544,18 @@ class CMCTrainer(TrainerBase):
                 return torch.cat([fused, *heads], dim=1).float()
 
         return predict_all, self.modality_names
+
+    def scores_each_modality(self) -> bool:
+        """Whether the final validation scores each modality alone: ``validate_each_modality``, or where that is
+        None, only if a modality alone is an input the network learned.
+
+        A branch network's heads come with the fused prediction. The default single network, though, pays M more
+        passes per window for it (6.7x the fused validation's time on myops_dev at its real plan), and without
+        ``strong_drop_modality`` it never saw a modality alone: its scores there were .01-.13 of mean Dice against
+        the fused .45 (benchmarks/semi_supervised_gain.py, fold 1)."""
+        if self.validate_each_modality is not None:
+            return bool(self.validate_each_modality)
+        return not self.single_branch or self.strong_drop_modality > 0
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """The base lines, plus the per-head reliability weights."""
