@@ -42,7 +42,8 @@ def bound_cpu_allocator_retention(threshold_bytes: int) -> bool:
     on each step's large blocks: at the real myops_dev 3d_fullres plan, 4 MB took the peak from 3.54 to 3.00 GB
     for 16 % more CPU time per step (``TrainerBase.cpu_mmap_threshold``).
 
-    Returns whether it was applied: False, changing nothing, where the C library is not glibc (macOS, musl).
+    Returns whether it was applied: False, changing nothing, where the C library is not glibc (macOS, musl) or
+    glibc refuses the value.
     """
     try:
         libc = ctypes.CDLL(None)

@@ -339,8 +339,8 @@ class TrainerBase:
                 log.info("CPU allocator: blocks above %d bytes go back to the system when freed (cpu_mmap_threshold)",
                          self.cpu_mmap_threshold)
             else:
-                log.warning("cpu_mmap_threshold is set, but the C library is not glibc: it is ignored, and freed "
-                            "memory stays with the allocator")
+                log.warning("cpu_mmap_threshold %d was not applied (the C library is not glibc, or it refused the "
+                            "value): freed memory stays with the allocator", self.cpu_mmap_threshold)
         self.preprocessed_folder = require_preprocessed_dataset(self.roots, self.request.dataset)
         self.output_folder = self.compute_output_folder()
         self.checkpoints = CheckpointManager(self.output_folder)
