@@ -33,13 +33,14 @@ def test_cuda_without_a_gpu_says_so() -> None:
 #: so the next 24 come from the heap and stay resident when freed (the 1 MB block keeps the heap from shrinking).
 #: With ``bound_cpu_allocator_retention(4 MB)`` every 8 MB block is mapped and goes back to the system when freed.
 RETENTION_SCRIPT = """
+import os
 import sys
 import numpy as np
 from cmcseg.devices import bound_cpu_allocator_retention
 if sys.argv[1] == "bound":
     assert bound_cpu_allocator_retention(4 * 2 ** 20)
 def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 first = np.ones(2 ** 20); del first
 blocks = [np.ones(2 ** 20) for _ in range(24)]
 pin = np.ones(2 ** 17)  # 1 MB, from the top of the heap

@@ -35,8 +35,6 @@ DRIVER = ("import re, sys\nfrom cmcseg.cli.main import main\nrc = main(sys.argv[
           "print('PEAK_KB', re.search(r'VmHWM:\\s*(\\d+)', status).group(1))\nsys.exit(rc)")
 
 
-
-
 def two_layer_network() -> nn.Module:
     return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.LeakyReLU())
 
