@@ -51,12 +51,6 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 import torch
-from monai.metrics import (
-    compute_average_surface_distance,
-    compute_dice,
-    compute_hausdorff_distance,
-    compute_iou,
-)
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from torch import Tensor
 from tqdm import tqdm
@@ -225,6 +219,13 @@ def class_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
                            "n_pred": n_pred, "n_ref": n_ref}
     if n_ref == 0 and n_pred == 0:
         return row
+    from monai.metrics import (  # here, not at the top: importing monai costs 4-5 s that cmcseg predict never needs
+        compute_average_surface_distance,
+        compute_dice,
+        compute_hausdorff_distance,
+        compute_iou,
+    )
+
     box = _bounding_box(reference | prediction)
     y, y_pred = _as_batch(reference[box]), _as_batch(prediction[box])
     row["Dice"] = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
@@ -448,6 +449,8 @@ def nanmean(values: Sequence[float]) -> float:
 def case_dice(probabilities: Tensor, reference: np.ndarray, labels: LabelInfo) -> dict[str, float]:
     """Dice per foreground class of the argmax of ``(K, *)`` probabilities against a ``(1, *)`` label map."""
     prediction = probabilities.max(0, keepdim=True).indices[None]  # the argmax; argmax(0) is slower on CPU
+    from monai.metrics import compute_dice  # see class_metrics: monai is imported only where a metric is computed
+
     target = torch.from_numpy(np.asarray(reference).astype(np.int64))[None]
     dice = compute_dice(prediction, target, include_background=True, ignore_empty=False,
                         num_classes=labels.num_classes, ignore_index=labels.ignore_label)[0]
