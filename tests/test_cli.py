@@ -85,3 +85,12 @@ def test_help_does_not_import_torch_or_the_generators():
             "'cmcseg.preprocessing.converters') if m in sys.modules]\nassert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_predict_path_does_not_import_monai_or_transformers():
+    """cmcseg predict loads the trainer registry (the trainer class rebuilds the network) and the predictor;
+    importing monai (all its submodules, transformers among them) took 4 s of a 15-s prediction, for nothing."""
+    code = ("import sys\nimport cmcseg.training.registry, cmcseg.prediction.predictor, cmcseg.cli.predict_cmd\n"
+            "heavy = [m for m in ('monai', 'transformers') if m in sys.modules]\nassert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
