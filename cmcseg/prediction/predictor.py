@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
-from cmcseg.devices import resolve_device
+from cmcseg.devices import resolve_device, reuse_cpu_allocations
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, write_json_atomic
 from cmcseg.paths import check_file_ending, check_name, contained
@@ -80,6 +80,9 @@ class PredictionOptions:
     num_workers: int = 1  # background preprocessing threads; 0: everything in this thread, one step after another
     sw_batch_size: int = 1
     batched_tta: bool = True
+    #: on a CPU, freed blocks stay in the process for the next window (:func:`cmcseg.devices.reuse_cpu_allocations`,
+    #: process-wide): a 3D case's TTA prediction took 62 s instead of 109 s, at 3.6 GB peak RSS instead of 2.8
+    reuse_cpu_allocations: bool = True
     progress: bool = True
     unsafe_allow_pickle: bool = False  # --unsafe-allow-pickle: checkpoints may unpickle objects (runs their code)
     trainer: str | None = None  # --trainer module:Class: the user's trainer class that rebuilds the network
@@ -457,6 +460,8 @@ def predict_cases(cases: Sequence[InputCase], output_folder: Path | str, model: 
     dataset = model.dataset()
     check_cases_fit_model(cases, model)
     device = resolve_device(options.device)
+    if device.type == "cpu" and options.reuse_cpu_allocations and reuse_cpu_allocations():
+        log.debug("CPU allocator: freed blocks are kept for reuse (no block of its own mapping, no heap trimming)")
     predictor = CasePredictor(model, device, options.tta, options.step, options.sw_batch_size, options.batched_tta)
     if options.save_heads and not predictor.enable_heads(model.plans.get("modalities", [])):
         log.warning("--save-heads: the %s model has no per-modality heads; only the fused segmentation is written",
