@@ -58,8 +58,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="no mirroring test-time augmentation (about 8 times faster for 3D, slightly less accurate)")
     p.add_argument("--step", type=_step, default=0.5,
                    help="sliding-window step as a fraction of the patch, in (0, 1] (default 0.5, nnU-Net's)")
-    p.add_argument("--sw-batch-size", type=int_at_least(1, "--sw-batch-size 4"), default=1,
-                   help="sliding windows per forward pass (default 1; more is faster on a GPU and needs more memory)")
+    p.add_argument("--sw-batch-size", type=int_at_least(1, "--sw-batch-size 4"), default=None,
+                   help="sliding windows per forward pass (default: on a CPU as many as make about 0.5M voxels "
+                        "per pass with TTA's mirrored copies, at least 1; on a GPU 1). More needs more memory")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with the class probabilities on the original grid")
     p.add_argument("--save-heads", action="store_true",

@@ -8,7 +8,9 @@ imports the other for them.
   (windows evenly spread, ``step`` = nnU-Net's ``tile_step_size``), ``compute_gaussian`` (importance
   weighting, sigma = 1/8 of the patch) and ``pad_nd_image`` (a case smaller than the patch is padded
   around its centre). Windows go through the network ``batch_size`` at a time and are blended on the
-  CPU in float32. A 2D patch predicts slice by slice, and the slices share the window batches. This
+  CPU in float32. Without a ``batch_size``, a CPU takes as many windows per pass as keep it near
+  :data:`CPU_PASS_VOXELS` (:func:`auto_window_batch`); a GPU takes one, as nnU-Net. A 2D patch
+  predicts slice by slice, and the slices share the window batches. This
   replaced MONAI's ``sliding_window_inference``: MONAI loads every one of its modules (transformers
   included) on first import, which was most of a ``cmcseg predict`` run on a small case
   (``benchmarks/real_size_cost.py``).
@@ -25,6 +27,7 @@ of its heads' probabilities.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -40,6 +43,21 @@ Predict = Callable[[Tensor], Tensor]
 
 #: nnU-Net's Gaussian: sigma is this fraction of the patch size along each axis
 GAUSSIAN_SIGMA_SCALE = 1.0 / 8
+
+#: voxels per forward pass that :func:`auto_window_batch` aims at on a CPU (one thread; myops_dev, no TTA): the
+#: ResEnc-M 3d_fullres plan's [3, 160, 192] windows (92k voxels) took 73 s one per pass, 31-32 s four or eight per
+#: pass; the PlainConvUNet plan's [4, 256, 256] (262k) 15.4 s one per pass, 14.1 s four per pass (+1 GB)
+CPU_PASS_VOXELS = 2 ** 19
+
+
+def auto_window_batch(patch_size: Sequence[int], device: torch.device, copies: int = 1) -> int:
+    """Windows per forward pass when none is asked for: on a CPU as many as keep a pass of windows x ``copies``
+    (e.g. each window's mirrored copies, batched with it) within :data:`CPU_PASS_VOXELS` voxels, at least one.
+    Small windows one at a time leave a CPU's convolutions mostly idle. On a GPU: one, as nnU-Net (not measured
+    here)."""
+    if device.type != "cpu":
+        return 1
+    return max(1, CPU_PASS_VOXELS // (math.prod(int(p) for p in patch_size) * max(1, int(copies))))
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -106,13 +124,16 @@ def window_slices(image_size: Sequence[int], patch_size: Sequence[int], step: fl
 
 
 def sliding_window(predict: Predict, images: Tensor, patch_size: Sequence[int], device: torch.device,
-                   step: float = 0.5, batch_size: int = 1) -> Tensor:
+                   step: float = 0.5, batch_size: int | None = None) -> Tensor:
     """Probabilities ``(N, K, *spatial)`` (float32, CPU) of ``N`` images ``(N, C, *spatial)``.
 
     Every window of every image is predicted once (``batch_size`` windows per call of ``predict``,
-    on ``device``), weighted by nnU-Net's Gaussian, and the sum is divided by the summed weights.
+    on ``device``; None: :func:`auto_window_batch`), weighted by nnU-Net's Gaussian, and the sum is divided by the
+    summed weights.
     """
     patch = [int(p) for p in patch_size]
+    if batch_size is None:
+        batch_size = auto_window_batch(patch, device)
     if images.ndim != len(patch) + 2:
         raise ValueError(f"images of shape {tuple(images.shape)} do not match a {len(patch)}D patch {patch}")
     padded, slicer = pad_nd_image(images, patch, "constant", {"value": 0}, True)
@@ -138,7 +159,7 @@ def sliding_window(predict: Predict, images: Tensor, patch_size: Sequence[int], 
 
 
 def predict_case(predict: Predict, data: np.ndarray, fov: np.ndarray, patch_size: Sequence[int],
-                 device: torch.device, step: float = 0.5, batch_size: int = 1) -> Tensor:
+                 device: torch.device, step: float = 0.5, batch_size: int | None = None) -> Tensor:
     """Class probabilities ``(K, z, y, x)`` (float32, CPU) of one preprocessed case by Gaussian sliding window.
 
     The network input is the modality channels followed by the FOV masks, as in training. A 2D

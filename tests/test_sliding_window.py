@@ -15,7 +15,7 @@ import torch
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
 from cmcseg.errors import CmcsegError
-from cmcseg.sliding_window import predict_case, sliding_window, window_slices
+from cmcseg.sliding_window import CPU_PASS_VOXELS, auto_window_batch, predict_case, sliding_window, window_slices
 
 
 def pointwise(in_channels: int, classes: int = 3, seed: int = 0):
@@ -86,3 +86,23 @@ def test_prediction_imports_neither_training_nor_monai():
             "for m in sys.modules}))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "monai" not in loaded and "cmcseg.training" not in loaded and "seaborn" not in loaded, loaded
+
+
+def test_without_a_batch_size_a_cpu_batches_small_windows_up_to_its_voxel_budget():
+    cpu = torch.device("cpu")
+    assert auto_window_batch([3, 160, 192], cpu) == 5  # myops_dev's ResEnc-M 3d_fullres windows: 92k voxels each
+    assert auto_window_batch([3, 160, 192], cpu, copies=8) == 1  # each window's 7 mirrored copies batched with it
+    assert auto_window_batch([4, 256, 256], cpu) == 2
+    assert auto_window_batch([8, 512, 512], cpu) == 1  # a window above the budget still goes through, alone
+    assert auto_window_batch([320, 320], cpu, copies=4) == 1
+    assert auto_window_batch([3, 160, 192], torch.device("cuda")) == 1  # a GPU keeps nnU-Net's one window per pass
+    # the default then sends those windows through together, and the blend is the same
+    data = np.random.default_rng(4).normal(size=(2, 6, 40, 36)).astype(np.float32)
+    fov = np.ones((1, 6, 40, 36), np.float32)
+    patch = (2, 16, 16)
+    predict, calls = pointwise(3, seed=5)
+    auto = predict_case(predict, data, fov, patch, torch.device("cpu"), step=0.5)
+    expected = min(CPU_PASS_VOXELS // int(np.prod(patch)), sum(calls))
+    assert calls[0] == expected > 1
+    one = predict_case(predict, data, fov, patch, torch.device("cpu"), step=0.5, batch_size=1)
+    torch.testing.assert_close(auto, one, atol=1e-6, rtol=1e-6)

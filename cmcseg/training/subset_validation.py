@@ -101,7 +101,7 @@ def _subset_groups(subsets: Sequence[tuple[int, ...]], num_classes: int, voxels:
 def evaluate_subsets(predictor_for: Callable[[tuple[int, ...]], Predictor] | None, folder: Path,
                      case_ids: Sequence[str],
                      patch_size: Sequence[int], labels: LabelInfo, modality_names: Sequence[str],
-                     device: torch.device, metric: str, step: float = 0.5, sw_batch_size: int = 1,
+                     device: torch.device, metric: str, step: float = 0.5, sw_batch_size: int | None = None,
                      joint_predictor_for: Callable[[Sequence[tuple[int, ...]]], Predictor] | None = None,
                      max_bytes: float = 2e9, subsets: Sequence[tuple[int, ...]] | None = None) -> pd.DataFrame:
     """The subset table: for each non-empty subset, every labeled case of ``case_ids`` predicted from it.

@@ -103,7 +103,7 @@ class BestTracker:
 
 def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],
                    labels: LabelInfo, device: torch.device, step: float = 0.5,
-                   sw_batch_size: int = 1) -> dict[str, dict[str, float]]:
+                   sw_batch_size: int | None = None) -> dict[str, dict[str, float]]:
     """Dice per class for each case of ``case_ids`` (all must be labeled), by sliding-window prediction."""
     return validate_case_outputs(predict, ["prediction"], folder, case_ids, patch_size, labels, device, step,
                                  sw_batch_size)["prediction"]
@@ -111,7 +111,7 @@ def validate_cases(predict: Predictor, folder: Path, case_ids: Sequence[str], pa
 
 def validate_case_outputs(predict: Predictor, names: Sequence[str], folder: Path, case_ids: Sequence[str],
                           patch_size: Sequence[int], labels: LabelInfo, device: torch.device, step: float = 0.5,
-                          sw_batch_size: int = 1) -> dict[str, dict[str, dict[str, float]]]:
+                          sw_batch_size: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Dice per class per case for each of several outputs that one predictor gives side by side.
 
     ``predict`` returns ``len(names)`` probability maps of K channels each, concatenated along channels
