@@ -81,7 +81,11 @@ class PredictionOptions:
     continue_prediction: bool = False
     num_workers: int = 1  # background preprocessing threads; 0: everything in this thread, one step after another
     sw_batch_size: int | None = None  # None: sliding_window.auto_window_batch (several small windows per pass on a CPU)
-    batched_tta: bool = True
+    #: a window's mirrored copies in one forward pass; None: on a GPU, and on a CPU one copy at a time with the windows
+    #: batched instead (:func:`cmcseg.sliding_window.auto_window_batch`). myops_dev 3d_fullres with TTA, 1 thread:
+    #: PlainConvUNet plan, two cases 215 s at 1.8 GB against 230 s at 4.5 GB batched; ResEnc-M plan, one case 240 s at
+    #: 2.1 GB against 220 s at 2.4 GB
+    batched_tta: bool | None = None
     #: on a CPU, freed blocks stay in the process for the next window (:func:`cmcseg.devices.reuse_cpu_allocations`,
     #: process-wide): a 3D case's TTA prediction took 62 s instead of 109 s, at 3.6 GB peak RSS instead of 2.8
     reuse_cpu_allocations: bool = True
@@ -288,11 +292,13 @@ class CasePredictor:
     """The folds' networks of a model, ensembled and mirrored, as a function of a prepared case."""
 
     def __init__(self, model: TrainedModel, device: torch.device, tta: bool = True, step: float = 0.5,
-                 sw_batch_size: int | None = None, batched_tta: bool = True) -> None:
+                 sw_batch_size: int | None = None, batched_tta: bool | None = None) -> None:
         self.patch_size = model.patch_size
         self.device = device
         self.step = check_step(step)
         self.mirror_axes = tuple(model.mirror_axes) if tta else ()
+        if batched_tta is None:
+            batched_tta = device.type != "cpu"
         copies = len(mirror_combinations(self.mirror_axes)) + 1 if batched_tta else 1
         self.sw_batch_size = (auto_window_batch(self.patch_size, device, copies) if sw_batch_size is None
                               else int(sw_batch_size))
