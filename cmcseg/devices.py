@@ -61,10 +61,10 @@ def reuse_cpu_allocations() -> bool:
     glibc maps every block above 32 MB on its own, whatever its threshold, and unmaps it when freed. A full-resolution
     activation of a 3D window is larger than that (32 x 4 x 256 x 256 floats are 32 MiB), so each convolution's output
     was mapped, page-faulted in and unmapped again. At the myops_dev 3d_fullres PlainConvUNet plan (1 thread), one
-    case's TTA prediction took 109 s, 42 of them system time; with the blocks reused, 62-66 s at 3.6-3.7 GB peak RSS
-    instead of 2.8 (flips batched, the default; one flip at a time: 102 -> 71 s, 1.14 -> 1.24 GB). A training step
-    holds many more blocks at once: reuse took a step from 12.1 to 9.0 s but its peak from 3.7 to 4.9 GB, over the
-    plan's 4 GB budget, so training does not use it.
+    case's TTA prediction with one mirrored copy at a time (the CPU default) took 102 s, 24 of them system time; with
+    the blocks reused, 71 s at 1.24 GB peak RSS instead of 1.14 (copies batched: 109 -> 62-66 s, 2.8 -> 3.6 GB). A
+    training step holds many more blocks at once: reuse took a step from 12.1 to 9.0 s but its peak from 3.7 to
+    4.9 GB, over the plan's 4 GB budget, so training does not use it.
 
     Process-wide, until the process ends. Returns whether it was applied (False where the C library is not glibc).
     """
