@@ -27,7 +27,7 @@ Data: ``--data myops_dev`` (``../shared/data/myops_dev`` via ``cmcseg convert --
 ``--data phantom`` (the MSCMR phantom).
 
 Usage: python benchmarks/real_size_cost.py [--data myops_dev|phantom] [--configurations 2d 3d_fullres]
-       [--labeled 1.0 0.2] [--iters 2] [--warmup 1] [--predict-cases 2] [--threads 1] [--work DIR]
+       [--labeled 1.0 0.2] [--iters 2] [--warmup 1] [--predict-cases 2] [--threads 1] [--plan-only] [--work DIR]
        [--out benchmarks/out]
 Writes benchmarks/out/real_size_cost_<data>.json and prints one table.
 """
@@ -267,6 +267,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--planner", default="ResEncM", choices=("ResEncM", "PlainConvUNet"),
                     help="cmcseg's planner (cmcseg plan -pl); nnU-Net always plans with its default")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="measure each tool's plan-and-preprocess only (a few minutes instead of half an hour)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     nd.add_worker_arguments(ap, WORKERS)
@@ -282,7 +284,7 @@ def main() -> None:
         setup = prepare(work, args)
         report["plan"] = setup["plan"]
         report["configurations"] = {}
-        for configuration in args.configurations:
+        for configuration in ([] if args.plan_only else args.configurations):
             row: dict = {"cmcseg": {}}
             for fraction in args.labeled:
                 row["cmcseg"][str(fraction)] = nd.run_worker(Path(__file__), "ours_train", {
@@ -303,7 +305,7 @@ def main() -> None:
             report["configurations"][configuration] = row
         report["loadavg_end"] = loadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    out_file = args.out / f"real_size_cost_{args.data}.json"
+    out_file = args.out / f"real_size_cost_{args.data}{'_plan' if args.plan_only else ''}.json"
     out_file.write_text(json.dumps(report, indent=1))
     print_report(report)
     print(f"\nwrote {out_file}")
