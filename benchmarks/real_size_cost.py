@@ -29,7 +29,7 @@ Data: ``--data myops_dev`` (``../shared/data/myops_dev`` via ``cmcseg convert --
 Usage: python benchmarks/real_size_cost.py [--data myops_dev|phantom] [--configurations 2d 3d_fullres]
        [--labeled 1.0 0.2] [--iters 2] [--warmup 1] [--predict-cases 2] [--threads 1] [--plan-only] [--work DIR]
        [--out benchmarks/out]
-Writes benchmarks/out/real_size_cost_<data>.json and prints one table.
+Writes benchmarks/out/real_size_cost_<data>.json (``_plan.json`` with ``--plan-only``) and prints one table.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ Layout of one case in ``<preprocessed>/<data_identifier>/``::
 Arrays use nnU-Net's blosc2 chunk and block choice (``comp_blosc2_params``) so that the
 trainers can memory-map them and read patches cheaply. The codec is LZ4 where nnU-Net uses
 LZ4HC: on myops_dev's float data LZ4HC took 9x as long to write (5.3 s against 0.6 s for 20
-cases; the largest part of ``cmcseg plan``'s compute), for files 8 % smaller and patch reads about 1 ms
-faster, which a training step of 0.3 s or more does not notice. Every file is written under a
+cases; the largest single item of ``cmcseg plan``'s compute), for files 8 % smaller and patch
+reads about 1 ms faster, which a training step of 0.3 s or more does not notice. Every file is written under a
 temporary name and renamed into place, so a killed run never leaves a partial file where a
 finished one is expected. ``CASE.json`` is written last: its presence with a matching
 content hash is what marks a case as done.
