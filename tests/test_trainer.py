@@ -228,9 +228,21 @@ def test_checkpoint_manager_cleans_stale_temporaries(tmp_path):
 
 # ------------------------------------------------------------------------------------------- end-to-end
 @pytest.mark.slow
-def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path):
+def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path, monkeypatch):
+    import cmcseg.training.validation as validation
+
+    batch_sizes = []
+    original = validation.predict_case
+
+    def spy(*args, **kwargs):
+        batch_sizes.append(args[6] if len(args) > 6 else kwargs.get("batch_size"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "predict_case", spy)
     roots = fresh_roots(planned, tmp_path)
     folder = TinyCMCTrainer(request(roots)).run()
+    # the final validation leaves the windows per pass to cmcseg.sliding_window.auto_window_batch, as predict does
+    assert batch_sizes and set(batch_sizes) == {None}, batch_sizes
     assert folder == roots.results / DATASET / "TinyCMCTrainer__3d_fullres__labeled0.5" / "fold_0"
     assert {p.name for p in assert_checkpoints_load(folder)} == {
         "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"}

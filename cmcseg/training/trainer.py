@@ -241,7 +241,9 @@ class TrainerBase:
     save_every: int = 1  # epochs between checkpoint_latest saves (nnU-Net: 50; CPU epochs are long)
     pseudo_dice_ema_momentum: float = 0.9
     sliding_window_step: float = 0.5  # nnU-Net's tile_step_size: windows overlap by half a patch
-    sliding_window_batch_size: int = 1
+    #: windows per forward pass of the final validation; None: :func:`cmcseg.sliding_window.auto_window_batch`,
+    #: the rule ``cmcseg predict`` uses (several small windows per pass on a CPU, one on a GPU)
+    sliding_window_batch_size: int | None = None
     ddp_find_unused_parameters: bool = True
     cudnn_benchmark: bool = True
     #: on a CPU, blocks above this many bytes go back to the system when freed, so the resident peak is the live
