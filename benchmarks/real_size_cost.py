@@ -13,7 +13,9 @@ each tool plans with its defaults (cmcseg: the CPU or GPU budget of ``cmcseg pla
 * **checkpoints**: the size of cmcseg's ``checkpoint_final.pt`` (weights) and ``checkpoint_latest.pt``
   (resume state), and of nnU-Net's checkpoint;
 * **predict** (``--predict-cases N``): seconds per case and peak RSS of ``cmcseg predict`` and of
-  nnU-Net's ``nnUNetPredictor`` on the same N cases, with and without mirroring TTA.
+  nnU-Net's ``nnUNetPredictor`` on the same N cases, with and without mirroring TTA. cmcseg predicts in
+  ``--precision`` (default ``auto``: bfloat16 on a CPU with native bfloat16 instructions), nnU-Net in float32, as
+  each does by default on a CPU;
 * **final validation**: seconds per case of the trainer's end-of-training validation on the first N
   validation cases (first ``--labeled`` fraction), the fused prediction alone and with each modality
   alone as well (``per_head``, the default), against nnU-Net's TTA prediction per case (what
@@ -27,7 +29,8 @@ Data: ``--data myops_dev`` (``../shared/data/myops_dev`` via ``cmcseg convert --
 ``--data phantom`` (the MSCMR phantom).
 
 Usage: python benchmarks/real_size_cost.py [--data myops_dev|phantom] [--configurations 2d 3d_fullres]
-       [--labeled 1.0 0.2] [--iters 2] [--warmup 1] [--predict-cases 2] [--threads 1] [--plan-only] [--work DIR]
+       [--labeled 1.0 0.2] [--iters 2] [--warmup 1] [--predict-cases 2] [--threads 1] [--precision auto]
+       [--plan-only] [--work DIR]
        [--out benchmarks/out]
 Writes benchmarks/out/real_size_cost_<data>.json (``_plan.json`` with ``--plan-only``) and prints one table.
 """
@@ -238,7 +241,8 @@ def run_predict(setup: dict, work: Path, configuration: str, model: str, nn_chec
         out = work / f"pred_{configuration}_{tag}"
         shutil.rmtree(out, ignore_errors=True)
         ours = run_measured([str(nd.BIN / "cmcseg"), "predict", "-i", str(folder), "-o", str(out), "-m", model,
-                             "-f", str(FOLD), "--device", "cpu", "-np", "1", *([] if tta else ["--no-tta"])],
+                             "-f", str(FOLD), "--device", "cpu", "-np", "1", "--precision", args.precision,
+                             *([] if tta else ["--no-tta"])],
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if ours.returncode != 0:
             raise SystemExit(f"cmcseg predict failed:\n{ours.output_tail}")
@@ -265,6 +269,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--predict-cases", type=int, default=2, help="0: no prediction arms")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="cmcseg predict --precision (auto: bfloat16 on a CPU with native bfloat16 instructions); "
+                         "nnU-Net predicts in float32 on a CPU")
     ap.add_argument("--planner", default="ResEncM", choices=("ResEncM", "PlainConvUNet"),
                     help="cmcseg's planner (cmcseg plan -pl); nnU-Net always plans with its default")
     ap.add_argument("--plan-only", action="store_true",

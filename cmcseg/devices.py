@@ -1,10 +1,13 @@
-"""The torch device a command runs on, from ``--device`` (one rule for training and prediction), and how the CPU's
-allocator hands freed memory back."""
+"""The torch device a command runs on, from ``--device`` (one rule for training and prediction), the precision a
+network predicts in on it (``--precision``), and how the CPU's allocator hands freed memory back."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -35,6 +38,52 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if local_rank is not None:
         return torch.device("cuda", local_rank)
     return torch.device(spec) if ":" in spec else torch.device("cuda", torch.cuda.current_device())
+
+
+#: ``--precision`` values: ``auto`` (float16 on CUDA, as nnU-Net; bfloat16 on a CPU whose instructions compute it,
+#: else float32), or one of the rest everywhere
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+#: CPU flags (Linux ``/proc/cpuinfo``) of instructions that compute bfloat16 products natively
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_computes_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True where oneDNN runs bfloat16 convolutions and the CPU has native bfloat16 instructions (AVX512-BF16 or
+    AMX). Without them oneDNN emulates bfloat16 and gains nothing; where ``cpuinfo`` cannot be read (not Linux), no
+    gain is assumed."""
+    try:
+        flags = {word for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+                 for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & set(_CPU_BF16_FLAGS)) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+    """The dtype a network predicts in on ``device`` for ``--precision spec`` (see :data:`PRECISIONS`).
+
+    ``auto`` on a CPU is bfloat16 where the CPU computes it natively: on the 2-core AVX512-BF16 EPYC of our CI,
+    oneDNN's bfloat16 convolutions made a 3d_fullres window 2.3x faster, and the argmax of myops_dev's validation
+    cases agreed on 99.98 % of the voxels, with the same mean Dice to 4 decimals (README, issue 16).
+    """
+    if spec not in PRECISIONS:
+        raise CmcsegError(f"unknown precision {spec!r}. Fix: pass --precision {', '.join(PRECISIONS)}.")
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_computes_bfloat16() else torch.float32
+    if spec == "float16" and device.type == "cpu":
+        raise CmcsegError("--precision float16 is for GPUs; a CPU computes float16 slowly. Fix: pass --precision "
+                          "bfloat16 or float32 on a CPU.")
+    return getattr(torch, spec)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``; float32: no autocast (full precision)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def bound_cpu_allocator_retention(threshold_bytes: int) -> bool:

@@ -1,6 +1,7 @@
 """--device: one rule for training and prediction; the CPU allocator's retention."""
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from cmcseg.devices import resolve_device
+from cmcseg import devices
+from cmcseg.cli.predict_cmd import add_parser
+from cmcseg.devices import PRECISIONS, autocast_context, cpu_computes_bfloat16, resolve_device, resolve_precision
 from cmcseg.errors import CmcsegError
 
 
@@ -88,3 +91,51 @@ def test_reused_allocations_stay_with_the_process_for_the_next_block() -> None:
     released = released_mb(REUSE_SCRIPT, ("default", "reuse"))
     assert released["default"] > 60, released  # glibc unmapped the 64 MB block
     assert released["reuse"] < 4, released
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def _cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    return path
+
+
+def test_cpu_bfloat16_needs_the_native_instructions(tmp_path) -> None:
+    """AVX512 alone (oneDNN emulates bfloat16 there) is not enough; AVX512-BF16 or AMX is, where oneDNN has it."""
+    check = cpu_computes_bfloat16.__wrapped__
+    assert not check(_cpuinfo(tmp_path, "avx512f avx512bw avx512vl"))
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert check(_cpuinfo(tmp_path, "avx512f avx512_bf16")) == native
+    assert check(_cpuinfo(tmp_path, "amx_tile amx_bf16")) == native
+    assert not check(tmp_path / "no_such_cpuinfo")  # not Linux: no gain assumed
+
+
+def test_auto_precision_follows_the_device_and_the_cpu(monkeypatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(devices, "cpu_computes_bfloat16", lambda: False)
+    assert resolve_precision("auto", cpu) == torch.float32
+    monkeypatch.setattr(devices, "cpu_computes_bfloat16", lambda: True)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    assert resolve_precision("auto", gpu) == torch.float16  # as nnU-Net predicts
+    assert resolve_precision("float32", gpu) == torch.float32
+    assert resolve_precision("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(CmcsegError, match="float16 is for GPUs.*--precision bfloat16 or float32"):
+        resolve_precision("float16", cpu)
+    with pytest.raises(CmcsegError, match="unknown precision 'half'.*--precision auto"):
+        resolve_precision("half", cpu)
+
+
+def test_autocast_context_computes_in_the_dtype() -> None:
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 4, 8, 8)
+    with autocast_context(torch.device("cpu"), torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast_context(torch.device("cpu"), torch.float32):
+        assert conv(x).dtype == torch.float32
+
+
+def test_cli_precision_choices_are_the_library_ones() -> None:
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = add_parser(sub)
+    action = next(a for a in parser._actions if a.dest == "precision")
+    assert tuple(action.choices) == PRECISIONS and action.default == "auto"

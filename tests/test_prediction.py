@@ -458,6 +458,23 @@ def test_api_predict_cases_reports_every_case(geo, cmc_model, tmp_path):
     assert all(math.isfinite(s) for s in report.case_seconds.values())
 
 
+def test_precision_bfloat16_computes_in_bfloat16_and_stays_close_to_float32(geo, cmc_model, tmp_path):
+    """--precision: the networks really compute in bfloat16 (the probabilities differ from float32's, by little),
+    and prediction.json says which precision ran."""
+    inputs = copy_inputs(geo, tmp_path / "in", cases={"geo01"})
+    probabilities = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        assert cli_main(predict_args(inputs, out, cmc_model, "-f", "0", "--no-tta", "--save-probabilities",
+                                     "--precision", precision)) == 0
+        assert read_json(out / "prediction.json")["settings"]["precision"] == precision
+        probabilities[precision] = np.load(out / "geo01.npz")["probabilities"]
+    difference = np.abs(probabilities["bfloat16"] - probabilities["float32"])
+    assert difference.max() > 1e-4  # bfloat16 ran: its 8-bit mantissa shows
+    assert difference.max() < 0.05
+    assert (probabilities["bfloat16"].argmax(0) == probabilities["float32"].argmax(0)).mean() > 0.99
+
+
 def test_save_heads_writes_each_head_and_the_fusion_follows_the_stored_reliability(geo, tmp_path):
     """--save-heads writes CASE_head-<modality> beside the fused segmentation; a head whose stored reliability is
     ~0 has (almost) no say in the fused one, which then equals the other head's where that head sees."""

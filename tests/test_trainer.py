@@ -240,9 +240,16 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path, mo
 
     monkeypatch.setattr(validation, "predict_case", spy)
     roots = fresh_roots(planned, tmp_path)
-    folder = TinyCMCTrainer(request(roots)).run()
+    trainer = TinyCMCTrainer(request(roots))
+    folder = trainer.run()
     # the final validation leaves the windows per pass to cmcseg.sliding_window.auto_window_batch, as predict does
     assert batch_sizes and set(batch_sizes) == {None}, batch_sizes
+    # and computes in the precision cmcseg predict would use on this CPU, or the one a subclass sets
+    conv, x = torch.nn.Conv3d(1, 1, 3), torch.randn(1, 1, 3, 3, 3)
+    for precision, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        trainer.inference_precision = precision
+        with trainer.inference_autocast():
+            assert conv(x).dtype == dtype
     assert folder == roots.results / DATASET / "TinyCMCTrainer__3d_fullres__labeled0.5" / "fold_0"
     assert {p.name for p in assert_checkpoints_load(folder)} == {
         "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"}

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
-from cmcseg.devices import resolve_device, reuse_cpu_allocations
+from cmcseg.devices import autocast_context, resolve_device, resolve_precision, reuse_cpu_allocations
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, write_json_atomic
 from cmcseg.paths import check_file_ending, check_name, contained
@@ -89,6 +89,9 @@ class PredictionOptions:
     #: on a CPU, freed blocks stay in the process for the next window (:func:`cmcseg.devices.reuse_cpu_allocations`,
     #: process-wide): a 3D case's TTA prediction took 71 s instead of 102 s, at 1.24 GB peak RSS instead of 1.14
     reuse_cpu_allocations: bool = True
+    #: the dtype the networks compute in (:func:`cmcseg.devices.resolve_precision`): ``auto`` is float16 on CUDA,
+    #: bfloat16 on a CPU with native bfloat16 instructions (2.3x faster there, same Dice), else float32
+    precision: str = "auto"
     progress: bool = True
     unsafe_allow_pickle: bool = False  # --unsafe-allow-pickle: checkpoints may unpickle objects (runs their code)
     trainer: str | None = None  # --trainer module:Class: the user's trainer class that rebuilds the network
@@ -277,13 +280,11 @@ def prepare_case(case: InputCase, model: TrainedModel, dataset: Dataset) -> Prep
 # ============================================================================================ prediction
 
 
-def _float_output(network: torch.nn.Module, device: torch.device) -> Predict:
-    """The network's probabilities in float32, under autocast on CUDA (as in training)."""
+def _float_output(network: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Predict:
+    """The network's probabilities in float32, computed under autocast to ``dtype`` (float32: none)."""
     def predict(x: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda":
-            with torch.autocast("cuda"):
-                return network(x).float()
-        return network(x).float()
+        with autocast_context(device, dtype):
+            return network(x).float()
 
     return predict
 
@@ -292,9 +293,11 @@ class CasePredictor:
     """The folds' networks of a model, ensembled and mirrored, as a function of a prepared case."""
 
     def __init__(self, model: TrainedModel, device: torch.device, tta: bool = True, step: float = 0.5,
-                 sw_batch_size: int | None = None, batched_tta: bool | None = None) -> None:
+                 sw_batch_size: int | None = None, batched_tta: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.patch_size = model.patch_size
         self.device = device
+        self.dtype = dtype
         self.step = check_step(step)
         self.mirror_axes = tuple(model.mirror_axes) if tta else ()
         if batched_tta is None:
@@ -304,7 +307,7 @@ class CasePredictor:
                               else int(sw_batch_size))
         self.networks = build_inference_networks(model, device)
         self.head_names: list[str] = []
-        ensemble = fold_ensemble([_float_output(n, device) for n in self.networks])
+        ensemble = fold_ensemble([_float_output(n, device, dtype) for n in self.networks])
         self.predict: Predict = with_mirroring(ensemble, self.mirror_axes, batched_tta) if tta else ensemble
 
     def enable_heads(self, names: Sequence[str]) -> bool:
@@ -472,7 +475,10 @@ def predict_cases(cases: Sequence[InputCase], output_folder: Path | str, model: 
     device = resolve_device(options.device)
     if device.type == "cpu" and options.reuse_cpu_allocations and reuse_cpu_allocations():
         log.debug("CPU allocator: freed blocks are kept for reuse (no block of its own mapping, no heap trimming)")
-    predictor = CasePredictor(model, device, options.tta, options.step, options.sw_batch_size, options.batched_tta)
+    predictor = CasePredictor(model, device, options.tta, options.step, options.sw_batch_size, options.batched_tta,
+                              resolve_precision(options.precision, device))
+    log.info("predicting on %s in %s (--precision %s)", device, str(predictor.dtype).removeprefix("torch."),
+             options.precision)
     if options.save_heads and not predictor.enable_heads(model.plans.get("modalities", [])):
         log.warning("--save-heads: the %s model has no per-modality heads; only the fused segmentation is written",
                     model.trainer_name)
@@ -525,7 +531,8 @@ def _settings(model: TrainedModel, options: PredictionOptions, predictor: CasePr
     return {"model_folder": str(model.folder), "trainer": model.trainer_name, "configuration": model.configuration,
             "folds": [f.fold for f in model.folds], "checkpoint": options.checkpoint, "tta": options.tta,
             "mirror_axes": list(predictor.mirror_axes), "step": options.step, "patch_size": model.patch_size,
-            "device": str(device), "save_probabilities": options.save_probabilities,
+            "device": str(device), "precision": str(predictor.dtype).removeprefix("torch."),
+            "save_probabilities": options.save_probabilities,
             "save_heads": list(predictor.head_names),
             "original_labels": options.original_labels}
 

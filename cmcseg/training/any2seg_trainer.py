@@ -416,7 +416,7 @@ class Any2SegTrainer(TrainerBase):
             wrapper = SubsetProbabilities(network, self.channels_per_modality, subsets).to(self.device)
 
             def predict(x: Tensor) -> Tensor:
-                with self.autocast():
+                with self.inference_autocast():
                     return wrapper(x).float()
             return predict
 

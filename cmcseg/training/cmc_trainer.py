@@ -539,7 +539,7 @@ class CMCTrainer(TrainerBase):
             return None
 
         def predict_all(x: Tensor) -> Tensor:
-            with self.autocast():
+            with self.inference_autocast():
                 fused, heads = network.predict_with_heads(x)
                 return torch.cat([fused, *heads], dim=1).float()
 

@@ -40,7 +40,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch import Tensor, nn
 
 from cmcseg.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from cmcseg.devices import bound_cpu_allocator_retention, resolve_device
+from cmcseg.devices import autocast_context, bound_cpu_allocator_retention, resolve_device, resolve_precision
 from cmcseg.errors import CmcsegError
 from cmcseg.evaluation import patch_counts
 from cmcseg.image_io import make_folder, read_json, write_json_atomic
@@ -225,6 +225,9 @@ class TrainerBase:
     grad_clip_norm: float = 12.0
     amp: bool = True  # mixed precision on CUDA only; always off on CPU
     amp_dtype: str = "float16"  # "bfloat16" needs no loss scaling (the GradScaler is then off)
+    #: what the validation passes compute in on a CPU (:func:`cmcseg.devices.resolve_precision`; ``auto``: bfloat16
+    #: where the CPU computes it natively, as ``cmcseg predict``); on a GPU they follow ``amp`` as training does
+    inference_precision: str = "auto"
     # ---- schedule
     num_epochs: int = 1000
     iterations_per_epoch: int = 250
@@ -626,6 +629,13 @@ class TrainerBase:
             return torch.autocast(self.device.type, dtype=getattr(torch, self.amp_dtype), enabled=True)
         return nullcontext()
 
+    def inference_autocast(self):
+        """The precision context of the validation passes: ``inference_precision`` on a CPU, :meth:`autocast` on a
+        GPU."""
+        if self.device.type != "cpu":
+            return self.autocast()
+        return autocast_context(self.device, resolve_precision(self.inference_precision, self.device))
+
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step: forward and losses, scaled backward, clipping at 12, SGD step."""
         batch = move_to_device(batch, self.device)
@@ -779,9 +789,9 @@ class TrainerBase:
         return None
 
     def predict_probabilities_float(self, x: Tensor) -> Tensor:
-        """:meth:`predict_probabilities` under autocast, returned in float32 (the sliding window accumulates
-        in float32)."""
-        with self.autocast():
+        """:meth:`predict_probabilities` under :meth:`inference_autocast`, returned in float32 (the sliding window
+        accumulates in float32)."""
+        with self.inference_autocast():
             return self.predict_probabilities(x).float()
 
     def close(self) -> None:
