@@ -57,7 +57,12 @@ def cpu_computes_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
                  for word in line.split(":", 1)[1].split()}
     except OSError:
         return False
-    return bool(flags & set(_CPU_BF16_FLAGS)) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not flags & set(_CPU_BF16_FLAGS):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
 
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
