@@ -95,6 +95,9 @@ ARMS = {
     "cmc-half": "(a) one unlabeled row per two labeled",
     "cmc-ratio1": "(a) one unlabeled row per labeled (before)",
     "cmc-every-step": "(a) unlabeled objective every step",
+    "cmc-bf16": "(a) trained in bfloat16",
+    "supervised-bf16": "(b) trained in bfloat16",
+    "full-bf16": "(d) trained in bfloat16",
     "cmc-thin-tau": "(a) RV/edema/scar threshold 0.6 (myops)",
     "cmc-flex": "(a) thresholds fall with reliability, floor 0.5",
     "cmc-sets": "(a) set-valued pseudo-labels from the confusion, share 0.2",
@@ -176,6 +179,9 @@ def arm_trainer_class(arm: str):
         "cmc-no-bcp": {"copy_paste_box": 0.0, "pseudo_label_weight": 0.3},
         "cmc-half": {"unlabeled_batch_ratio": 0.5}, "cmc-ratio1": {"unlabeled_batch_ratio": 1.0},
         "cmc-every-step": {"unlabeled_every": 1},
+        # trained under bfloat16 autocast (CPUs with native bfloat16; float32 elsewhere)
+        "cmc-bf16": {"cpu_bfloat16": True}, "supervised-bf16": {"unlabeled_weight": 0.0, "cpu_bfloat16": True},
+        "full-bf16": {"cpu_bfloat16": True},
         # myops_dev's classes (background, myocardium, LV, RV, edema, scar): RV, edema and scar at 0.6
         "cmc-thin-tau": {"pseudo_label_threshold": (0.8, 0.8, 0.8, 0.6, 0.6, 0.6), "validate_each_modality": False},
         "cmc-flex": {"adaptive_threshold_floor": 0.5, "validate_each_modality": False},
@@ -207,7 +213,7 @@ def worker_ours(spec: dict) -> dict:
     cls.patch = spec["patch"]
     epochs = int(spec["epochs"])
     roots = WorkRoots(Path(spec["raw"]), Path(spec["preprocessed"]), Path(spec["results"]))
-    fraction = 1.0 if spec["arm"] == "full" else spec["labeled"]
+    fraction = 1.0 if spec["arm"] in ("full", "full-bf16") else spec["labeled"]
     weights = spec.get("encoder_weights") if spec["arm"] == "cmc-pretrained" else None
     trainer = cls(TrainingRequest(spec["dataset"], spec["fold"], fraction, roots=roots, device=spec["device"],
                                   num_workers=0, seed=spec["seed"], num_epochs=epochs,

@@ -33,6 +33,7 @@ from cmcseg.plans.memory import unlabeled_rows_for
 from cmcseg.plans.plans import LabelInfo
 from cmcseg.plans.splits import labeled_subset, load_splits
 from cmcseg.training import ddp
+from cmcseg.training import trainer as trainer_module
 from cmcseg.training.cmc_trainer import CMCTrainer
 from cmcseg.training.progress import MetricsHistory, epoch_means, loss_metrics, plot_progress, progress_figure
 from cmcseg.training.registry import TRAINERS, get_trainer_class
@@ -250,6 +251,16 @@ def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path, mo
         trainer.inference_precision = precision
         with trainer.inference_autocast():
             assert conv(x).dtype == dtype
+    # training stays in float32 on a CPU unless cpu_bfloat16 asks, and the CPU computes bfloat16 natively
+    assert not trainer.use_amp
+    with trainer.autocast():
+        assert conv(x).dtype == torch.float32
+    trainer.cpu_bfloat16 = True
+    for native in (False, True):
+        monkeypatch.setattr(trainer_module, "cpu_computes_bfloat16", lambda native=native: native)
+        assert trainer.use_amp == native
+        with trainer.autocast():
+            assert conv(x).dtype == (torch.bfloat16 if native else torch.float32)
     assert folder == roots.results / DATASET / "TinyCMCTrainer__3d_fullres__labeled0.5" / "fold_0"
     assert {p.name for p in assert_checkpoints_load(folder)} == {
         "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"}
