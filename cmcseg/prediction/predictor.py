@@ -90,7 +90,8 @@ class PredictionOptions:
     #: process-wide): a 3D case's TTA prediction took 71 s instead of 102 s, at 1.24 GB peak RSS instead of 1.14
     reuse_cpu_allocations: bool = True
     #: the dtype the networks compute in (:func:`cmcseg.devices.resolve_precision`): ``auto`` is float16 on CUDA,
-    #: bfloat16 on a CPU with native bfloat16 instructions (2.3x faster there, same Dice), else float32
+    #: bfloat16 on a CPU with native bfloat16 instructions (about 2x faster there, same Dice), else
+    #: float32
     precision: str = "auto"
     progress: bool = True
     unsafe_allow_pickle: bool = False  # --unsafe-allow-pickle: checkpoints may unpickle objects (runs their code)
