@@ -85,6 +85,11 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     return getattr(torch, spec)
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """``float32``, ``bfloat16``, ...: a dtype as ``--precision`` names it (for logs and reports)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
     """Autocast to ``dtype`` on ``device``; float32: no autocast (full precision)."""
     if dtype == torch.float32:

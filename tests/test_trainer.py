@@ -227,6 +227,18 @@ def test_checkpoint_manager_cleans_stale_temporaries(tmp_path):
     assert_checkpoints_load(tmp_path)
 
 
+def test_a_validation_precision_a_cpu_cannot_use_is_refused_before_training(planned, tmp_path):
+    """inference_precision is resolved when the trainer starts, not when the final validation runs hours later."""
+    trainer = type("HalfValidation", (TinyCMCTrainer,), {"inference_precision": "float16"})(
+        request(fresh_roots(planned, tmp_path)))
+    try:
+        with pytest.raises(CmcsegError, match="float16 is for GPUs.*--precision bfloat16 or float32"):
+            trainer.initialize()
+        assert trainer.current_epoch == 0 and not list(trainer.output_folder.glob("checkpoint_*.pt"))
+    finally:
+        trainer.close()
+
+
 # ------------------------------------------------------------------------------------------- end-to-end
 @pytest.mark.slow
 def test_two_epoch_run_writes_outputs_and_continue_resumes(planned, tmp_path, monkeypatch):

@@ -36,7 +36,13 @@ import torch
 from tqdm import tqdm
 
 from cmcseg.dataset import Case, Dataset
-from cmcseg.devices import autocast_context, resolve_device, resolve_precision, reuse_cpu_allocations
+from cmcseg.devices import (
+    autocast_context,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    reuse_cpu_allocations,
+)
 from cmcseg.errors import CmcsegError
 from cmcseg.image_io import make_folder, write_json_atomic
 from cmcseg.paths import check_file_ending, check_name, contained
@@ -478,7 +484,7 @@ def predict_cases(cases: Sequence[InputCase], output_folder: Path | str, model: 
         log.debug("CPU allocator: freed blocks are kept for reuse (no block of its own mapping, no heap trimming)")
     predictor = CasePredictor(model, device, options.tta, options.step, options.sw_batch_size, options.batched_tta,
                               resolve_precision(options.precision, device))
-    log.info("predicting on %s in %s (--precision %s)", device, str(predictor.dtype).removeprefix("torch."),
+    log.info("predicting on %s in %s (--precision %s)", device, precision_name(predictor.dtype),
              options.precision)
     if options.save_heads and not predictor.enable_heads(model.plans.get("modalities", [])):
         log.warning("--save-heads: the %s model has no per-modality heads; only the fused segmentation is written",
@@ -532,7 +538,7 @@ def _settings(model: TrainedModel, options: PredictionOptions, predictor: CasePr
     return {"model_folder": str(model.folder), "trainer": model.trainer_name, "configuration": model.configuration,
             "folds": [f.fold for f in model.folds], "checkpoint": options.checkpoint, "tta": options.tta,
             "mirror_axes": list(predictor.mirror_axes), "step": options.step, "patch_size": model.patch_size,
-            "device": str(device), "precision": str(predictor.dtype).removeprefix("torch."),
+            "device": str(device), "precision": precision_name(predictor.dtype),
             "save_probabilities": options.save_probabilities,
             "save_heads": list(predictor.head_names),
             "original_labels": options.original_labels}

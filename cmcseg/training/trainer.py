@@ -29,7 +29,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from cmcseg.devices import (
     autocast_context,
     bound_cpu_allocator_retention,
     cpu_computes_bfloat16,
+    precision_name,
     resolve_device,
     resolve_precision,
 )
@@ -347,6 +347,20 @@ class TrainerBase:
         """The autocast dtype of training: ``amp_dtype`` on CUDA, bfloat16 on a CPU."""
         return getattr(torch, self.amp_dtype) if self.device.type == "cuda" else torch.bfloat16
 
+    @property
+    def training_dtype(self) -> torch.dtype:
+        """What the training forward pass computes in: :attr:`amp_torch_dtype` under :attr:`use_amp`, else
+        float32."""
+        return self.amp_torch_dtype if self.use_amp else torch.float32
+
+    @property
+    def inference_dtype(self) -> torch.dtype:
+        """What the validation passes compute in: ``inference_precision`` on a CPU, :attr:`training_dtype` on a
+        GPU."""
+        if self.device.type != "cpu":
+            return self.training_dtype
+        return resolve_precision(self.inference_precision, self.device)
+
     # =================================================================================== setup
     def initialize(self) -> None:
         """Load plan and fold, build network, optimizer, data and helpers; resume when asked (idempotent)."""
@@ -386,8 +400,9 @@ class TrainerBase:
         self.lr_scheduler = self.configure_lr_scheduler()
         self.grad_scaler = torch.amp.GradScaler(self.device.type,
                                                 enabled=self.use_amp and self.amp_torch_dtype == torch.float16)
-        log.info("training computes in %s on %s", str(self.amp_torch_dtype).removeprefix("torch.") if self.use_amp
-                 else "float32", self.device)
+        # resolving the validation precision here also refuses a bad inference_precision before training, not after
+        log.info("training computes in %s, validation in %s, on %s", precision_name(self.training_dtype),
+                 precision_name(self.inference_dtype), self.device)
         self.build_losses()
         self.memory_estimate = self.estimate_memory()
         self.report_memory_estimate()
@@ -644,17 +659,12 @@ class TrainerBase:
         log.info("epoch %d, learning rate %.5g", self.current_epoch, self.optimizer.param_groups[0]["lr"])
 
     def autocast(self):
-        """The mixed-precision context of the forward pass (a no-op on CPU)."""
-        if self.use_amp:
-            return torch.autocast(self.device.type, dtype=self.amp_torch_dtype, enabled=True)
-        return nullcontext()
+        """The mixed-precision context of the training forward pass (:attr:`training_dtype`; float32: none)."""
+        return autocast_context(self.device, self.training_dtype)
 
     def inference_autocast(self):
-        """The precision context of the validation passes: ``inference_precision`` on a CPU, :meth:`autocast` on a
-        GPU."""
-        if self.device.type != "cpu":
-            return self.autocast()
-        return autocast_context(self.device, resolve_precision(self.inference_precision, self.device))
+        """The precision context of the validation passes (:attr:`inference_dtype`)."""
+        return autocast_context(self.device, self.inference_dtype)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step: forward and losses, scaled backward, clipping at 12, SGD step."""
